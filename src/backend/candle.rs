@@ -1,0 +1,163 @@
+//! candle-core: glue from `TensorOps` to candle ops, written as a candle user writes them.
+
+use super::{BackendError, OpResult, TensorOps};
+use crate::case::{DType, Device};
+use crate::inputs::HostTensor;
+use candle_core::{Tensor, Var};
+
+/// The candle-core version this binary was built with (pinned in Cargo.toml; a test checks it).
+pub const CANDLE_VERSION: &str = "0.11.1";
+
+pub fn unavailable(device: Device) -> Option<String> {
+    match device {
+        Device::Cpu => None,
+        Device::Cuda(n) => {
+            if !cfg!(feature = "candle-cuda") {
+                Some("candle built without CUDA support (build with --features candle-cuda)".into())
+            } else {
+                candle_core::Device::new_cuda(n)
+                    .err()
+                    .map(|e| format!("no CUDA device {n} for candle: {}", first_line(&e)))
+            }
+        }
+    }
+}
+
+fn first_line(e: &candle_core::Error) -> String {
+    // candle may append a backtrace; keep the message.
+    let text = e.to_string();
+    text.split("\nstack backtrace")
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+fn err(e: candle_core::Error) -> BackendError {
+    BackendError::new(first_line(&e))
+}
+
+fn dtype(d: DType) -> candle_core::DType {
+    match d {
+        DType::F32 => candle_core::DType::F32,
+        DType::F16 => candle_core::DType::F16,
+        DType::Bf16 => candle_core::DType::BF16,
+        DType::F64 => candle_core::DType::F64,
+    }
+}
+
+pub struct CandleOps {
+    device: candle_core::Device,
+}
+
+impl CandleOps {
+    /// Fails only for CUDA devices that cannot be opened (callers check `unavailable` first).
+    pub fn new(device: Device) -> OpResult<Self> {
+        let device = match device {
+            Device::Cpu => candle_core::Device::Cpu,
+            Device::Cuda(n) => candle_core::Device::new_cuda(n).map_err(err)?,
+        };
+        Ok(CandleOps { device })
+    }
+}
+
+impl TensorOps for CandleOps {
+    type Tensor = Tensor;
+
+    fn upload(&self, host: &HostTensor, dt: DType) -> OpResult<Tensor> {
+        let d = &host.data;
+        let shape = host.shape.clone();
+        match dt {
+            DType::F64 => Tensor::from_vec(d.clone(), shape, &self.device),
+            DType::F32 => Tensor::from_vec(
+                d.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                shape,
+                &self.device,
+            ),
+            DType::F16 => Tensor::from_vec(
+                d.iter()
+                    .map(|&v| half::f16::from_f64(v))
+                    .collect::<Vec<_>>(),
+                shape,
+                &self.device,
+            ),
+            DType::Bf16 => Tensor::from_vec(
+                d.iter()
+                    .map(|&v| half::bf16::from_f64(v))
+                    .collect::<Vec<_>>(),
+                shape,
+                &self.device,
+            ),
+        }
+        .map_err(err)
+    }
+
+    fn download(&self, t: &Tensor) -> OpResult<HostTensor> {
+        let shape = t.dims().to_vec();
+        let data = t
+            .to_dtype(candle_core::DType::F64)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f64>())
+            .map_err(err)?;
+        Ok(HostTensor::new(shape, data))
+    }
+
+    fn cast(&self, t: &Tensor, d: DType) -> OpResult<Tensor> {
+        t.to_dtype(dtype(d)).map_err(err)
+    }
+    fn matmul(&self, a: &Tensor, b: &Tensor) -> OpResult<Tensor> {
+        a.matmul(b).map_err(err)
+    }
+    fn t(&self, a: &Tensor) -> OpResult<Tensor> {
+        a.t().map_err(err)
+    }
+    fn add(&self, a: &Tensor, b: &Tensor) -> OpResult<Tensor> {
+        a.broadcast_add(b).map_err(err)
+    }
+    fn sub(&self, a: &Tensor, b: &Tensor) -> OpResult<Tensor> {
+        a.broadcast_sub(b).map_err(err)
+    }
+    fn mul(&self, a: &Tensor, b: &Tensor) -> OpResult<Tensor> {
+        a.broadcast_mul(b).map_err(err)
+    }
+    fn div(&self, a: &Tensor, b: &Tensor) -> OpResult<Tensor> {
+        a.broadcast_div(b).map_err(err)
+    }
+    fn scale(&self, a: &Tensor, s: f64) -> OpResult<Tensor> {
+        a.affine(s, 0.0).map_err(err)
+    }
+    fn add_scalar(&self, a: &Tensor, s: f64) -> OpResult<Tensor> {
+        a.affine(1.0, s).map_err(err)
+    }
+    fn reshape(&self, a: &Tensor, shape: &[usize]) -> OpResult<Tensor> {
+        a.reshape(shape).map_err(err)
+    }
+    fn row_norm(&self, a: &Tensor) -> OpResult<Tensor> {
+        // The obvious candle spelling; it accumulates in the tensor's own dtype.
+        a.sqr()
+            .and_then(|t| t.sum(1))
+            .and_then(|t| t.sqrt())
+            .map_err(err)
+    }
+    fn detach(&self, a: &Tensor) -> OpResult<Tensor> {
+        Ok(a.detach())
+    }
+    fn param(&self, a: &Tensor) -> OpResult<Tensor> {
+        Ok(Var::from_tensor(a).map_err(err)?.as_tensor().clone())
+    }
+    fn grads(&self, y: &Tensor, upstream: &Tensor, wrt: &[&Tensor]) -> OpResult<Vec<Tensor>> {
+        let store = y
+            .mul(upstream)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward())
+            .map_err(err)?;
+        wrt.iter()
+            .map(|t| {
+                store
+                    .get(t)
+                    .cloned()
+                    .ok_or_else(|| BackendError::new("candle: no gradient reached a parameter"))
+            })
+            .collect()
+    }
+}

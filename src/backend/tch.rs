@@ -1,0 +1,163 @@
+//! libtorch through tch: glue from `TensorOps` to ATen ops.
+
+use super::{BackendError, OpResult, TensorOps};
+use crate::case::{DType, Device};
+use crate::inputs::HostTensor;
+use tch::{Kind, Tensor};
+
+/// The tch crate version this binary was built with (pinned in Cargo.toml; a test checks it).
+pub const TCH_VERSION: &str = "0.24.0";
+
+/// The libtorch version found at build time (torch's `version.py` or libtorch's `build-version`).
+pub fn libtorch_version() -> String {
+    option_env!("PEFT_COMPAT_LIBTORCH_VERSION")
+        .unwrap_or("unknown")
+        .to_string()
+}
+
+/// CUDA version libtorch was built against, when it was.
+pub fn libtorch_cuda_version() -> Option<&'static str> {
+    option_env!("PEFT_COMPAT_LIBTORCH_CUDA").filter(|s| !s.is_empty() && *s != "None")
+}
+
+pub fn unavailable(device: Device) -> Option<String> {
+    match device {
+        Device::Cpu => None,
+        Device::Cuda(n) => {
+            if !tch::Cuda::is_available() {
+                Some("no CUDA device (libtorch: torch.cuda.is_available() is false)".into())
+            } else if (n as i64) >= tch::Cuda::device_count() {
+                Some(format!(
+                    "no CUDA device {n} (libtorch sees {})",
+                    tch::Cuda::device_count()
+                ))
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// Keep libtorch's own words, without the C++ backtrace that follows them.
+fn err(e: tch::TchError) -> BackendError {
+    let text = match e {
+        tch::TchError::Torch(s) => s,
+        other => other.to_string(),
+    };
+    let cut = text
+        .find("\nException raised from")
+        .map(|i| &text[..i])
+        .unwrap_or(&text);
+    BackendError::new(cut.trim())
+}
+
+fn kind(dtype: DType) -> Kind {
+    match dtype {
+        DType::F32 => Kind::Float,
+        DType::F16 => Kind::Half,
+        DType::Bf16 => Kind::BFloat16,
+        DType::F64 => Kind::Double,
+    }
+}
+
+pub struct TchOps {
+    device: tch::Device,
+}
+
+impl TchOps {
+    pub fn new(device: Device) -> Self {
+        let device = match device {
+            Device::Cpu => tch::Device::Cpu,
+            Device::Cuda(n) => tch::Device::Cuda(n),
+        };
+        TchOps { device }
+    }
+}
+
+impl TensorOps for TchOps {
+    type Tensor = Tensor;
+
+    fn upload(&self, host: &HostTensor, dtype: DType) -> OpResult<Tensor> {
+        let d = &host.data;
+        let flat = match dtype {
+            DType::F64 => Tensor::f_from_slice(d),
+            DType::F32 => Tensor::f_from_slice(&d.iter().map(|&v| v as f32).collect::<Vec<_>>()),
+            DType::F16 => Tensor::f_from_slice(
+                &d.iter()
+                    .map(|&v| half::f16::from_f64(v))
+                    .collect::<Vec<_>>(),
+            ),
+            // tch 0.24 declares `half::bf16` as Kind::Half, so bf16 slices would be read as
+            // fp16 bits; go through f32 instead (exact: the values are bf16-representable).
+            DType::Bf16 => Tensor::f_from_slice(&d.iter().map(|&v| v as f32).collect::<Vec<_>>())
+                .and_then(|t| t.f_to_kind(Kind::BFloat16)),
+        }
+        .map_err(err)?;
+        let shape: Vec<i64> = host.shape.iter().map(|&s| s as i64).collect();
+        flat.f_reshape(shape.as_slice())
+            .and_then(|t| t.f_to(self.device))
+            .map_err(err)
+    }
+
+    fn download(&self, t: &Tensor) -> OpResult<HostTensor> {
+        let shape: Vec<usize> = t.size().iter().map(|&s| s as usize).collect();
+        let flat = t
+            .f_detach()
+            .and_then(|t| t.f_to(tch::Device::Cpu))
+            .and_then(|t| t.f_to_kind(Kind::Double))
+            .and_then(|t| t.f_reshape([-1i64].as_slice()))
+            .map_err(err)?;
+        let data = Vec::<f64>::try_from(&flat).map_err(err)?;
+        Ok(HostTensor::new(shape, data))
+    }
+
+    fn cast(&self, t: &Tensor, dtype: DType) -> OpResult<Tensor> {
+        t.f_to_kind(kind(dtype)).map_err(err)
+    }
+    fn matmul(&self, a: &Tensor, b: &Tensor) -> OpResult<Tensor> {
+        a.f_matmul(b).map_err(err)
+    }
+    fn t(&self, a: &Tensor) -> OpResult<Tensor> {
+        a.f_tr().map_err(err)
+    }
+    fn add(&self, a: &Tensor, b: &Tensor) -> OpResult<Tensor> {
+        a.f_add(b).map_err(err)
+    }
+    fn sub(&self, a: &Tensor, b: &Tensor) -> OpResult<Tensor> {
+        a.f_sub(b).map_err(err)
+    }
+    fn mul(&self, a: &Tensor, b: &Tensor) -> OpResult<Tensor> {
+        a.f_mul(b).map_err(err)
+    }
+    fn div(&self, a: &Tensor, b: &Tensor) -> OpResult<Tensor> {
+        a.f_div(b).map_err(err)
+    }
+    fn scale(&self, a: &Tensor, s: f64) -> OpResult<Tensor> {
+        a.f_mul_scalar(s).map_err(err)
+    }
+    fn add_scalar(&self, a: &Tensor, s: f64) -> OpResult<Tensor> {
+        a.f_add_scalar(s).map_err(err)
+    }
+    fn reshape(&self, a: &Tensor, shape: &[usize]) -> OpResult<Tensor> {
+        let shape: Vec<i64> = shape.iter().map(|&s| s as i64).collect();
+        a.f_reshape(shape.as_slice()).map_err(err)
+    }
+    fn row_norm(&self, a: &Tensor) -> OpResult<Tensor> {
+        // torch.linalg.norm(weight, dim=1), as PEFT's get_weight_norm; it accumulates in fp32
+        // internally and returns the input dtype.
+        a.f_linalg_norm(2.0, [1i64].as_slice(), false, None::<Kind>)
+            .map_err(err)
+    }
+    fn detach(&self, a: &Tensor) -> OpResult<Tensor> {
+        a.f_detach().map_err(err)
+    }
+    fn param(&self, a: &Tensor) -> OpResult<Tensor> {
+        a.f_detach()
+            .and_then(|t| t.f_set_requires_grad(true))
+            .map_err(err)
+    }
+    fn grads(&self, y: &Tensor, upstream: &Tensor, wrt: &[&Tensor]) -> OpResult<Vec<Tensor>> {
+        let loss = y.f_mul(upstream).and_then(|t| t.f_sum(None)).map_err(err)?;
+        Tensor::f_run_backward(&[&loss], wrt, false, false).map_err(err)
+    }
+}

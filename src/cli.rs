@@ -1,0 +1,231 @@
+//! Command-line interface: clap definitions turned into a run, and the only place anyhow lives.
+
+use crate::environment::Environment;
+use crate::matrix::{Matrix, MatrixError};
+use crate::render::table;
+use crate::report::Report;
+use crate::runner::{self, Event, RunOptions};
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+/// Exit codes, documented in `--help`.
+pub mod exit {
+    /// The run completed (failing cases are findings, not errors).
+    pub const OK: i32 = 0;
+    /// Bad input: a matrix file that does not parse or validate, or bad flags.
+    pub const BAD_INPUT: i32 = 2;
+    /// The run could not complete: an output file could not be written.
+    pub const RUNTIME: i32 = 3;
+}
+
+const AFTER_HELP: &str = "\
+Exit codes:
+  0  the run completed; failing cases are findings, reported in the table and JSON
+  2  bad input: the matrix file (the message names file:line:column and the fix) or the flags
+  3  the run could not complete (e.g. --json could not be written)
+
+Environment:
+  NO_COLOR   set to disable colours (as does --color never)
+
+Examples:
+  peft-compat run matrices/default.yaml
+  peft-compat run matrices/default.yaml --json report.json --markdown support.md
+  peft-compat run matrices/default.yaml --filter /f16/dora/ --dump dumps/
+  peft-compat list matrices/default.yaml";
+
+/// Which LoRA/DoRA combinations work, on which backend, device and dtype, and how precisely.
+///
+/// Runs every case of a matrix file (backend x device x dtype x adapter x op x precision x shape)
+/// for real, judges each output against a float64 reference computed from the same rounded
+/// inputs, and prints a support table.
+#[derive(Debug, Parser)]
+#[command(name = "peft-compat", version, after_help = AFTER_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a matrix and print the support table.
+    Run(RunArgs),
+    /// Print the case ids a matrix expands to, without running them.
+    List {
+        /// The matrix file (YAML).
+        matrix: PathBuf,
+        /// Ceiling on the number of cases [default: the file's max_cases, else 100000].
+        #[arg(long)]
+        max_cases: Option<usize>,
+    },
+    /// Print the environment block a report would carry (versions, CPU flags, GPUs).
+    Env,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ColorChoice {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The matrix file (YAML), e.g. matrices/default.yaml.
+    pub matrix: PathBuf,
+    /// Write the full report as JSON (schema peft-compat/report/v1) to PATH.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+    /// Write the support table as Markdown (for docs and CI job summaries) to PATH.
+    #[arg(long, value_name = "PATH")]
+    pub markdown: Option<PathBuf>,
+    /// Write each case's inputs, outputs and reference as a safetensors file into DIR.
+    #[arg(long, value_name = "DIR")]
+    pub dump: Option<PathBuf>,
+    /// Run only the cases whose id contains one of these substrings (repeatable),
+    /// e.g. --filter /f16/ --filter candle/cpu.
+    #[arg(long, value_name = "SUBSTR")]
+    pub filter: Vec<String>,
+    /// Ceiling on the number of cases [default: the file's max_cases, else 100000].
+    #[arg(long)]
+    pub max_cases: Option<usize>,
+    /// How many failing cases to list under the table.
+    #[arg(long, default_value_t = 40)]
+    pub max_findings: usize,
+    /// Colour the table.
+    #[arg(long, value_enum, default_value_t = ColorChoice::Auto)]
+    pub color: ColorChoice,
+    /// No progress bar and no table on stdout (files are still written).
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// An error with the exit code it maps to.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub error: anyhow::Error,
+}
+
+fn bad_input(e: MatrixError) -> Failure {
+    Failure {
+        code: exit::BAD_INPUT,
+        error: e.into(),
+    }
+}
+
+fn runtime(e: anyhow::Error) -> Failure {
+    Failure {
+        code: exit::RUNTIME,
+        error: e,
+    }
+}
+
+fn use_color(choice: ColorChoice) -> bool {
+    match choice {
+        ColorChoice::Always => true,
+        ColorChoice::Never => false,
+        ColorChoice::Auto => {
+            std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+                && std::io::stdout().is_terminal()
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Run(args) => run_matrix(args),
+        Command::List { matrix, max_cases } => {
+            let m = Matrix::load(&matrix, max_cases).map_err(bad_input)?;
+            for c in &m.cases {
+                println!("{}", c.id());
+            }
+            Ok(())
+        }
+        Command::Env => {
+            let env = Environment::detect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&env).expect("serializable")
+            );
+            Ok(())
+        }
+    }
+}
+
+fn run_matrix(args: RunArgs) -> Result<(), Failure> {
+    let mut matrix = Matrix::load(&args.matrix, args.max_cases).map_err(bad_input)?;
+    if !args.filter.is_empty() {
+        matrix
+            .cases
+            .retain(|c| args.filter.iter().any(|f| c.id().contains(f.as_str())));
+        if matrix.cases.is_empty() {
+            return Err(Failure {
+                code: exit::BAD_INPUT,
+                error: anyhow::anyhow!(
+                    "no case id of {} contains any of {:?}; `peft-compat list {}` shows the ids",
+                    args.matrix.display(),
+                    args.filter,
+                    args.matrix.display()
+                ),
+            });
+        }
+    }
+    let progress = if args.quiet || !std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(matrix.cases.len() as u64)
+    };
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} {wide_msg}")
+            .expect("valid template"),
+    );
+    let opts = RunOptions {
+        dump_dir: args.dump.clone(),
+    };
+    // A panicking case is caught and reported as `crashed`; keep its message out of the table.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let mut elapsed = 0.0;
+    let results = runner::run(&matrix, &opts, &mut |e| match e {
+        Event::RunStarted { .. } => {}
+        Event::CaseStarted { case, .. } => progress.set_message(case.id()),
+        Event::CaseFinished { .. } => progress.inc(1),
+        Event::RunFinished { elapsed: t, .. } => elapsed = t.as_secs_f64(),
+    });
+    std::panic::set_hook(hook);
+    progress.finish_and_clear();
+
+    let report = Report::new(
+        &args.matrix.display().to_string(),
+        matrix.seed,
+        Environment::detect(),
+        &results,
+        elapsed,
+    );
+    if !args.quiet {
+        print!(
+            "{}",
+            table::render_text(&report, use_color(args.color), args.max_findings)
+        );
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, report.to_json())
+            .with_context(|| format!("cannot write the JSON report to {}", path.display()))
+            .map_err(runtime)?;
+    }
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, table::render_markdown(&report))
+            .with_context(|| format!("cannot write the Markdown table to {}", path.display()))
+            .map_err(runtime)?;
+    }
+    for c in report.cases.iter().filter(|c| c.dump_error.is_some()) {
+        eprintln!(
+            "warning: {}: {}",
+            c.id,
+            c.dump_error.as_deref().unwrap_or("")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! `--dump DIR`: one safetensors file per case, so a case can be replayed elsewhere (e.g. in
+//! Python with torch and PEFT).
+//!
+//! Tensor names follow PEFT's state dict for one `lora.Linear`: `base_layer.weight`,
+//! `base_layer.bias`, `lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector` (DoRA), plus
+//! `input` and `grad_output`, all in the case dtype, exactly the bits the backends received.
+//! Outputs carry an `output.` prefix (`output.result`, `output.grad.lora_A.weight`,
+//! `output.grad.lora_B.weight`, `output.grad.lora_magnitude_vector`, `output.grad.input`,
+//! `output.merged_weight`, `output.unmerged_weight`, `output.lora_magnitude_vector`) in the case
+//! dtype, and the f64 reference of each under a `reference.` prefix. Metadata (all strings):
+//! `backend`, `device`, `dtype`, `adapter`, `op`, `precision`, `layer`, `shape`, `rank`, `alpha`,
+//! `scaling`, `rslora`, `id`, `outcome`, and `error` when the case failed to run.
+
+use crate::case::DType;
+use crate::inputs::{HostTensor, Inputs, Outputs};
+use crate::runner::CaseResult;
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    #[error("cannot create dump directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write dump {path}: {message}")]
+    Write { path: PathBuf, message: String },
+}
+
+/// The file a case is dumped to: its id with `/` turned into `__`.
+pub fn file_name(id: &str) -> String {
+    format!("{}.safetensors", id.replace(['/', ':'], "__"))
+}
+
+fn st_dtype(d: DType) -> Dtype {
+    match d {
+        DType::F32 => Dtype::F32,
+        DType::F16 => Dtype::F16,
+        DType::Bf16 => Dtype::BF16,
+        DType::F64 => Dtype::F64,
+    }
+}
+
+/// Write one case's inputs, outputs (when it produced any) and reference to `dir`.
+pub fn write(
+    dir: &Path,
+    result: &CaseResult,
+    inputs: &Inputs,
+    outputs: Option<&Outputs>,
+    reference: &Outputs,
+) -> Result<PathBuf, DumpError> {
+    std::fs::create_dir_all(dir).map_err(|source| DumpError::Dir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let case = &result.case;
+    let path = dir.join(file_name(&case.id()));
+    let dtype = case.dtype;
+    let mut entries: Vec<(String, DType, &HostTensor)> = inputs
+        .named()
+        .into_iter()
+        .map(|(n, t)| (n.to_string(), dtype, t))
+        .collect();
+    if let Some(outs) = outputs {
+        entries.extend(outs.iter().map(|(n, t)| (format!("output.{n}"), dtype, t)));
+    }
+    entries.extend(
+        reference
+            .iter()
+            .map(|(n, t)| (format!("reference.{n}"), DType::F64, t)),
+    );
+    let bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = entries
+        .into_iter()
+        .map(|(n, d, t)| (n, st_dtype(d), t.shape.clone(), t.to_le_bytes(d)))
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(n, d, shape, b)| {
+            TensorView::new(*d, shape.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| DumpError::Write {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let shape = &case.shape;
+    let mut meta: HashMap<String, String> = [
+        ("id", case.id()),
+        ("backend", case.backend.to_string()),
+        ("device", case.device.to_string()),
+        ("dtype", case.dtype.to_string()),
+        ("adapter", case.adapter.to_string()),
+        ("op", case.op.to_string()),
+        ("precision", case.precision.to_string()),
+        ("layer", "Linear".to_string()),
+        ("shape", shape.name.clone()),
+        ("rank", shape.rank.to_string()),
+        ("alpha", shape.alpha.to_string()),
+        ("scaling", inputs.scaling.to_string()),
+        ("rslora", shape.rslora.to_string()),
+        ("outcome", result.outcome.kind().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    if let Some(msg) = result.outcome.message() {
+        meta.insert("error".into(), msg.to_string());
+    }
+    safetensors::serialize_to_file(views, Some(meta), &path).map_err(|e| DumpError::Write {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    Ok(path)
+}

@@ -1,0 +1,406 @@
+//! How far a backend's outputs are from the f64 reference, what tolerance applies, and the verdict.
+//!
+//! # The tolerance model
+//! Each output tensor is judged by its error relative to its own scale,
+//! `e = max|y - ref| / max|ref|` (`max_rel_err`), so that a tensor of gradients of size 1e-3 and a
+//! result of size 10 are judged alike. The tolerance is
+//!
+//! `tol = C(op) * kappa * factor * (u + sqrt(K) * u_acc)`
+//!
+//! - `u`: the case dtype's unit roundoff (2^-11 f16, 2^-8 bf16, 2^-24 f32, 2^-53 f64): the
+//!   rounding every stored result pays at least once.
+//! - `K`: the longest reduction in the case (the largest of batch, in, out and rank): good kernels
+//!   accumulate in f32 (f64 for f64), and a K-long sum costs about `sqrt(K) * u_acc`.
+//! - `u_acc`: 2^-24 for f16, bf16 and f32 (f32 accumulation), 2^-53 for f64. For 16-bit outputs
+//!   the term is negligible; for f32 outputs it is what lets a 4096-long dot product pass.
+//! - `C(op)`: the number of roundings an op chain is allowed, with margin: [`chain_constant`].
+//! - `kappa`: the op's conditioning, 1 except for `unmerge`, which recovers W by cancellation
+//!   from W + dW: kappa = max(|W + dW|, |W'|) / max|W| from the reference ([`crate::reference::conditioning`]).
+//!   A correct 16-bit round trip loses exactly that much; the figure is in the report.
+//! - `factor`: 1 unless the matrix's `tolerances` rules say otherwise.
+//!
+//! A kernel that accumulates in 16-bit (a naive fp16 sum of squares over 4096 values is ~4e-2
+//! off, ~90 u) lands far outside this and comes out as `mismatch`, which is the point: widening
+//! the tolerance until it passes would hide exactly what users need to see.
+
+use crate::case::{Case, DType, Op};
+use crate::inputs::{HostTensor, Outputs};
+use serde::{Deserialize, Serialize};
+
+/// Roundings allowed per op chain, with margin. Init, forward, merge and unmerge chain 4-6
+/// rounded steps (unmerge's amplification by cancellation is `kappa`'s business); backward
+/// chains twice as many.
+pub fn chain_constant(op: Op) -> f64 {
+    match op {
+        Op::Init | Op::Forward | Op::Merge | Op::Unmerge => 8.0,
+        Op::Backward => 16.0,
+    }
+}
+
+/// Unit roundoff of the accumulator a good kernel uses for this dtype.
+pub fn accumulator_roundoff(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => DType::F64.unit_roundoff(),
+        _ => DType::F32.unit_roundoff(),
+    }
+}
+
+/// The tolerance a case's outputs are judged with, and where it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Tolerance {
+    /// Allowed `max_rel_err`.
+    pub rel: f64,
+    /// The model's factor from the matrix (1 by default).
+    pub factor: f64,
+    /// True when a matrix rule set `rel` outright instead of the model.
+    pub overridden: bool,
+    /// The op's conditioning (1 except for unmerge).
+    pub kappa: f64,
+}
+
+impl Tolerance {
+    /// The model tolerance for `case` with conditioning `kappa`, times `factor`, or `rel`
+    /// outright when given.
+    pub fn for_case(case: &Case, kappa: f64, factor: f64, rel: Option<f64>) -> Tolerance {
+        if let Some(rel) = rel {
+            return Tolerance {
+                rel,
+                factor,
+                overridden: true,
+                kappa,
+            };
+        }
+        let s = &case.shape;
+        let k = [s.batch, s.in_features, s.out_features, s.rank]
+            .into_iter()
+            .max()
+            .unwrap_or(1) as f64;
+        let u = case.dtype.unit_roundoff();
+        let rel = chain_constant(case.op)
+            * kappa
+            * factor
+            * (u + k.sqrt() * accumulator_roundoff(case.dtype));
+        Tolerance {
+            rel,
+            factor,
+            overridden: false,
+            kappa,
+        }
+    }
+}
+
+/// Error figures for one output tensor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputMetrics {
+    pub name: String,
+    pub max_abs_err: f64,
+    /// `max_abs_err / max|ref|` (or `max_abs_err` when the reference is all zeros).
+    pub max_rel_err: f64,
+    /// `max_rel_err` in units of the dtype's unit roundoff: 1-10 is "as good as the dtype allows".
+    pub err_units: f64,
+    pub tolerance: f64,
+    /// `max|ref|`.
+    pub scale: f64,
+    /// Elements that are NaN or infinite where the reference is finite.
+    pub nonfinite: usize,
+    pub elements: usize,
+}
+
+impl OutputMetrics {
+    fn ratio(&self) -> f64 {
+        if self.nonfinite > 0 {
+            f64::INFINITY
+        } else {
+            self.max_rel_err / self.tolerance
+        }
+    }
+}
+
+/// Error figures for a case: the worst output's (by error over tolerance), then every output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    pub max_abs_err: f64,
+    pub max_rel_err: f64,
+    pub tolerance: f64,
+    pub worst_output: String,
+    pub outputs: Vec<OutputMetrics>,
+}
+
+/// What happened to a case. "Could not run" (unsupported, crashed, skipped) and "ran and was
+/// wrong" (mismatch, nonfinite) are different variants, never just different strings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Every output within tolerance of the reference.
+    Pass(Metrics),
+    /// Finite, but some output beyond tolerance.
+    Mismatch(Metrics),
+    /// NaN or inf where the reference is finite.
+    Nonfinite(Metrics),
+    /// The backend refused an operation; its message verbatim.
+    Unsupported(String),
+    /// The case panicked; the panic message.
+    Crashed(String),
+    /// Not run here; why.
+    Skipped(String),
+}
+
+/// The outcome's name, as written in reports, tables and snapshots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutcomeKind {
+    Pass,
+    Mismatch,
+    Nonfinite,
+    Unsupported,
+    Crashed,
+    Skipped,
+}
+
+impl OutcomeKind {
+    pub const ALL: &'static [OutcomeKind] = &[
+        OutcomeKind::Pass,
+        OutcomeKind::Mismatch,
+        OutcomeKind::Nonfinite,
+        OutcomeKind::Unsupported,
+        OutcomeKind::Crashed,
+        OutcomeKind::Skipped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutcomeKind::Pass => "pass",
+            OutcomeKind::Mismatch => "mismatch",
+            OutcomeKind::Nonfinite => "nonfinite",
+            OutcomeKind::Unsupported => "unsupported",
+            OutcomeKind::Crashed => "crashed",
+            OutcomeKind::Skipped => "skipped",
+        }
+    }
+
+    /// Only `pass` is a success; a skip is never one.
+    pub fn is_pass(self) -> bool {
+        match self {
+            OutcomeKind::Pass => true,
+            OutcomeKind::Mismatch
+            | OutcomeKind::Nonfinite
+            | OutcomeKind::Unsupported
+            | OutcomeKind::Crashed
+            | OutcomeKind::Skipped => false,
+        }
+    }
+
+    /// Failed here (as opposed to passed or not run).
+    pub fn is_failure(self) -> bool {
+        !self.is_pass() && self != OutcomeKind::Skipped
+    }
+}
+
+impl std::fmt::Display for OutcomeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Outcome {
+    pub fn kind(&self) -> OutcomeKind {
+        match self {
+            Outcome::Pass(_) => OutcomeKind::Pass,
+            Outcome::Mismatch(_) => OutcomeKind::Mismatch,
+            Outcome::Nonfinite(_) => OutcomeKind::Nonfinite,
+            Outcome::Unsupported(_) => OutcomeKind::Unsupported,
+            Outcome::Crashed(_) => OutcomeKind::Crashed,
+            Outcome::Skipped(_) => OutcomeKind::Skipped,
+        }
+    }
+
+    pub fn metrics(&self) -> Option<&Metrics> {
+        match self {
+            Outcome::Pass(m) | Outcome::Mismatch(m) | Outcome::Nonfinite(m) => Some(m),
+            Outcome::Unsupported(_) | Outcome::Crashed(_) | Outcome::Skipped(_) => None,
+        }
+    }
+
+    /// The error text for failures that have one (the backend's message, the panic message),
+    /// or the skip reason.
+    pub fn message(&self) -> Option<&str> {
+        match self {
+            Outcome::Unsupported(s) | Outcome::Crashed(s) | Outcome::Skipped(s) => Some(s),
+            Outcome::Pass(_) | Outcome::Mismatch(_) | Outcome::Nonfinite(_) => None,
+        }
+    }
+}
+
+fn measure(
+    name: &str,
+    got: &HostTensor,
+    want: &HostTensor,
+    tol: f64,
+    dtype: DType,
+) -> OutputMetrics {
+    let mut max_abs: f64 = 0.0;
+    let mut scale: f64 = 0.0;
+    let mut nonfinite = 0;
+    if got.shape != want.shape {
+        return OutputMetrics {
+            name: name.to_string(),
+            max_abs_err: f64::INFINITY,
+            max_rel_err: f64::INFINITY,
+            err_units: f64::INFINITY,
+            tolerance: tol,
+            scale: want.max_abs(),
+            nonfinite: 0,
+            elements: got.data.len(),
+        };
+    }
+    for (&g, &w) in got.data.iter().zip(&want.data) {
+        if !w.is_finite() {
+            // The reference itself is undefined here (e.g. a zero-norm DoRA row): the output
+            // must be non-finite too; a finite value there is an error of unbounded size.
+            if g.is_finite() {
+                max_abs = f64::INFINITY;
+            }
+            continue;
+        }
+        scale = scale.max(w.abs());
+        if !g.is_finite() {
+            nonfinite += 1;
+            continue;
+        }
+        max_abs = max_abs.max((g - w).abs());
+    }
+    let max_rel = if scale > 0.0 {
+        max_abs / scale
+    } else {
+        max_abs
+    };
+    OutputMetrics {
+        name: name.to_string(),
+        max_abs_err: max_abs,
+        max_rel_err: max_rel,
+        err_units: max_rel / dtype.unit_roundoff(),
+        tolerance: tol,
+        scale,
+        nonfinite,
+        elements: got.data.len(),
+    }
+}
+
+/// Compare a backend's outputs with the reference's, output by output, and give the verdict.
+pub fn judge(got: &Outputs, want: &Outputs, tol: Tolerance, dtype: DType) -> Outcome {
+    let outputs: Vec<OutputMetrics> = want
+        .iter()
+        .map(|(name, w)| match got.iter().find(|(n, _)| n == name) {
+            Some((_, g)) => measure(name, g, w, tol.rel, dtype),
+            None => measure(name, &HostTensor::zeros(vec![0]), w, tol.rel, dtype),
+        })
+        .collect();
+    let worst = outputs
+        .iter()
+        .max_by(|a, b| a.ratio().total_cmp(&b.ratio()))
+        .expect("every op has at least one output")
+        .clone();
+    let metrics = Metrics {
+        max_abs_err: worst.max_abs_err,
+        max_rel_err: worst.max_rel_err,
+        tolerance: worst.tolerance,
+        worst_output: worst.name.clone(),
+        outputs,
+    };
+    if metrics.outputs.iter().any(|o| o.nonfinite > 0) {
+        Outcome::Nonfinite(metrics)
+    } else if metrics
+        .outputs
+        .iter()
+        .any(|o| o.max_rel_err.is_nan() || o.max_rel_err > o.tolerance)
+    {
+        Outcome::Mismatch(metrics)
+    } else {
+        Outcome::Pass(metrics)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inputs::names;
+
+    fn out(v: &[f64]) -> Outputs {
+        vec![(names::RESULT, HostTensor::new(vec![v.len()], v.to_vec()))]
+    }
+
+    fn tol(rel: f64) -> Tolerance {
+        Tolerance {
+            rel,
+            factor: 1.0,
+            overridden: true,
+            kappa: 1.0,
+        }
+    }
+
+    #[test]
+    fn verdicts() {
+        let want = out(&[1.0, -2.0, 4.0]);
+        let t = tol(1e-3);
+        assert_eq!(
+            judge(&out(&[1.0, -2.0, 4.001]), &want, t, DType::F16).kind(),
+            OutcomeKind::Pass
+        );
+        assert_eq!(
+            judge(&out(&[1.0, -2.0, 4.1]), &want, t, DType::F16).kind(),
+            OutcomeKind::Mismatch
+        );
+        assert_eq!(
+            judge(&out(&[1.0, f64::NAN, 4.0]), &want, t, DType::F16).kind(),
+            OutcomeKind::Nonfinite
+        );
+        let m = judge(&out(&[1.0, -2.0, 4.1]), &want, t, DType::F16);
+        let m = m.metrics().unwrap();
+        assert!((m.max_abs_err - 0.1).abs() < 1e-12);
+        assert!((m.max_rel_err - 0.025).abs() < 1e-12);
+    }
+
+    #[test]
+    fn reference_nan_must_be_matched() {
+        let want = out(&[f64::NAN, 1.0]);
+        assert_eq!(
+            judge(&out(&[f64::NAN, 1.0]), &want, tol(1e-3), DType::F32).kind(),
+            OutcomeKind::Pass
+        );
+        assert_eq!(
+            judge(&out(&[0.0, 1.0]), &want, tol(1e-3), DType::F32).kind(),
+            OutcomeKind::Mismatch
+        );
+    }
+
+    #[test]
+    fn tolerance_grows_with_reduction_length_for_f32_only() {
+        use crate::case::*;
+        let mut case = Case {
+            backend: Backend::Tch,
+            device: Device::Cpu,
+            dtype: DType::F32,
+            adapter: Adapter::Lora,
+            op: Op::Forward,
+            precision: Precision::Native,
+            shape: Shape {
+                name: "s".into(),
+                batch: 1,
+                in_features: 16,
+                out_features: 1,
+                rank: 1,
+                alpha: 1.0,
+                bias: false,
+                rslora: false,
+            },
+        };
+        let small = Tolerance::for_case(&case, 1.0, 1.0, None).rel;
+        case.shape.in_features = 4096;
+        let big = Tolerance::for_case(&case, 1.0, 1.0, None).rel;
+        assert!(big / small > 10.0, "{small} {big}");
+        case.dtype = DType::F16;
+        let h_big = Tolerance::for_case(&case, 1.0, 1.0, None).rel;
+        case.shape.in_features = 16;
+        let h_small = Tolerance::for_case(&case, 1.0, 1.0, None).rel;
+        assert!(h_big / h_small < 1.1);
+    }
+}

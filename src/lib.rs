@@ -1,0 +1,20 @@
+//! peft-compat: which combinations of backend x device x dtype x adapter x operation work for
+//! LoRA and DoRA adapters, measured for real against a float64 reference.
+//!
+//! Data flows one way: [`matrix`] -> [`case`]s -> [`runner`] (which runs [`adapter`] math on a
+//! [`backend`] and judges it against [`reference`] with [`judge`]) -> [`report`] ->
+//! [`render`] (table, Markdown) or JSON.
+
+pub mod adapter;
+pub mod backend;
+pub mod case;
+pub mod cli;
+pub mod dump;
+pub mod environment;
+pub mod inputs;
+pub mod judge;
+pub mod matrix;
+pub mod reference;
+pub mod render;
+pub mod report;
+pub mod runner;

@@ -1,0 +1,485 @@
+//! Matrix files: the YAML schema, its validation (errors carry file, line and column), and the
+//! expansion into cases.
+//!
+//! ```yaml
+//! seed: 1597                 # one generator for every input
+//! max_cases: 100000          # optional; refuse bigger expansions before running anything
+//! axes:                      # every combination of these is a case (per shape)
+//!   backend: [tch, candle]
+//!   device: [cpu, cuda]      # cuda = cuda:0; cuda:N also accepted
+//!   dtype: [f32, f16, bf16, f64]
+//!   adapter: [lora, dora]
+//!   op: [init, forward, backward, merge, unmerge]
+//!   precision: [native, upcast]
+//! shapes:                    # one or more named layer geometries
+//!   small: {batch: 4, in_features: 64, out_features: 32, rank: 8, alpha: 16, bias: true, rslora: false}
+//! exclude:                   # drop every combination matching all the keys given
+//!   - {dtype: [f32, f64], precision: upcast}
+//! include:                   # add one combination (all six axes); shape optional = every shape
+//!   - {backend: tch, device: cpu, dtype: f32, adapter: dora, op: init, precision: upcast}
+//! tolerances:                # later rules win; `factor` scales the model, `rel` replaces it
+//!   - {dtype: bf16, op: unmerge, factor: 2}
+//! ```
+
+use crate::case::{Adapter, Backend, Case, DType, Device, Op, Precision, Shape};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+/// The default ceiling on the number of cases one matrix may expand to.
+pub const DEFAULT_MAX_CASES: usize = 100_000;
+
+/// A problem with a matrix file, located as precisely as the YAML allows.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}{}\n  help: {help}", location(.path, *.line, *.column), .message)]
+pub struct MatrixError {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+    pub help: String,
+}
+
+fn location(path: &Path, line: Option<usize>, column: Option<usize>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!("{}:{l}:{c}: ", path.display()),
+        (Some(l), None) => format!("{}:{l}: ", path.display()),
+        _ => format!("{}: ", path.display()),
+    }
+}
+
+fn values<T: Copy>(o: &Option<OneOrMany<T>>) -> Vec<T> {
+    match o {
+        Some(OneOrMany::One(v)) => vec![*v],
+        Some(OneOrMany::Many(v)) => v.clone(),
+        None => vec![],
+    }
+}
+
+/// One axis value or a list of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T: PartialEq> OneOrMany<T> {
+    fn contains(&self, v: &T) -> bool {
+        match self {
+            OneOrMany::One(x) => x == v,
+            OneOrMany::Many(xs) => xs.contains(v),
+        }
+    }
+}
+
+/// A case pattern: every key given must match; absent keys match anything.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pattern {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<OneOrMany<Backend>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<OneOrMany<Device>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<OneOrMany<DType>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<OneOrMany<Adapter>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub op: Option<OneOrMany<Op>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<OneOrMany<Precision>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<OneOrMany<String>>,
+}
+
+impl Pattern {
+    pub fn matches(&self, c: &Case) -> bool {
+        fn ok<T: PartialEq>(p: &Option<OneOrMany<T>>, v: &T) -> bool {
+            p.as_ref().is_none_or(|p| p.contains(v))
+        }
+        ok(&self.backend, &c.backend)
+            && ok(&self.device, &c.device)
+            && ok(&self.dtype, &c.dtype)
+            && ok(&self.adapter, &c.adapter)
+            && ok(&self.op, &c.op)
+            && ok(&self.precision, &c.precision)
+            && ok(&self.shape, &c.shape.name)
+    }
+
+    fn shapes(&self) -> Vec<&String> {
+        match &self.shape {
+            None => vec![],
+            Some(OneOrMany::One(s)) => vec![s],
+            Some(OneOrMany::Many(v)) => v.iter().collect(),
+        }
+    }
+}
+
+/// One tolerance rule: a pattern plus `factor` (scales the model) or `rel` (replaces it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToleranceRule {
+    #[serde(flatten)]
+    pub pattern: Pattern,
+    #[serde(default)]
+    pub factor: Option<f64>,
+    #[serde(default)]
+    pub rel: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Axes {
+    backend: Vec<Backend>,
+    device: Vec<Device>,
+    dtype: Vec<DType>,
+    adapter: Vec<Adapter>,
+    op: Vec<Op>,
+    precision: Vec<Precision>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatrix {
+    seed: u64,
+    #[serde(default)]
+    max_cases: Option<usize>,
+    axes: Axes,
+    shapes: BTreeMap<String, Shape>,
+    #[serde(default)]
+    exclude: Vec<Pattern>,
+    #[serde(default)]
+    include: Vec<Pattern>,
+    #[serde(default)]
+    tolerances: Vec<ToleranceRule>,
+}
+
+/// A validated matrix, expanded into cases.
+#[derive(Debug, Clone)]
+pub struct Matrix {
+    pub path: PathBuf,
+    pub seed: u64,
+    pub cases: Vec<Case>,
+    pub tolerances: Vec<ToleranceRule>,
+}
+
+const HELP_AXES: &str =
+    "axes take: backend: tch, candle; device: cpu, cuda, cuda:N; dtype: f32, f16, bf16, f64; \
+adapter: lora, dora; op: init, forward, backward, merge, unmerge; precision: native, upcast \
+(see matrices/default.yaml for a complete file)";
+
+/// 1-based line and column of the first occurrence of `needle` at or after line `from`.
+fn locate(src: &str, needle: &str, from: usize) -> (Option<usize>, Option<usize>) {
+    for (i, line) in src.lines().enumerate().skip(from.saturating_sub(1)) {
+        if let Some(c) = line.find(needle) {
+            return (Some(i + 1), Some(c + 1));
+        }
+    }
+    (None, None)
+}
+
+impl Matrix {
+    /// Read, validate and expand a matrix file.
+    pub fn load(path: &Path, max_cases: Option<usize>) -> Result<Matrix, MatrixError> {
+        let src = std::fs::read_to_string(path).map_err(|e| MatrixError {
+            path: path.to_path_buf(),
+            line: None,
+            column: None,
+            message: format!("cannot read the matrix file: {e}"),
+            help: "pass the path of a YAML matrix file, e.g. matrices/default.yaml".into(),
+        })?;
+        Matrix::parse(&src, path, max_cases)
+    }
+
+    /// Validate and expand matrix text; `path` only labels errors.
+    pub fn parse(src: &str, path: &Path, max_cases: Option<usize>) -> Result<Matrix, MatrixError> {
+        let fail = |line, column, message: String, help: &str| MatrixError {
+            path: path.to_path_buf(),
+            line,
+            column,
+            message,
+            help: help.to_string(),
+        };
+        let raw: RawMatrix = serde_yaml::from_str(src).map_err(|e| {
+            let loc = e.location();
+            let text = e.to_string();
+            // serde_yaml appends " at line L column C"; the location is shown up front instead.
+            let message = text
+                .rsplit_once(" at line ")
+                .map(|(m, _)| m.to_string())
+                .unwrap_or(text);
+            let help = if message.contains("unknown variant") || message.contains("unknown device")
+            {
+                HELP_AXES
+            } else if message.contains("unknown field") || message.contains("missing field") {
+                "top-level keys: seed, max_cases, axes, shapes, exclude, include, tolerances; \
+                 a shape takes batch, in_features, out_features, rank, alpha, bias, rslora"
+            } else {
+                "check the YAML syntax near this position (indentation, a missing ':' or ']')"
+            };
+            fail(
+                loc.as_ref().map(|l| l.line()),
+                loc.as_ref().map(|l| l.column()),
+                message,
+                help,
+            )
+        })?;
+
+        let axes = &raw.axes;
+        for (name, empty) in [
+            ("backend", axes.backend.is_empty()),
+            ("device", axes.device.is_empty()),
+            ("dtype", axes.dtype.is_empty()),
+            ("adapter", axes.adapter.is_empty()),
+            ("op", axes.op.is_empty()),
+            ("precision", axes.precision.is_empty()),
+        ] {
+            if empty {
+                let (l, c) = locate(src, &format!("{name}:"), 1);
+                return Err(fail(l, c, format!("axis `{name}` is empty"), HELP_AXES));
+            }
+        }
+        if raw.shapes.is_empty() {
+            let (l, c) = locate(src, "shapes:", 1);
+            return Err(fail(
+                l,
+                c,
+                "no shapes given".into(),
+                "add at least one named shape under `shapes:`",
+            ));
+        }
+        let mut shapes = Vec::new();
+        for (name, shape) in &raw.shapes {
+            let mut s = shape.clone();
+            s.name = name.clone();
+            let zero = [
+                ("batch", s.batch),
+                ("in_features", s.in_features),
+                ("out_features", s.out_features),
+                ("rank", s.rank),
+            ]
+            .into_iter()
+            .find(|(_, v)| *v == 0);
+            if let Some((field, _)) = zero {
+                let (l, c) = locate(src, &format!("{name}:"), 1);
+                return Err(fail(
+                    l,
+                    c,
+                    format!("shape `{name}`: {field} must be at least 1"),
+                    "give every dimension a positive size",
+                ));
+            }
+            if s.rank > s.in_features.min(s.out_features) {
+                let (l, c) = locate(src, &format!("{name}:"), 1);
+                return Err(fail(
+                    l,
+                    c,
+                    format!(
+                        "shape `{name}`: rank {} exceeds min(in_features, out_features)",
+                        s.rank
+                    ),
+                    "a LoRA rank is at most the smaller layer dimension",
+                ));
+            }
+            if !s.alpha.is_finite() {
+                let (l, c) = locate(src, &format!("{name}:"), 1);
+                return Err(fail(
+                    l,
+                    c,
+                    format!("shape `{name}`: alpha must be finite"),
+                    "use a number such as 16",
+                ));
+            }
+            shapes.push(s);
+        }
+        let shape_names: HashSet<&String> = raw.shapes.keys().collect();
+        let known = raw.shapes.keys().cloned().collect::<Vec<_>>().join(", ");
+        let patterns = raw
+            .exclude
+            .iter()
+            .map(|p| ("exclude", p))
+            .chain(raw.include.iter().map(|p| ("include", p)))
+            .chain(raw.tolerances.iter().map(|t| ("tolerances", &t.pattern)));
+        for (section, p) in patterns {
+            for s in p.shapes() {
+                if !shape_names.contains(s) {
+                    let from = locate(src, &format!("{section}:"), 1).0.unwrap_or(1);
+                    let (l, c) = locate(src, s, from);
+                    return Err(fail(
+                        l,
+                        c,
+                        format!("{section}: unknown shape `{s}`"),
+                        &format!("shapes defined in this file: {known}"),
+                    ));
+                }
+            }
+        }
+        for (i, p) in raw.include.iter().enumerate() {
+            let missing: Vec<&str> = [
+                ("backend", p.backend.is_none()),
+                ("device", p.device.is_none()),
+                ("dtype", p.dtype.is_none()),
+                ("adapter", p.adapter.is_none()),
+                ("op", p.op.is_none()),
+                ("precision", p.precision.is_none()),
+            ]
+            .into_iter()
+            .filter_map(|(n, m)| m.then_some(n))
+            .collect();
+            if !missing.is_empty() {
+                let (l, c) = locate(src, "include:", 1);
+                return Err(fail(
+                    l,
+                    c,
+                    format!("include entry {} does not name {}", i + 1, missing.join(", ")),
+                    "an include entry adds combinations, so it names every axis (values may be lists); `shape` is optional",
+                ));
+            }
+        }
+        for t in &raw.tolerances {
+            let bad = match (t.factor, t.rel) {
+                (None, None) => Some("a tolerance rule needs `factor` or `rel`"),
+                (Some(f), _) if !(f > 0.0 && f.is_finite()) => {
+                    Some("`factor` must be a positive number")
+                }
+                (_, Some(r)) if !(r > 0.0 && r.is_finite()) => {
+                    Some("`rel` must be a positive number")
+                }
+                _ => None,
+            };
+            if let Some(msg) = bad {
+                let (l, c) = locate(src, "tolerances:", 1);
+                return Err(fail(
+                    l,
+                    c,
+                    msg.into(),
+                    "e.g. `- {dtype: bf16, op: unmerge, factor: 2}`",
+                ));
+            }
+        }
+
+        let limit = max_cases.or(raw.max_cases).unwrap_or(DEFAULT_MAX_CASES);
+        let full = [
+            axes.backend.len(),
+            axes.device.len(),
+            axes.dtype.len(),
+            axes.adapter.len(),
+            axes.op.len(),
+            axes.precision.len(),
+            shapes.len(),
+        ]
+        .iter()
+        .try_fold(1usize, |acc, &n| acc.checked_mul(n))
+        .unwrap_or(usize::MAX);
+        let too_many = |count: usize, when: &str| {
+            let (l, c) = locate(src, "axes:", 1);
+            fail(
+                l,
+                c,
+                format!("the matrix expands to {count} cases{when}, over the limit of {limit}"),
+                "narrow the axes or shapes, add exclude rules, or raise the limit with `max_cases:` or --max-cases",
+            )
+        };
+        // Expanding is linear in the full product; refuse absurd products before walking them.
+        if full / 100 > limit {
+            return Err(too_many(full, " before exclude rules"));
+        }
+
+        let mut cases = Vec::new();
+        let mut seen = HashSet::new();
+        let mut push = |case: Case, cases: &mut Vec<Case>| {
+            if seen.insert(case.id()) {
+                cases.push(case);
+            }
+        };
+        for shape in &shapes {
+            for &backend in &axes.backend {
+                for &device in &axes.device {
+                    for &dtype in &axes.dtype {
+                        for &adapter in &axes.adapter {
+                            for &op in &axes.op {
+                                for &precision in &axes.precision {
+                                    let case = Case {
+                                        backend,
+                                        device,
+                                        dtype,
+                                        adapter,
+                                        op,
+                                        precision,
+                                        shape: shape.clone(),
+                                    };
+                                    if !raw.exclude.iter().any(|p| p.matches(&case)) {
+                                        push(case, &mut cases);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for p in &raw.include {
+            for shape in shapes
+                .iter()
+                .filter(|s| p.shape.as_ref().is_none_or(|n| n.contains(&s.name)))
+            {
+                for backend in values(&p.backend) {
+                    for device in values(&p.device) {
+                        for dtype in values(&p.dtype) {
+                            for adapter in values(&p.adapter) {
+                                for op in values(&p.op) {
+                                    for precision in values(&p.precision) {
+                                        let case = Case {
+                                            backend,
+                                            device,
+                                            dtype,
+                                            adapter,
+                                            op,
+                                            precision,
+                                            shape: shape.clone(),
+                                        };
+                                        push(case, &mut cases);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if cases.len() > limit {
+            return Err(too_many(cases.len(), ""));
+        }
+        if cases.is_empty() {
+            let (l, c) = locate(src, "exclude:", 1);
+            return Err(fail(
+                l,
+                c,
+                "the exclude rules remove every case".into(),
+                "loosen the exclude rules",
+            ));
+        }
+        Ok(Matrix {
+            path: path.to_path_buf(),
+            seed: raw.seed,
+            cases,
+            tolerances: raw.tolerances,
+        })
+    }
+
+    /// The tolerance factor and outright relative tolerance for a case (later rules win).
+    pub fn tolerance_for(&self, case: &Case) -> (f64, Option<f64>) {
+        let mut factor = 1.0;
+        let mut rel = None;
+        for rule in self.tolerances.iter().filter(|r| r.pattern.matches(case)) {
+            if let Some(f) = rule.factor {
+                factor = f;
+            }
+            if rule.rel.is_some() {
+                rel = rule.rel;
+            }
+        }
+        (factor, rel)
+    }
+}
