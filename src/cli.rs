@@ -1,10 +1,13 @@
 //! Command-line interface: clap definitions turned into a run, and the only place anyhow lives.
 
 use crate::environment::Environment;
+use crate::gate;
+use crate::judge::OutcomeKind;
 use crate::matrix::{Matrix, MatrixError};
-use crate::render::table;
+use crate::render::{junit, table};
 use crate::report::Report;
 use crate::runner::{self, Event, RunOptions};
+use crate::snapshot;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::IsTerminal;
@@ -12,8 +15,10 @@ use std::path::PathBuf;
 
 /// Exit codes, documented in `--help`.
 pub mod exit {
-    /// The run completed (failing cases are findings, not errors).
+    /// The run completed (failing cases are findings, not errors); with --check, the gate passed.
     pub const OK: i32 = 0;
+    /// --check: the gate failed (a regression, an unexpected success, a missing or orphan entry).
+    pub const GATE_FAILED: i32 = 1;
     /// Bad input: a matrix file that does not parse or validate, or bad flags.
     pub const BAD_INPUT: i32 = 2;
     /// The run could not complete: an output file could not be written.
@@ -23,16 +28,20 @@ pub mod exit {
 const AFTER_HELP: &str = "\
 Exit codes:
   0  the run completed; failing cases are findings, reported in the table and JSON
+     (with --check: the gate passed)
+  1  --check: the gate failed; each changed case is listed once with before -> after
   2  bad input: the matrix file (the message names file:line:column and the fix) or the flags
   3  the run could not complete (e.g. --json could not be written)
 
 Environment:
   NO_COLOR   set to disable colours (as does --color never)
+  CI         set: never write snapshots (not even .snap.new)
 
 Examples:
   peft-compat run matrices/default.yaml
   peft-compat run matrices/default.yaml --json report.json --markdown support.md
   peft-compat run matrices/default.yaml --filter /f16/dora/ --dump dumps/
+  peft-compat run matrices/default.yaml --check --junit junit.xml   # the CI gate
   peft-compat list matrices/default.yaml";
 
 /// Which LoRA/DoRA combinations work, on which backend, device and dtype, and how precisely.
@@ -93,6 +102,24 @@ pub struct RunArgs {
     /// How many failing cases to list under the table.
     #[arg(long, default_value_t = 40)]
     pub max_findings: usize,
+    /// Gate: compare with the accepted snapshot (snapshots/<matrix stem>.snap) and exit 1 on any
+    /// regression, unexpected success, missing or orphan entry. Outside CI, a failed gate writes
+    /// the observed snapshot as .snap.new for `cargo insta review`.
+    #[arg(long)]
+    pub check: bool,
+    /// The snapshot to check against [default: snapshots/<matrix file stem>.snap].
+    #[arg(long, value_name = "PATH", requires = "check")]
+    pub snapshot: Option<PathBuf>,
+    /// With --check: report cases that newly pass without failing the gate.
+    #[arg(long, requires = "check")]
+    pub allow_improvements: bool,
+    /// Write the observed snapshot (the accepted-snapshot format) to PATH, e.g. to compare runs
+    /// byte for byte. Refused when CI is set.
+    #[arg(long, value_name = "PATH")]
+    pub snapshot_out: Option<PathBuf>,
+    /// Write a JUnit XML file with one test case per matrix case.
+    #[arg(long, value_name = "PATH")]
+    pub junit: Option<PathBuf>,
     /// Colour the table.
     #[arg(long, value_enum, default_value_t = ColorChoice::Auto)]
     pub color: ColorChoice,
@@ -112,6 +139,13 @@ fn bad_input(e: MatrixError) -> Failure {
     Failure {
         code: exit::BAD_INPUT,
         error: e.into(),
+    }
+}
+
+fn bad_input_any(e: anyhow::Error) -> Failure {
+    Failure {
+        code: exit::BAD_INPUT,
+        error: e,
     }
 }
 
@@ -227,5 +261,74 @@ fn run_matrix(args: RunArgs) -> Result<(), Failure> {
             c.dump_error.as_deref().unwrap_or("")
         );
     }
-    Ok(())
+    if let Some(path) = &args.snapshot_out {
+        if snapshot::in_ci() {
+            return Err(bad_input_any(anyhow::anyhow!(
+                "--snapshot-out: CI is set, and snapshots are never written under CI"
+            )));
+        }
+        let text = snapshot::to_text(&snapshot::from_report(&report));
+        std::fs::write(path, text)
+            .with_context(|| format!("cannot write the snapshot to {}", path.display()))
+            .map_err(runtime)?;
+    }
+    let verdict = if args.check {
+        Some(gate_check(&args, &report)?)
+    } else {
+        None
+    };
+    if let Some(path) = &args.junit {
+        std::fs::write(path, junit::render(&report, verdict.as_ref()))
+            .with_context(|| format!("cannot write the JUnit file to {}", path.display()))
+            .map_err(runtime)?;
+    }
+    match verdict {
+        Some(v) if !v.passed() => Err(Failure {
+            code: exit::GATE_FAILED,
+            error: anyhow::anyhow!("the gate failed for {}", args.matrix.display()),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Compare with the accepted snapshot, print the verdict, and (outside CI) leave the observed
+/// snapshot as .snap.new when something changed.
+fn gate_check(args: &RunArgs, report: &Report) -> Result<gate::Verdict, Failure> {
+    let path = args
+        .snapshot
+        .clone()
+        .unwrap_or_else(|| snapshot::default_path(&args.matrix));
+    let matrix = args.matrix.display().to_string();
+    let (accepted, missing) = match snapshot::read(&path) {
+        Ok(s) => (s, None),
+        Err(e @ snapshot::SnapshotError::Missing(_)) => (snapshot::Snapshot::new(), Some(e)),
+        Err(e) => return Err(bad_input_any(e.into())),
+    };
+    let verdict = gate::check(report, &accepted, args.allow_improvements);
+    match &missing {
+        // Every case would be listed as missing; say it once.
+        Some(e) => println!("gate FAILED: {e}"),
+        None => print!("{}", verdict.render(&matrix)),
+    }
+    if !verdict.passed() {
+        if snapshot::in_ci() {
+            println!("(CI is set: no snapshot written)");
+        } else {
+            // Keep accepted entries for cases not checked here (e.g. GPU cases on a CPU machine).
+            let mut observed = snapshot::from_report(report);
+            for c in report
+                .cases
+                .iter()
+                .filter(|c| c.outcome == OutcomeKind::Skipped)
+            {
+                if let Some(e) = accepted.get(&c.id) {
+                    observed.insert(c.id.clone(), e.clone());
+                }
+            }
+            let pending = snapshot::write_pending(&path, &matrix, &observed)
+                .map_err(|e| runtime(e.into()))?;
+            println!("observed snapshot written to {}", pending.display());
+        }
+    }
+    Ok(verdict)
 }

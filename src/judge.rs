@@ -101,6 +101,9 @@ pub struct OutputMetrics {
     pub tolerance: f64,
     /// `max|ref|`.
     pub scale: f64,
+    /// L2 norm and L1 sum of the output's finite values: summary figures for snapshots.
+    pub norm: f64,
+    pub l1: f64,
     /// Elements that are NaN or infinite where the reference is finite.
     pub nonfinite: usize,
     pub elements: usize,
@@ -248,6 +251,8 @@ fn measure(
             err_units: f64::INFINITY,
             tolerance: tol,
             scale: want.max_abs(),
+            norm: f64::NAN,
+            l1: f64::NAN,
             nonfinite: 0,
             elements: got.data.len(),
         };
@@ -273,6 +278,9 @@ fn measure(
     } else {
         max_abs
     };
+    let finite = || got.data.iter().filter(|v| v.is_finite());
+    let norm = finite().map(|v| v * v).sum::<f64>().sqrt();
+    let l1 = finite().map(|v| v.abs()).sum::<f64>();
     OutputMetrics {
         name: name.to_string(),
         max_abs_err: max_abs,
@@ -280,6 +288,8 @@ fn measure(
         err_units: max_rel / dtype.unit_roundoff(),
         tolerance: tol,
         scale,
+        norm,
+        l1,
         nonfinite,
         elements: got.data.len(),
     }

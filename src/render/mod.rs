@@ -1,1 +1,2 @@
+pub mod junit;
 pub mod table;

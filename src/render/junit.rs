@@ -1,0 +1,66 @@
+//! JUnit XML: one test case per matrix case, for CI systems that display test results.
+//! With a gate verdict, a case fails when the gate flags it; without one, when it failed.
+
+use crate::gate::Verdict;
+use crate::report::Report;
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+pub fn render(report: &Report, verdict: Option<&Verdict>) -> String {
+    let mut cases = String::new();
+    let (mut failures, mut skipped) = (0, 0);
+    for c in &report.cases {
+        let time = c.duration_ms / 1e3;
+        let classname = format!("{}.{}.{}", c.backend, c.device, c.dtype).replace(':', "_");
+        cases.push_str(&format!(
+            "    <testcase classname=\"{}\" name=\"{}\" time=\"{time:.3}\">\n",
+            esc(&classname),
+            esc(&c.id)
+        ));
+        let failure = match verdict {
+            Some(v) => v
+                .failures()
+                .find(|ch| ch.id == c.id)
+                .map(|ch| (ch.kind.as_str().to_string(), ch.detail.clone())),
+            None if c.outcome.is_failure() => Some((
+                c.outcome.to_string(),
+                c.error.clone().unwrap_or_else(|| {
+                    c.metrics.as_ref().map_or(String::new(), |m| {
+                        format!(
+                            "{}: max_rel_err {:.3e} > tolerance {:.3e}",
+                            m.worst_output, m.max_rel_err, m.tolerance
+                        )
+                    })
+                }),
+            )),
+            None => None,
+        };
+        if c.outcome == crate::judge::OutcomeKind::Skipped {
+            skipped += 1;
+            cases.push_str(&format!(
+                "      <skipped message=\"{}\"/>\n",
+                esc(c.error.as_deref().unwrap_or(""))
+            ));
+        } else if let Some((kind, detail)) = failure {
+            failures += 1;
+            cases.push_str(&format!(
+                "      <failure type=\"{}\" message=\"{}\">{}</failure>\n",
+                esc(&kind),
+                esc(&detail),
+                esc(&detail)
+            ));
+        }
+        cases.push_str("    </testcase>\n");
+    }
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites>\n  <testsuite name=\"peft-compat {}\" tests=\"{}\" failures=\"{failures}\" skipped=\"{skipped}\" time=\"{:.3}\">\n{cases}  </testsuite>\n</testsuites>\n",
+        esc(&report.matrix),
+        report.cases.len(),
+        report.summary.elapsed_s
+    )
+}

@@ -1,0 +1,260 @@
+//! The CI gate: planted changes of every kind, each caught (or, for noise and absent devices,
+//! not) with the right message; determinism; and the project gating itself.
+
+use peft_compat::environment::Environment;
+use peft_compat::gate::{self, ChangeKind};
+use peft_compat::judge::OutcomeKind;
+use peft_compat::matrix::Matrix;
+use peft_compat::report::Report;
+use peft_compat::runner::{self, RunOptions};
+use peft_compat::snapshot::{self, Snapshot};
+use std::path::Path;
+use std::process::Command;
+
+fn run_default_cpu() -> Report {
+    // CUDA cases skip at once here (and are "not checked" by the gate), so run the whole matrix.
+    let m = Matrix::load(Path::new("matrices/default.yaml"), None).unwrap();
+    let results = runner::run(&m, &RunOptions::default(), &mut |_| {});
+    Report::new(
+        "matrices/default.yaml",
+        m.seed,
+        Environment::detect(),
+        &results,
+        0.0,
+    )
+}
+
+fn small_report() -> Report {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.yaml");
+    std::fs::write(
+        &p,
+        "seed: 5\naxes:\n  backend: [tch, candle]\n  device: [cpu, cuda]\n  dtype: [f32, f16]\n  adapter: [lora, dora]\n  op: [forward]\n  precision: [native]\nshapes:\n  s: {batch: 2, in_features: 16, out_features: 8, rank: 2, alpha: 4}\n",
+    )
+    .unwrap();
+    let m = Matrix::load(&p, None).unwrap();
+    let results = runner::run(&m, &RunOptions::default(), &mut |_| {});
+    Report::new("m.yaml", m.seed, Environment::detect(), &results, 0.0)
+}
+
+const ID: &str = "tch/cpu/f16/dora/forward/native/s";
+
+fn accepted(r: &Report) -> Snapshot {
+    snapshot::from_report(r)
+}
+
+fn only_change(v: &gate::Verdict) -> &gate::Change {
+    assert_eq!(v.changes.len(), 1, "{:?}", v.changes);
+    &v.changes[0]
+}
+
+#[test]
+fn an_unchanged_run_passes_and_absent_devices_are_not_checked() {
+    let r = small_report();
+    let v = gate::check(&r, &accepted(&r), false);
+    assert!(v.passed(), "{}", v.render("m.yaml"));
+    assert_eq!(v.checked, 8);
+    assert_eq!(
+        v.not_checked.len(),
+        8,
+        "cuda cases are not checked here, not passed"
+    );
+    assert!(v.render("m.yaml").contains("not checked here: 8 cases"));
+}
+
+#[test]
+fn a_pass_that_becomes_unsupported_is_a_regression() {
+    let mut r = small_report();
+    let snap = accepted(&r);
+    let c = r.cases.iter_mut().find(|c| c.id == ID).unwrap();
+    c.outcome = OutcomeKind::Unsupported;
+    c.metrics = None;
+    c.error = Some("\"addmm_impl_cpu_\" not implemented for 'Half'".into());
+    let v = gate::check(&r, &snap, false);
+    assert!(!v.passed());
+    let ch = only_change(&v);
+    assert_eq!(ch.kind, ChangeKind::Regression);
+    assert!(ch.detail.starts_with("pass (result"), "{}", ch.detail);
+    assert!(
+        ch.detail.contains("-> unsupported") && ch.detail.contains("addmm_impl_cpu_"),
+        "{}",
+        ch.detail
+    );
+    assert!(v
+        .render("m.yaml")
+        .contains(&format!("FAIL {ID}: regression")));
+}
+
+fn scale_error(r: &mut Report, factor: f64) {
+    let c = r.cases.iter_mut().find(|c| c.id == ID).unwrap();
+    for o in &mut c.metrics.as_mut().unwrap().outputs {
+        o.err_units *= factor;
+    }
+}
+
+#[test]
+fn an_error_that_doubles_and_more_fails_but_drift_within_the_rule_does_not() {
+    let base = small_report();
+    let snap = accepted(&base);
+    let before = snap[ID].outputs["result"].err_units;
+    let mut worse = base.clone();
+    // Make the error clearly exceed both the x2 rule and the +1 u noise floor.
+    scale_error(&mut worse, (2.0 * before + 2.0) / before * 1.1);
+    let v = gate::check(&worse, &snap, false);
+    let ch = only_change(&v);
+    assert_eq!(ch.kind, ChangeKind::Regression);
+    assert!(ch.detail.contains("error grew from"), "{}", ch.detail);
+    let mut noise = base.clone();
+    scale_error(&mut noise, 1.5);
+    let v = gate::check(&noise, &snap, false);
+    assert!(
+        v.passed(),
+        "1.5x is within the drift rule: {}",
+        v.render("m.yaml")
+    );
+}
+
+#[test]
+fn a_new_pass_is_an_unexpected_success_unless_allowed() {
+    let r = small_report();
+    let mut snap = accepted(&r);
+    snap.get_mut(ID).unwrap().outcome = OutcomeKind::Mismatch;
+    let v = gate::check(&r, &snap, false);
+    let ch = only_change(&v);
+    assert_eq!(ch.kind, ChangeKind::UnexpectedSuccess);
+    assert!(
+        ch.detail.starts_with("mismatch") && ch.detail.contains("-> pass"),
+        "{}",
+        ch.detail
+    );
+    let text = v.render("m.yaml");
+    assert!(
+        text.contains("cargo insta review") && text.contains("peft-compat run m.yaml --check"),
+        "{text}"
+    );
+    assert!(!v.passed());
+    let allowed = gate::check(&r, &snap, true);
+    assert!(allowed.passed());
+    assert!(allowed
+        .render("m.yaml")
+        .contains(&format!("note {ID}: unexpected success")));
+}
+
+#[test]
+fn missing_and_orphan_entries_fail() {
+    let r = small_report();
+    let mut snap = accepted(&r);
+    snap.remove(ID);
+    let v = gate::check(&r, &snap, false);
+    let ch = only_change(&v);
+    assert_eq!(ch.kind, ChangeKind::Missing);
+    assert!(v
+        .render("m.yaml")
+        .contains(&format!("FAIL {ID}: missing from snapshot")));
+    let mut snap = accepted(&r);
+    let e = snap[ID].clone();
+    snap.insert("tch/cpu/f16/dora/forward/native/gone".into(), e);
+    let v = gate::check(&r, &snap, false);
+    let ch = only_change(&v);
+    assert_eq!(ch.kind, ChangeKind::Orphan);
+    assert!(ch.detail.contains("no case of the matrix produces it"));
+}
+
+#[test]
+fn a_shifted_number_with_the_same_error_is_caught_by_the_norm() {
+    let mut r = small_report();
+    let snap = accepted(&r);
+    let c = r.cases.iter_mut().find(|c| c.id == ID).unwrap();
+    c.metrics.as_mut().unwrap().outputs[0].norm *= 1.01;
+    let v = gate::check(&r, &snap, false);
+    assert!(
+        only_change(&v).detail.contains("norm moved"),
+        "{:?}",
+        v.changes
+    );
+}
+
+/// Same matrix, seed and build: bit-identical results, so byte-identical snapshots.
+#[test]
+fn runs_are_deterministic() {
+    let a = snapshot::to_text(&snapshot::from_report(&run_default_cpu()));
+    let b = snapshot::to_text(&snapshot::from_report(&run_default_cpu()));
+    assert_eq!(a, b);
+}
+
+/// The project gates itself: the CPU part of the default matrix against the committed snapshot.
+/// A change to the math that shifts any number or outcome fails here (and so in .ci/run).
+#[test]
+fn the_default_matrix_passes_its_own_gate() {
+    let r = run_default_cpu();
+    let snap = snapshot::read(Path::new("snapshots/default.snap")).unwrap();
+    let v = gate::check(&r, &snap, false);
+    assert!(v.passed(), "{}", v.render("matrices/default.yaml"));
+    assert_eq!(v.checked, 240);
+}
+
+#[test]
+fn cli_check_exits_1_on_a_regression_and_writes_nothing_under_ci() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m.yaml");
+    std::fs::write(
+        &m,
+        "seed: 5\naxes:\n  backend: [candle]\n  device: [cpu]\n  dtype: [f16]\n  adapter: [dora]\n  op: [forward]\n  precision: [native]\nshapes:\n  s: {batch: 2, in_features: 16, out_features: 8, rank: 2, alpha: 4}\n",
+    )
+    .unwrap();
+    let snap = dir.path().join("m.snap");
+    let bin = env!("CARGO_BIN_EXE_peft-compat");
+    let run = |ci: bool| {
+        let mut c = Command::new(bin);
+        c.args(["run", "-q", "--check", "--junit"])
+            .arg(dir.path().join("j.xml"))
+            .arg(&m)
+            .arg("--snapshot")
+            .arg(&snap);
+        if ci {
+            c.env("CI", "true");
+        } else {
+            c.env_remove("CI");
+        }
+        c.output().unwrap()
+    };
+    // No snapshot: fails; outside CI it leaves m.snap.new to accept.
+    let out = run(false);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no snapshot at"));
+    let pending = dir.path().join("m.snap.new");
+    assert!(pending.exists());
+    std::fs::rename(&pending, &snap).unwrap();
+    assert_eq!(run(true).status.code(), Some(0));
+    let junit = std::fs::read_to_string(dir.path().join("j.xml")).unwrap();
+    assert!(
+        junit.contains(
+            "<testcase classname=\"candle.cpu.f16\" name=\"candle/cpu/f16/dora/forward/native/s\""
+        ),
+        "{junit}"
+    );
+    // Plant a regression in the accepted snapshot: the accepted error was much smaller.
+    let mut accepted = snapshot::read(&snap).unwrap();
+    for e in accepted.values_mut() {
+        for o in e.outputs.values_mut() {
+            o.err_units = 0.01;
+        }
+    }
+    std::fs::write(
+        &snap,
+        format!("---\nsource: test\n---\n{}", snapshot::to_text(&accepted)),
+    )
+    .unwrap();
+    let out = run(true);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("FAIL candle/cpu/f16/dora/forward/native/s: regression")
+            && stdout.contains("(CI is set: no snapshot written)"),
+        "{stdout}"
+    );
+    assert!(!pending.exists(), "nothing is written under CI");
+    assert!(std::fs::read_to_string(dir.path().join("j.xml"))
+        .unwrap()
+        .contains("<failure type=\"regression\""));
+}
