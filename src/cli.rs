@@ -2,7 +2,6 @@
 
 use crate::environment::Environment;
 use crate::gate;
-use crate::judge::OutcomeKind;
 use crate::matrix::{Matrix, MatrixError};
 use crate::render::{junit, table};
 use crate::report::Report;
@@ -314,17 +313,7 @@ fn gate_check(args: &RunArgs, report: &Report) -> Result<gate::Verdict, Failure>
         if snapshot::in_ci() {
             println!("(CI is set: no snapshot written)");
         } else {
-            // Keep accepted entries for cases not checked here (e.g. GPU cases on a CPU machine).
-            let mut observed = snapshot::from_report(report);
-            for c in report
-                .cases
-                .iter()
-                .filter(|c| c.outcome == OutcomeKind::Skipped)
-            {
-                if let Some(e) = accepted.get(&c.id) {
-                    observed.insert(c.id.clone(), e.clone());
-                }
-            }
+            let observed = snapshot::observed(report, &accepted);
             let pending = snapshot::write_pending(&path, &matrix, &observed)
                 .map_err(|e| runtime(e.into()))?;
             println!("observed snapshot written to {}", pending.display());

@@ -16,7 +16,7 @@
 //!   and never an error.
 
 use crate::judge::OutcomeKind;
-use crate::report::{CaseReport, Report};
+use crate::report::Report;
 use crate::snapshot::{self, Entry, Snapshot};
 use std::collections::BTreeSet;
 
@@ -63,29 +63,27 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    /// Whether this change fails the gate (an unexpected success may be allowed).
+    fn fails(&self, c: &Change) -> bool {
+        !(self.allow_improvements && c.kind == ChangeKind::UnexpectedSuccess)
+    }
+
     /// The changes that fail the gate.
     pub fn failures(&self) -> impl Iterator<Item = &Change> {
-        self.changes
-            .iter()
-            .filter(|c| !(self.allow_improvements && c.kind == ChangeKind::UnexpectedSuccess))
+        self.changes.iter().filter(|c| self.fails(c))
     }
 
     pub fn passed(&self) -> bool {
         self.failures().next().is_none()
     }
 
-    pub fn change_for(&self, id: &str) -> Option<&Change> {
-        self.changes.iter().find(|c| c.id == id)
-    }
-
     /// The human verdict: each changed case once, then what to do.
     pub fn render(&self, matrix: &str) -> String {
         let mut out = String::new();
         for c in &self.changes {
-            let allowed = self.allow_improvements && c.kind == ChangeKind::UnexpectedSuccess;
             out.push_str(&format!(
                 "{} {}: {}: {}\n",
-                if allowed { "note" } else { "FAIL" },
+                if self.fails(c) { "FAIL" } else { "note" },
                 c.id,
                 c.kind.as_str(),
                 c.detail
@@ -131,11 +129,6 @@ fn describe(e: &Entry) -> String {
     }
 }
 
-/// Is this skip about the machine (device/backend absent) rather than the case?
-fn machine_skip(c: &CaseReport) -> bool {
-    c.outcome == OutcomeKind::Skipped
-}
-
 /// Compare a fresh report with the accepted snapshot.
 pub fn check(report: &Report, accepted: &Snapshot, allow_improvements: bool) -> Verdict {
     let mut v = Verdict {
@@ -144,7 +137,8 @@ pub fn check(report: &Report, accepted: &Snapshot, allow_improvements: bool) -> 
     };
     let produced: BTreeSet<&str> = report.cases.iter().map(|c| c.id.as_str()).collect();
     for c in &report.cases {
-        if machine_skip(c) {
+        // Every skip means the device or backend is absent here.
+        if c.outcome == OutcomeKind::Skipped {
             v.not_checked
                 .push((c.id.clone(), c.error.clone().unwrap_or_default()));
             continue;

@@ -93,6 +93,22 @@ pub fn from_report(report: &Report) -> Snapshot {
         .collect()
 }
 
+/// The snapshot to propose after a failed gate: the observed entries, except for cases skipped
+/// here (e.g. GPU cases on a CPU machine), which keep their accepted entry.
+pub fn observed(report: &Report, accepted: &Snapshot) -> Snapshot {
+    let mut s = from_report(report);
+    for c in report
+        .cases
+        .iter()
+        .filter(|c| c.outcome == OutcomeKind::Skipped)
+    {
+        if let Some(e) = accepted.get(&c.id) {
+            s.insert(c.id.clone(), e.clone());
+        }
+    }
+    s
+}
+
 /// The snapshot body (what insta stores under its header).
 pub fn to_text(s: &Snapshot) -> String {
     serde_yaml::to_string(s).expect("snapshots are plain data")

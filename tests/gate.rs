@@ -8,33 +8,43 @@ use peft_compat::matrix::Matrix;
 use peft_compat::report::Report;
 use peft_compat::runner::{self, RunOptions};
 use peft_compat::snapshot::{self, Snapshot};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+fn report_of(m: &Matrix, name: &str) -> Report {
+    let results = runner::run(m, &RunOptions::default(), &mut |_| {});
+    Report::new(name, m.seed, Environment::detect(), &results, 0.0)
+}
 
 fn run_default_cpu() -> Report {
     // CUDA cases skip at once here (and are "not checked" by the gate), so run the whole matrix.
     let m = Matrix::load(Path::new("matrices/default.yaml"), None).unwrap();
-    let results = runner::run(&m, &RunOptions::default(), &mut |_| {});
-    Report::new(
-        "matrices/default.yaml",
-        m.seed,
-        Environment::detect(),
-        &results,
-        0.0,
+    report_of(&m, "matrices/default.yaml")
+}
+
+/// A one-op (forward, native) matrix file over the given axis lists, written to `dir/m.yaml`.
+fn tiny_matrix(dir: &Path, backend: &str, device: &str, dtype: &str, adapter: &str) -> PathBuf {
+    let p = dir.join("m.yaml");
+    std::fs::write(
+        &p,
+        format!(
+            "seed: 5\naxes:\n  backend: [{backend}]\n  device: [{device}]\n  dtype: [{dtype}]\n  adapter: [{adapter}]\n  op: [forward]\n  precision: [native]\nshapes:\n  s: {{batch: 2, in_features: 16, out_features: 8, rank: 2, alpha: 4}}\n"
+        ),
     )
+    .unwrap();
+    p
 }
 
 fn small_report() -> Report {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("m.yaml");
-    std::fs::write(
-        &p,
-        "seed: 5\naxes:\n  backend: [tch, candle]\n  device: [cpu, cuda]\n  dtype: [f32, f16]\n  adapter: [lora, dora]\n  op: [forward]\n  precision: [native]\nshapes:\n  s: {batch: 2, in_features: 16, out_features: 8, rank: 2, alpha: 4}\n",
-    )
-    .unwrap();
-    let m = Matrix::load(&p, None).unwrap();
-    let results = runner::run(&m, &RunOptions::default(), &mut |_| {});
-    Report::new("m.yaml", m.seed, Environment::detect(), &results, 0.0)
+    let p = tiny_matrix(
+        dir.path(),
+        "tch, candle",
+        "cpu, cuda",
+        "f32, f16",
+        "lora, dora",
+    );
+    report_of(&Matrix::load(&p, None).unwrap(), "m.yaml")
 }
 
 const ID: &str = "tch/cpu/f16/dora/forward/native/s";
@@ -196,12 +206,7 @@ fn the_default_matrix_passes_its_own_gate() {
 #[test]
 fn cli_check_exits_1_on_a_regression_and_writes_nothing_under_ci() {
     let dir = tempfile::tempdir().unwrap();
-    let m = dir.path().join("m.yaml");
-    std::fs::write(
-        &m,
-        "seed: 5\naxes:\n  backend: [candle]\n  device: [cpu]\n  dtype: [f16]\n  adapter: [dora]\n  op: [forward]\n  precision: [native]\nshapes:\n  s: {batch: 2, in_features: 16, out_features: 8, rank: 2, alpha: 4}\n",
-    )
-    .unwrap();
+    let m = tiny_matrix(dir.path(), "candle", "cpu", "f16", "dora");
     let snap = dir.path().join("m.snap");
     let bin = env!("CARGO_BIN_EXE_peft-compat");
     let run = |ci: bool| {
