@@ -200,7 +200,32 @@ pub struct Case {
     pub shape: Shape,
 }
 
+/// Where a case sits on the seven axes (the shape by name): what matrix patterns match against,
+/// whether they hold a [`Case`] about to run or a case already reported.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Coords<'a> {
+    pub backend: Backend,
+    pub device: Device,
+    pub dtype: DType,
+    pub adapter: Adapter,
+    pub op: Op,
+    pub precision: Precision,
+    pub shape: &'a str,
+}
+
 impl Case {
+    pub fn coords(&self) -> Coords<'_> {
+        Coords {
+            backend: self.backend,
+            device: self.device,
+            dtype: self.dtype,
+            adapter: self.adapter,
+            op: self.op,
+            precision: self.precision,
+            shape: &self.shape.name,
+        }
+    }
+
     /// Stable identifier, `backend/device/dtype/adapter/op/precision/shape`; snapshots key on it.
     pub fn id(&self) -> String {
         format!(

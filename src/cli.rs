@@ -3,6 +3,7 @@
 use crate::environment::Environment;
 use crate::gate;
 use crate::matrix::{Matrix, MatrixError};
+use crate::record;
 use crate::render::{junit, table};
 use crate::report::Report;
 use crate::runner::{self, Event, RunOptions};
@@ -41,6 +42,8 @@ Examples:
   peft-compat run matrices/default.yaml --json report.json --markdown support.md
   peft-compat run matrices/default.yaml --filter /f16/dora/ --dump dumps/
   peft-compat run matrices/default.yaml --check --junit junit.xml   # the CI gate
+  peft-compat run matrices/default.yaml --check --markdown \"$GITHUB_STEP_SUMMARY\"
+  peft-compat run matrices/mine.yaml --record expectations.yaml --repeats 5
   peft-compat list matrices/default.yaml";
 
 /// Which LoRA/DoRA combinations work, on which backend, device and dtype, and how precisely.
@@ -58,7 +61,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a matrix and print the support table.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the case ids a matrix expands to, without running them.
     List {
         /// The matrix file (YAML).
@@ -85,7 +88,8 @@ pub struct RunArgs {
     /// Write the full report as JSON (schema peft-compat/report/v1) to PATH.
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
-    /// Write the support table as Markdown (for docs and CI job summaries) to PATH.
+    /// Write the support table as Markdown to PATH, with the gate's verdict first under --check
+    /// (for docs and CI job summaries).
     #[arg(long, value_name = "PATH")]
     pub markdown: Option<PathBuf>,
     /// Write each case's inputs, outputs and reference as a safetensors file into DIR.
@@ -101,8 +105,8 @@ pub struct RunArgs {
     /// How many failing cases to list under the table.
     #[arg(long, default_value_t = 40)]
     pub max_findings: usize,
-    /// Gate: compare with the accepted snapshot (snapshots/<matrix stem>.snap) and exit 1 on any
-    /// regression, unexpected success, missing or orphan entry. Outside CI, a failed gate writes
+    /// Gate: compare with the accepted snapshot (snapshots/<matrix stem>.snap) and the matrix's
+    /// expectations, and exit 1 on any regression, unexpected success, missing or orphan entry. Outside CI, a failed gate writes
     /// the observed snapshot as .snap.new for `cargo insta review`.
     #[arg(long)]
     pub check: bool,
@@ -116,9 +120,18 @@ pub struct RunArgs {
     /// byte for byte. Refused when CI is set.
     #[arg(long, value_name = "PATH")]
     pub snapshot_out: Option<PathBuf>,
-    /// Write a JUnit XML file with one test case per matrix case.
+    /// Write a JUnit XML file with one test case per matrix case (expected failures are
+    /// skipped with type xfail).
     #[arg(long, value_name = "PATH")]
     pub junit: Option<PathBuf>,
+    /// Run the matrix --repeats times and write expectations from what was observed to PATH,
+    /// for a person to review: cases that fail in every run become expected failures carrying
+    /// their captured error, cases that both pass and fail become `flaky`.
+    #[arg(long, value_name = "PATH", conflicts_with = "check")]
+    pub record: Option<PathBuf>,
+    /// With --record: how many times to run the matrix.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..), requires = "record")]
+    pub repeats: u32,
     /// Colour the table.
     #[arg(long, value_enum, default_value_t = ColorChoice::Auto)]
     pub color: ColorChoice,
@@ -168,7 +181,7 @@ fn use_color(choice: ColorChoice) -> bool {
 
 pub fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Run(args) => run_matrix(args),
+        Command::Run(args) => run_matrix(*args),
         Command::List { matrix, max_cases } => {
             let m = Matrix::load(&matrix, max_cases).map_err(bad_input)?;
             for c in &m.cases {
@@ -205,10 +218,15 @@ fn run_matrix(args: RunArgs) -> Result<(), Failure> {
             });
         }
     }
+    let runs = if args.record.is_some() {
+        args.repeats as usize
+    } else {
+        1
+    };
     let progress = if args.quiet || !std::io::stderr().is_terminal() {
         indicatif::ProgressBar::hidden()
     } else {
-        indicatif::ProgressBar::new(matrix.cases.len() as u64)
+        indicatif::ProgressBar::new((matrix.cases.len() * runs) as u64)
     };
     progress.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} {wide_msg}")
@@ -217,41 +235,42 @@ fn run_matrix(args: RunArgs) -> Result<(), Failure> {
     let opts = RunOptions {
         dump_dir: args.dump.clone(),
     };
+    let env = Environment::detect();
     // A panicking case is caught and reported as `crashed`; keep its message out of the table.
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let mut elapsed = 0.0;
-    let results = runner::run(&matrix, &opts, &mut |e| match e {
-        Event::RunStarted { .. } => {}
-        Event::CaseStarted { case, .. } => progress.set_message(case.id()),
-        Event::CaseFinished { .. } => progress.inc(1),
-        Event::RunFinished { elapsed: t, .. } => elapsed = t.as_secs_f64(),
-    });
+    let mut reports = Vec::with_capacity(runs);
+    for run in 0..runs {
+        let mut elapsed = 0.0;
+        let results = runner::run(&matrix, &opts, &mut |e| match e {
+            Event::RunStarted { .. } => {}
+            Event::CaseStarted { case, .. } if runs > 1 => {
+                progress.set_message(format!("run {}/{runs}: {}", run + 1, case.id()))
+            }
+            Event::CaseStarted { case, .. } => progress.set_message(case.id()),
+            Event::CaseFinished { .. } => progress.inc(1),
+            Event::RunFinished { elapsed: t, .. } => elapsed = t.as_secs_f64(),
+        });
+        reports.push(
+            Report::new(
+                &args.matrix.display().to_string(),
+                matrix.seed,
+                env.clone(),
+                &results,
+                elapsed,
+            )
+            .with_expectations(&matrix.expectations),
+        );
+    }
     std::panic::set_hook(hook);
     progress.finish_and_clear();
+    let report = reports.last().expect("at least one run");
 
-    let report = Report::new(
-        &args.matrix.display().to_string(),
-        matrix.seed,
-        Environment::detect(),
-        &results,
-        elapsed,
-    );
     if !args.quiet {
         print!(
             "{}",
-            table::render_text(&report, use_color(args.color), args.max_findings)
+            table::render_text(report, use_color(args.color), args.max_findings)
         );
-    }
-    if let Some(path) = &args.json {
-        std::fs::write(path, report.to_json())
-            .with_context(|| format!("cannot write the JSON report to {}", path.display()))
-            .map_err(runtime)?;
-    }
-    if let Some(path) = &args.markdown {
-        std::fs::write(path, table::render_markdown(&report))
-            .with_context(|| format!("cannot write the Markdown table to {}", path.display()))
-            .map_err(runtime)?;
     }
     for c in report.cases.iter().filter(|c| c.dump_error.is_some()) {
         eprintln!(
@@ -260,26 +279,58 @@ fn run_matrix(args: RunArgs) -> Result<(), Failure> {
             c.dump_error.as_deref().unwrap_or("")
         );
     }
+    let verdict = if args.check {
+        Some(gate_check(&args, report)?)
+    } else {
+        None
+    };
+    let matrix_name = args.matrix.display().to_string();
+    let write = |path: &PathBuf, what: &str, text: String| {
+        std::fs::write(path, text)
+            .with_context(|| format!("cannot write {what} to {}", path.display()))
+            .map_err(runtime)
+    };
+    if let Some(path) = &args.json {
+        write(path, "the JSON report", report.to_json())?;
+    }
+    if let Some(path) = &args.markdown {
+        let gate = verdict.as_ref().map(|v| (v, matrix_name.as_str()));
+        write(
+            path,
+            "the Markdown summary",
+            table::render_markdown(report, gate),
+        )?;
+    }
+    if let Some(path) = &args.junit {
+        write(
+            path,
+            "the JUnit file",
+            junit::render(report, verdict.as_ref()),
+        )?;
+    }
     if let Some(path) = &args.snapshot_out {
         if snapshot::in_ci() {
             return Err(bad_input_any(anyhow::anyhow!(
                 "--snapshot-out: CI is set, and snapshots are never written under CI"
             )));
         }
-        let text = snapshot::to_text(&snapshot::from_report(&report));
-        std::fs::write(path, text)
-            .with_context(|| format!("cannot write the snapshot to {}", path.display()))
-            .map_err(runtime)?;
+        write(
+            path,
+            "the snapshot",
+            snapshot::to_text(&snapshot::from_report(report)),
+        )?;
     }
-    let verdict = if args.check {
-        Some(gate_check(&args, &report)?)
-    } else {
-        None
-    };
-    if let Some(path) = &args.junit {
-        std::fs::write(path, junit::render(&report, verdict.as_ref()))
-            .with_context(|| format!("cannot write the JUnit file to {}", path.display()))
-            .map_err(runtime)?;
+    if let Some(path) = &args.record {
+        let recorded = record::record(&matrix, &reports);
+        write(
+            path,
+            "the recorded expectations",
+            recorded.to_yaml(&matrix_name, &env),
+        )?;
+        println!(
+            "{}",
+            record::summary(&recorded, &path.display().to_string())
+        );
     }
     match verdict {
         Some(v) if !v.passed() => Err(Failure {
@@ -309,11 +360,13 @@ fn gate_check(args: &RunArgs, report: &Report) -> Result<gate::Verdict, Failure>
         Some(e) => println!("gate FAILED: {e}"),
         None => print!("{}", verdict.render(&matrix)),
     }
-    if !verdict.passed() {
+    let observed = snapshot::observed(report, &accepted);
+    // When something changed and the snapshot would change with it (a broken expectation alone
+    // has nothing to accept; noise within the drift rules is not a change).
+    if missing.is_some() || (!verdict.changes.is_empty() && observed != accepted) {
         if snapshot::in_ci() {
             println!("(CI is set: no snapshot written)");
         } else {
-            let observed = snapshot::observed(report, &accepted);
             let pending = snapshot::write_pending(&path, &matrix, &observed)
                 .map_err(|e| runtime(e.into()))?;
             println!("observed snapshot written to {}", pending.display());

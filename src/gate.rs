@@ -12,11 +12,17 @@
 //!   `--allow-improvements`, and the message says how to accept it.
 //! - **missing**: a case of the matrix with no snapshot entry; **orphan**: a snapshot entry no
 //!   case produces.
+//! - **expectations**: where the matrix declares an expected outcome for a case (with a reason,
+//!   maybe an error pattern and an environment condition), the expectation decides: a case that
+//!   breaks it is a regression (or an unexpected success, when a declared failure passes) even if
+//!   the snapshot agrees; a change from the snapshot that meets it is a note, not a failure.
 //! - **not checked here**: a case skipped because its device or backend is absent; never a pass
 //!   and never an error.
 
+use crate::expect::{Expected, Status};
 use crate::judge::OutcomeKind;
-use crate::report::Report;
+use crate::render::plural;
+use crate::report::{CaseReport, Report};
 use crate::snapshot::{self, Entry, Snapshot};
 use std::collections::BTreeSet;
 
@@ -32,6 +38,9 @@ pub enum ChangeKind {
     UnexpectedSuccess,
     Missing,
     Orphan,
+    /// The outcome differs from the snapshot, as a matrix expectation says it should: a note,
+    /// never a failure.
+    Expected,
 }
 
 impl ChangeKind {
@@ -41,6 +50,7 @@ impl ChangeKind {
             ChangeKind::UnexpectedSuccess => "unexpected success",
             ChangeKind::Missing => "missing from snapshot",
             ChangeKind::Orphan => "orphan snapshot entry",
+            ChangeKind::Expected => "changed as expected",
         }
     }
 }
@@ -59,13 +69,19 @@ pub struct Verdict {
     /// Cases skipped here (device or backend absent): (id, reason).
     pub not_checked: Vec<(String, String)>,
     pub checked: usize,
+    /// Checked cases that fail as the matrix expects (counted in `checked`).
+    pub expected_failures: usize,
     pub allow_improvements: bool,
 }
 
 impl Verdict {
     /// Whether this change fails the gate (an unexpected success may be allowed).
     fn fails(&self, c: &Change) -> bool {
-        !(self.allow_improvements && c.kind == ChangeKind::UnexpectedSuccess)
+        match c.kind {
+            ChangeKind::Expected => false,
+            ChangeKind::UnexpectedSuccess => !self.allow_improvements,
+            _ => true,
+        }
     }
 
     /// The changes that fail the gate.
@@ -89,30 +105,68 @@ impl Verdict {
                 c.detail
             ));
         }
-        if !self.not_checked.is_empty() {
-            out.push_str(&format!(
-                "not checked here: {} cases (device or backend absent), e.g. {}: {}\n",
-                self.not_checked.len(),
-                self.not_checked[0].0,
-                self.not_checked[0].1
-            ));
+        if let Some(line) = self.not_checked_line("") {
+            out.push_str(&format!("{line}\n"));
         }
+        out.push_str(&self.conclusion(matrix));
+        out.push('\n');
+        out
+    }
+
+    /// The last line(s): passed or failed, counts, and how to accept an intended change.
+    fn conclusion(&self, matrix: &str) -> String {
         let failed = self.failures().count();
+        let expected = match self.expected_failures {
+            0 => String::new(),
+            n => format!(" ({n} failing as the matrix expects)"),
+        };
         if failed == 0 {
-            out.push_str(&format!(
-                "gate passed: {} cases checked against the snapshot\n",
-                self.checked
-            ));
+            format!(
+                "gate passed: {} checked against the snapshot{expected}",
+                plural(self.checked, "case")
+            )
         } else {
-            out.push_str(&format!(
-                "gate FAILED: {failed} changes ({} cases compared with the snapshot).\n\
+            format!(
+                "gate FAILED: {} ({} compared with the snapshot{expected}).\n\
                  If the change is intended, accept it: run `peft-compat run {matrix} --check` outside CI \
                  (it writes the observed snapshot as a .snap.new beside the accepted one), then \
-                 `cargo insta review` (or `cargo insta accept`) and commit the snapshot.\n",
-                self.checked
-            ));
+                 `cargo insta review` (or `cargo insta accept`) and commit the snapshot; \
+                 for a case a matrix expectation governs, edit the rule it names.",
+                plural(failed, "change"),
+                plural(self.checked, "case")
+            )
+        }
+    }
+
+    /// The verdict as Markdown, for a CI job summary: the conclusion, then a table of changes.
+    pub fn render_markdown(&self, matrix: &str) -> String {
+        let mark = if self.passed() { "✅" } else { "❌" };
+        let mut out = format!("### Gate {mark}\n\n{}\n", self.conclusion(matrix));
+        if !self.changes.is_empty() {
+            out.push_str("\n| | case | change | detail |\n|---|---|---|---|\n");
+            for c in &self.changes {
+                out.push_str(&format!(
+                    "| {} | `{}` | {} | {} |\n",
+                    if self.fails(c) { "FAIL" } else { "note" },
+                    c.id,
+                    c.kind.as_str(),
+                    c.detail.replace('|', "\\|").replace('\n', " ")
+                ));
+            }
+        }
+        if let Some(line) = self.not_checked_line("`") {
+            out.push_str(&format!("\n{line}\n"));
         }
         out
+    }
+
+    /// One line on the cases not checked here, with an example id (quoted with `quote`).
+    fn not_checked_line(&self, quote: &str) -> Option<String> {
+        let (id, why) = self.not_checked.first()?;
+        Some(format!(
+            "not checked here: {} (device or backend absent), e.g. {quote}{id}{quote}: {why}",
+            plural(self.not_checked.len(), "case")
+        ))
     }
 }
 
@@ -129,7 +183,42 @@ fn describe(e: &Entry) -> String {
     }
 }
 
-/// Compare a fresh report with the accepted snapshot.
+/// A case's expectation, when the matrix has one and the case breaks it.
+fn expectation_change(c: &CaseReport, now: &Entry) -> Option<(ChangeKind, String)> {
+    let e = c.expected.as_ref()?;
+    let declared = format!("expected {} ({}: {})", e.outcome, e.rule, e.reason);
+    match e.status {
+        Status::Met | Status::NotRun => None,
+        Status::UnexpectedPass => Some((
+            ChangeKind::UnexpectedSuccess,
+            format!(
+                "{declared} -> {}: the declared failure is gone; if intended, remove or narrow the \
+                 expectation at {}",
+                describe(now),
+                e.rule
+            ),
+        )),
+        Status::Violated => {
+            let why = match (&e.error, c.outcome.is_failure()) {
+                (Some(p), true) if e.outcome.admits(c.outcome) => {
+                    format!("the error does not match `{p}`")
+                }
+                _ => format!("now {}", c.outcome),
+            };
+            Some((
+                ChangeKind::Regression,
+                format!("{declared} -> {}: {why}", describe(now)),
+            ))
+        }
+    }
+}
+
+/// Compare a fresh report with the accepted snapshot and the matrix's expectations (already
+/// attached to the report's cases, see [`crate::expect::annotate`]).
+///
+/// Where an expectation governs a case, it decides whether the outcome is acceptable: an
+/// outcome that differs from the snapshot but meets the expectation is reported as a note
+/// (`changed as expected`), not a failure; a `flaky` case's numbers are not compared.
 pub fn check(report: &Report, accepted: &Snapshot, allow_improvements: bool) -> Verdict {
     let mut v = Verdict {
         allow_improvements,
@@ -143,44 +232,38 @@ pub fn check(report: &Report, accepted: &Snapshot, allow_improvements: bool) -> 
                 .push((c.id.clone(), c.error.clone().unwrap_or_default()));
             continue;
         }
-        let now = snapshot::entry(c);
-        let Some(before) = accepted.get(&c.id) else {
-            v.changes.push(Change {
-                id: c.id.clone(),
-                kind: ChangeKind::Missing,
-                detail: format!("now {}; no accepted entry", describe(&now)),
-            });
-            continue;
-        };
-        if before.outcome == OutcomeKind::Skipped {
-            // Accepted where this case could not run: there is no baseline to compare with.
-            v.not_checked.push((
-                c.id.clone(),
-                "no baseline: skipped when the snapshot was recorded".into(),
-            ));
-            continue;
+        if c.expected.as_ref().is_some_and(|e| e.explains_failure()) {
+            v.expected_failures += 1;
         }
-        v.checked += 1;
-        let tolerance = c.metrics.as_ref().map(|m| m.tolerance).unwrap_or(0.0);
-        let detail = |why: String| format!("{} -> {}: {why}", describe(before), describe(&now));
-        let change = match (before.outcome.is_pass(), now.outcome.is_pass()) {
-            (true, false) => Some((ChangeKind::Regression, detail(format!("now {}", c.outcome)))),
-            (false, true) => Some((
-                ChangeKind::UnexpectedSuccess,
-                detail("a case that failed now passes".into()),
-            )),
-            (false, false)
-                if before.outcome != now.outcome || before.error_class != now.error_class =>
-            {
-                Some((ChangeKind::Regression, detail("fails differently".into())))
+        let now = snapshot::entry(c);
+        let change = if let Some(change) = expectation_change(c, &now) {
+            v.checked += 1;
+            Some(change)
+        } else {
+            match accepted.get(&c.id) {
+                None => Some((
+                    ChangeKind::Missing,
+                    format!("now {}; no accepted entry", describe(&now)),
+                )),
+                Some(before) if before.outcome == OutcomeKind::Skipped => {
+                    // Accepted where this case could not run: there is no baseline.
+                    v.not_checked.push((
+                        c.id.clone(),
+                        "no baseline: skipped when the snapshot was recorded".into(),
+                    ));
+                    continue;
+                }
+                Some(before) => {
+                    v.checked += 1;
+                    compare(before, &now, c)
+                }
             }
-            _ => numeric_drift(before, &now, tolerance)
-                .map(|why| (ChangeKind::Regression, detail(why))),
         };
         if let Some((kind, mut detail)) = change {
             if let Some(err) = &c.error {
-                if !detail.contains(err.as_str()) {
-                    detail.push_str(&format!("; error: {}", err.lines().next().unwrap_or("")));
+                let first = err.lines().next().unwrap_or("");
+                if !detail.contains(first) {
+                    detail.push_str(&format!("; error: {first}"));
                 }
             }
             v.changes.push(Change {
@@ -201,6 +284,35 @@ pub fn check(report: &Report, accepted: &Snapshot, allow_improvements: bool) -> 
         });
     }
     v
+}
+
+/// One case against its accepted entry (its expectation, if any, is met).
+fn compare(before: &Entry, now: &Entry, c: &CaseReport) -> Option<(ChangeKind, String)> {
+    let tolerance = c.metrics.as_ref().map(|m| m.tolerance).unwrap_or(0.0);
+    let detail = |why: String| format!("{} -> {}: {why}", describe(before), describe(now));
+    let outcome_changed = before.outcome != now.outcome || before.error_class != now.error_class;
+    let expected = c.expected.as_ref();
+    match (expected, outcome_changed) {
+        (Some(e), true) => Some((
+            ChangeKind::Expected,
+            detail(format!(
+                "as the matrix expects ({}: {}); accept the snapshot to record it",
+                e.rule, e.reason
+            )),
+        )),
+        (Some(e), false) if e.outcome == Expected::Flaky => None,
+        (_, false) => {
+            numeric_drift(before, now, tolerance).map(|why| (ChangeKind::Regression, detail(why)))
+        }
+        (None, true) => Some(match (before.outcome.is_pass(), now.outcome.is_pass()) {
+            (true, _) => (ChangeKind::Regression, detail(format!("now {}", c.outcome))),
+            (false, true) => (
+                ChangeKind::UnexpectedSuccess,
+                detail("a case that failed now passes".into()),
+            ),
+            (false, false) => (ChangeKind::Regression, detail("fails differently".into())),
+        }),
+    }
 }
 
 /// The drift rules for two runs that both produced numbers.

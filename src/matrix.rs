@@ -19,9 +19,12 @@
 //!   - {backend: tch, device: cpu, dtype: f32, adapter: dora, op: init, precision: upcast}
 //! tolerances:                # later rules win; `factor` scales the model, `rel` replaces it
 //!   - {dtype: bf16, op: unmerge, factor: 2}
+//! expectations:              # expected outcomes with reasons; see `expect`
+//!   - {backend: candle, dtype: bf16, adapter: dora, shape: small, expect: mismatch, reason: "..."}
 //! ```
 
-use crate::case::{Adapter, Backend, Case, DType, Device, Op, Precision, Shape};
+use crate::case::{Adapter, Backend, Case, Coords, DType, Device, Op, Precision, Shape};
+use crate::expect::{Expectation, RawExpectation};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -94,9 +97,15 @@ pub struct Pattern {
 }
 
 impl Pattern {
-    pub fn matches(&self, c: &Case) -> bool {
+    pub fn matches(&self, c: &Coords) -> bool {
         fn ok<T: PartialEq>(p: &Option<OneOrMany<T>>, v: &T) -> bool {
             p.as_ref().is_none_or(|p| p.contains(v))
+        }
+        fn ok_str(p: &Option<OneOrMany<String>>, v: &str) -> bool {
+            p.as_ref().is_none_or(|p| match p {
+                OneOrMany::One(x) => x == v,
+                OneOrMany::Many(xs) => xs.iter().any(|x| x == v),
+            })
         }
         ok(&self.backend, &c.backend)
             && ok(&self.device, &c.device)
@@ -104,7 +113,7 @@ impl Pattern {
             && ok(&self.adapter, &c.adapter)
             && ok(&self.op, &c.op)
             && ok(&self.precision, &c.precision)
-            && ok(&self.shape, &c.shape.name)
+            && ok_str(&self.shape, c.shape)
     }
 
     fn shapes(&self) -> Vec<&String> {
@@ -153,6 +162,8 @@ struct RawMatrix {
     include: Vec<Pattern>,
     #[serde(default)]
     tolerances: Vec<ToleranceRule>,
+    #[serde(default)]
+    expectations: Vec<RawExpectation>,
 }
 
 /// A validated matrix, expanded into cases.
@@ -162,6 +173,8 @@ pub struct Matrix {
     pub seed: u64,
     pub cases: Vec<Case>,
     pub tolerances: Vec<ToleranceRule>,
+    /// Expected outcomes with reasons (see [`crate::expect`]), in file order; later rules win.
+    pub expectations: Vec<Expectation>,
 }
 
 const HELP_AXES: &str =
@@ -177,6 +190,32 @@ fn locate(src: &str, needle: &str, from: usize) -> (Option<usize>, Option<usize>
         }
     }
     (None, None)
+}
+
+/// 1-based line of each item of the block sequence under the top-level key `section`, in
+/// order; empty when the section is written in flow style (`[...]`) or absent.
+fn item_lines(src: &str, section: &str) -> Vec<usize> {
+    let key = format!("{section}:");
+    let mut lines = src.lines().enumerate();
+    if !lines.any(|(_, l)| l.starts_with(&key)) {
+        return vec![];
+    }
+    let mut indent = None;
+    let mut out = Vec::new();
+    for (i, line) in lines {
+        let body = line.trim_start();
+        if body.is_empty() || body.starts_with('#') {
+            continue;
+        }
+        let ind = line.len() - body.len();
+        if ind == 0 && !body.starts_with('-') {
+            break;
+        }
+        if (body.starts_with("- ") || body == "-") && *indent.get_or_insert(ind) == ind {
+            out.push(i + 1);
+        }
+    }
+    out
 }
 
 impl Matrix {
@@ -212,8 +251,14 @@ impl Matrix {
             let help = if message.contains("unknown variant") || message.contains("unknown device")
             {
                 HELP_AXES
+            } else if message.starts_with("expectations") && (message.contains("unknown field") || message.contains("missing field")) {
+                "an expectation takes a case pattern (backend, device, dtype, adapter, op, precision, shape), \
+                 expect (pass, mismatch, nonfinite, unsupported, crashed, fail, flaky), reason, and optionally \
+                 error (a regular expression) and when (libtorch, tch, candle, cuda, cpu_flag, arch, gpu)"
+            } else if message.starts_with("expectations") && message.contains("unknown variant") {
+                "expect takes: pass, mismatch, nonfinite, unsupported, crashed, fail (any failure), flaky (pass or fail)"
             } else if message.contains("unknown field") || message.contains("missing field") {
-                "top-level keys: seed, max_cases, axes, shapes, exclude, include, tolerances; \
+                "top-level keys: seed, max_cases, axes, shapes, exclude, include, tolerances, expectations; \
                  a shape takes batch, in_features, out_features, rank, alpha, bias, rslora"
             } else {
                 "check the YAML syntax near this position (indentation, a missing ':' or ']')"
@@ -300,7 +345,12 @@ impl Matrix {
             .iter()
             .map(|p| ("exclude", p))
             .chain(raw.include.iter().map(|p| ("include", p)))
-            .chain(raw.tolerances.iter().map(|t| ("tolerances", &t.pattern)));
+            .chain(raw.tolerances.iter().map(|t| ("tolerances", &t.pattern)))
+            .chain(
+                raw.expectations
+                    .iter()
+                    .map(|e| ("expectations", &e.pattern)),
+            );
         for (section, p) in patterns {
             for s in p.shapes() {
                 if !shape_names.contains(s) {
@@ -409,7 +459,7 @@ impl Matrix {
                                         precision,
                                         shape: shape.clone(),
                                     };
-                                    if !raw.exclude.iter().any(|p| p.matches(&case)) {
+                                    if !raw.exclude.iter().any(|p| p.matches(&case.coords())) {
                                         push(case, &mut cases);
                                     }
                                 }
@@ -460,11 +510,39 @@ impl Matrix {
                 "loosen the exclude rules",
             ));
         }
+        let section_line = locate(src, "expectations:", 1).0;
+        let lines = item_lines(src, "expectations");
+        let mut expectations = Vec::new();
+        for (i, e) in raw.expectations.iter().enumerate() {
+            let line = lines.get(i).copied().or(section_line);
+            let source = match line {
+                Some(l) => format!("{}:{l}", path.display()),
+                None => format!("{} expectation {}", path.display(), i + 1),
+            };
+            let rule = Expectation::compile(e, source).map_err(|(message, help)| {
+                fail(
+                    line,
+                    None,
+                    format!("expectation {}: {message}", i + 1),
+                    &help,
+                )
+            })?;
+            if !cases.iter().any(|c| rule.pattern.matches(&c.coords())) {
+                return Err(fail(
+                    line,
+                    None,
+                    format!("expectation {} matches no case of the matrix", i + 1),
+                    "a rule that governs nothing is out of date or misspelt: fix its pattern or remove it",
+                ));
+            }
+            expectations.push(rule);
+        }
         Ok(Matrix {
             path: path.to_path_buf(),
             seed: raw.seed,
             cases,
             tolerances: raw.tolerances,
+            expectations,
         })
     }
 
@@ -472,7 +550,11 @@ impl Matrix {
     pub fn tolerance_for(&self, case: &Case) -> (f64, Option<f64>) {
         let mut factor = 1.0;
         let mut rel = None;
-        for rule in self.tolerances.iter().filter(|r| r.pattern.matches(case)) {
+        for rule in self
+            .tolerances
+            .iter()
+            .filter(|r| r.pattern.matches(&case.coords()))
+        {
             if let Some(f) = rule.factor {
                 factor = f;
             }

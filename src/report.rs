@@ -19,10 +19,17 @@
 //!     scale), `tolerance` (allowed `max_rel_err`), `worst_output`, and `outputs` with the same
 //!     figures per output tensor plus `err_units` (error in units of the dtype's roundoff);
 //!   - `tolerance`: the tolerance model's value for the case, `factor`, `overridden`;
-//!   - `duration_ms`.
+//!   - `duration_ms`;
+//!   - `expected` (cases a matrix expectation governs): `outcome` (`pass`, `mismatch`,
+//!     `nonfinite`, `unsupported`, `crashed`, `fail` or `flaky`), `reason`, `error` (the
+//!     pattern, if any), `rule` (`file:line`), `status` (`met`, `unexpected_pass`, `violated`,
+//!     `not_run`).
+//! - `inactive_expectations` (when any): rules whose `when` does not hold here: `rule`,
+//!   `expect`, `reason`, `unmet` (each condition with what this environment has).
 
-use crate::case::{Adapter, Backend, DType, Device, Op, Precision};
+use crate::case::{Adapter, Backend, Coords, DType, Device, Op, Precision};
 use crate::environment::Environment;
+use crate::expect::{self, CaseExpectation, Expectation, InactiveRule};
 use crate::judge::{Metrics, OutcomeKind, Tolerance};
 use crate::runner::CaseResult;
 use serde::{Deserialize, Serialize};
@@ -38,6 +45,9 @@ pub struct Report {
     pub environment: Environment,
     pub summary: Summary,
     pub cases: Vec<CaseReport>,
+    /// Expectation rules of the matrix whose `when` does not hold here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inactive_expectations: Vec<InactiveRule>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,9 +80,41 @@ pub struct CaseReport {
     pub duration_ms: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dump_error: Option<String>,
+    /// The matrix's expectation for this case, judged against the outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected: Option<CaseExpectation>,
 }
 
 impl CaseReport {
+    /// Why the case failed, in one line: the error's first line, or the worst output's error
+    /// against its tolerance.
+    pub fn failure_detail(&self) -> String {
+        match (&self.error, &self.metrics) {
+            (Some(e), _) => e.lines().next().unwrap_or("").to_string(),
+            (None, Some(m)) => {
+                let worst = m.outputs.iter().find(|o| o.name == m.worst_output);
+                let units = worst.map_or(String::new(), |o| format!(" ({:.0} u)", o.err_units));
+                format!(
+                    "{}: max_rel_err {:.2e}{units} > tolerance {:.2e}",
+                    m.worst_output, m.max_rel_err, m.tolerance
+                )
+            }
+            (None, None) => String::new(),
+        }
+    }
+
+    pub fn coords(&self) -> Coords<'_> {
+        Coords {
+            backend: self.backend,
+            device: self.device,
+            dtype: self.dtype,
+            adapter: self.adapter,
+            op: self.op,
+            precision: self.precision,
+            shape: &self.shape,
+        }
+    }
+
     pub fn from_result(r: &CaseResult) -> CaseReport {
         let c = &r.case;
         CaseReport {
@@ -92,6 +134,7 @@ impl CaseReport {
             tolerance: r.tolerance,
             duration_ms: r.duration.as_secs_f64() * 1e3,
             dump_error: r.dump_error.clone(),
+            expected: None,
         }
     }
 }
@@ -121,7 +164,14 @@ impl Report {
                 elapsed_s,
             },
             cases,
+            inactive_expectations: Vec::new(),
         }
+    }
+
+    /// Judge every case against the matrix's expectations (see [`crate::expect`]).
+    pub fn with_expectations(mut self, rules: &[Expectation]) -> Report {
+        expect::annotate(&mut self, rules);
+        self
     }
 
     pub fn to_json(&self) -> String {

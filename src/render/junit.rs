@@ -1,5 +1,6 @@
 //! JUnit XML: one test case per matrix case, for CI systems that display test results.
-//! With a gate verdict, a case fails when the gate flags it; without one, when it failed.
+//! With a gate verdict, a case fails when the gate flags it; without one, when it failed. A
+//! failure the matrix expects is reported as skipped with type `xfail`, as pytest does.
 
 use crate::gate::Verdict;
 use crate::report::Report;
@@ -22,25 +23,32 @@ pub fn render(report: &Report, verdict: Option<&Verdict>) -> String {
             esc(&classname),
             esc(&c.id)
         ));
+        let expected = c.expected.as_ref().is_some_and(|e| e.explains_failure());
         let failure = match verdict {
             Some(v) => v
                 .failures()
                 .find(|ch| ch.id == c.id)
                 .map(|ch| (ch.kind.as_str().to_string(), ch.detail.clone())),
-            None if c.outcome.is_failure() => Some((
+            None if c.outcome.is_failure() && !expected => Some((
                 c.outcome.to_string(),
-                c.error.clone().unwrap_or_else(|| {
-                    c.metrics.as_ref().map_or(String::new(), |m| {
-                        format!(
-                            "{}: max_rel_err {:.3e} > tolerance {:.3e}",
-                            m.worst_output, m.max_rel_err, m.tolerance
-                        )
-                    })
-                }),
+                c.error.clone().unwrap_or_else(|| c.failure_detail()),
             )),
             None => None,
         };
-        if c.outcome == crate::judge::OutcomeKind::Skipped {
+        if let (true, Some(e), None) = (expected, &c.expected, &failure) {
+            // pytest's convention for an expected failure: skipped, of type xfail.
+            skipped += 1;
+            cases.push_str(&format!(
+                "      <skipped type=\"xfail\" message=\"{}\"/>\n",
+                esc(&format!(
+                    "expected {} ({}): {}: {}",
+                    e.outcome,
+                    e.rule,
+                    e.reason,
+                    c.failure_detail()
+                ))
+            ));
+        } else if c.outcome == crate::judge::OutcomeKind::Skipped {
             skipped += 1;
             cases.push_str(&format!(
                 "      <skipped message=\"{}\"/>\n",

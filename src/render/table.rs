@@ -2,7 +2,10 @@
 //! native path work, does only PEFT's upcast path work, or neither. Pure functions of a report.
 
 use crate::case::{Adapter, Backend, DType, Device, Op, Precision};
+use crate::expect::Expected;
+use crate::gate::Verdict;
 use crate::judge::OutcomeKind;
+use crate::render::plural;
 use crate::report::{CaseReport, Report};
 use comfy_table::{presets, Cell, CellAlignment, Color, ContentArrangement, Table};
 use std::collections::BTreeMap;
@@ -20,20 +23,47 @@ pub enum CellVerdict {
         kind: OutcomeKind,
         failed: usize,
         of: usize,
+        mark: Mark,
     },
     /// Every case of the cell skipped.
     Skipped,
 }
 
+/// Whether a failing cell's failures are all declared by the matrix's expectations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// At least one failure has no expectation that explains it.
+    Unexpected,
+    /// Every failure is an expected one.
+    Expected,
+    /// Every failure is explained, at least one by a `flaky` rule.
+    Flaky,
+}
+
 impl CellVerdict {
-    fn text(&self) -> String {
+    /// `sep` goes before an expectation mark: a line break in a terminal, a space in Markdown.
+    fn text(&self, sep: &str) -> String {
         match self {
             CellVerdict::Native => "✓".into(),
             CellVerdict::UpcastOnly => "↑ upcast".into(),
-            CellVerdict::Fails { kind, failed, of } if failed < of => {
-                format!("✗ {kind} {failed}/{of}")
+            CellVerdict::Fails {
+                kind,
+                failed,
+                of,
+                mark,
+            } => {
+                let count = if failed < of {
+                    format!(" {failed}/{of}")
+                } else {
+                    String::new()
+                };
+                let suffix = match mark {
+                    Mark::Unexpected => String::new(),
+                    Mark::Expected => format!("{sep}(expected)"),
+                    Mark::Flaky => format!("{sep}(flaky)"),
+                };
+                format!("✗ {kind}{count}{suffix}")
             }
-            CellVerdict::Fails { kind, .. } => format!("✗ {kind}"),
             CellVerdict::Skipped => "–".into(),
         }
     }
@@ -42,9 +72,28 @@ impl CellVerdict {
         match self {
             CellVerdict::Native => Color::Green,
             CellVerdict::UpcastOnly => Color::Yellow,
-            CellVerdict::Fails { .. } => Color::Red,
+            CellVerdict::Fails {
+                mark: Mark::Unexpected,
+                ..
+            } => Color::Red,
+            CellVerdict::Fails { .. } => Color::Magenta,
             CellVerdict::Skipped => Color::DarkGrey,
         }
+    }
+}
+
+fn expectation_mark(failed: &[&&&&CaseReport]) -> Mark {
+    let explained = |c: &CaseReport| c.expected.as_ref().is_some_and(|e| e.explains_failure());
+    if !failed.iter().all(|c| explained(c)) {
+        Mark::Unexpected
+    } else if failed.iter().any(|c| {
+        c.expected
+            .as_ref()
+            .is_some_and(|e| e.outcome == Expected::Flaky)
+    }) {
+        Mark::Flaky
+    } else {
+        Mark::Expected
     }
 }
 
@@ -89,6 +138,7 @@ fn verdict(cases: &[&CaseReport]) -> CellVerdict {
         kind,
         failed: failed.len(),
         of: judged.len(),
+        mark: expectation_mark(&failed),
     }
 }
 
@@ -142,15 +192,15 @@ impl Grid {
         }
     }
 
-    fn table(&self, color: bool, header_sep: &str) -> Table {
+    /// `sep` separates a cell's lines: a line break in a terminal, a space in Markdown.
+    fn table(&self, color: bool, sep: &str) -> Table {
         let mut t = Table::new();
         t.set_content_arrangement(ContentArrangement::Disabled);
         let mut header = vec![Cell::new("adapter / op")];
         for (b, d, dtypes) in &self.columns {
             for dt in dtypes {
                 header.push(
-                    Cell::new(format!("{b} {d}{header_sep}{dt}"))
-                        .set_alignment(CellAlignment::Center),
+                    Cell::new(format!("{b} {d}{sep}{dt}")).set_alignment(CellAlignment::Center),
                 );
             }
         }
@@ -161,7 +211,7 @@ impl Grid {
                 for dt in dtypes {
                     let cell = match self.cells.get(&(*a, *op, *b, *d, *dt)) {
                         Some(v) => {
-                            let c = Cell::new(v.text()).set_alignment(CellAlignment::Center);
+                            let c = Cell::new(v.text(sep)).set_alignment(CellAlignment::Center);
                             if color {
                                 c.fg(v.color())
                             } else {
@@ -189,17 +239,35 @@ pub const LEGEND: &[(&str, &str)] = &[
         "✗ kind",
         "neither path passes (worst failure; n/m = failed/run when only some shapes fail)",
     ),
+    (
+        "(expected)",
+        "every failure in the cell is one the matrix expects, for the reason listed below",
+    ),
+    (
+        "(flaky)",
+        "the matrix marks a failing case as flaky: it has both passed and failed",
+    ),
     ("–", "skipped here (see below)"),
     ("blank", "not in the matrix"),
 ];
 
 fn summary_line(report: &Report) -> String {
+    let expected = |k: OutcomeKind| {
+        report
+            .cases
+            .iter()
+            .filter(|c| c.outcome == k && c.expected.as_ref().is_some_and(|e| e.explains_failure()))
+            .count()
+    };
     let parts: Vec<String> = report
         .summary
         .outcomes
         .iter()
         .filter(|(_, n)| **n > 0)
-        .map(|(k, n)| format!("{n} {k}"))
+        .map(|(k, n)| match expected(*k) {
+            0 => format!("{n} {k}"),
+            e => format!("{n} {k} ({e} expected)"),
+        })
         .collect();
     format!(
         "{} cases: {} ({:.1}s)",
@@ -209,33 +277,89 @@ fn summary_line(report: &Report) -> String {
     )
 }
 
-/// Failing cases worth a person's attention, worst first: (id, outcome, one-line detail).
-pub fn findings(report: &Report) -> Vec<(String, OutcomeKind, String)> {
-    let mut v: Vec<(String, OutcomeKind, String)> = report
+/// A failing case worth a person's attention.
+pub struct Finding {
+    pub id: String,
+    pub kind: OutcomeKind,
+    /// One line: the error, or the worst output's error against its tolerance.
+    pub detail: String,
+    /// The matrix rule (`file:line`) that expects this failure, if one does.
+    pub expected_by: Option<String>,
+}
+
+/// Failing cases, unexpected ones first, then worst first.
+pub fn findings(report: &Report) -> Vec<Finding> {
+    let mut v: Vec<Finding> = report
         .cases
         .iter()
         .filter(|c| c.outcome.is_failure())
-        .map(|c| {
-            let detail = match (&c.error, &c.metrics) {
-                (Some(e), _) => e.lines().next().unwrap_or("").to_string(),
-                (None, Some(m)) => {
-                    let worst = m.outputs.iter().find(|o| o.name == m.worst_output);
-                    let units = worst.map_or(String::new(), |o| format!(" ({:.0} u)", o.err_units));
-                    format!(
-                        "{}: max_rel_err {:.2e}{units} > tolerance {:.2e}",
-                        m.worst_output, m.max_rel_err, m.tolerance
-                    )
-                }
-                (None, None) => String::new(),
-            };
-            (c.id.clone(), c.outcome, detail)
+        .map(|c| Finding {
+            id: c.id.clone(),
+            kind: c.outcome,
+            detail: c.failure_detail(),
+            expected_by: c
+                .expected
+                .as_ref()
+                .filter(|e| e.explains_failure())
+                .map(|e| e.rule.clone()),
         })
         .collect();
-    v.sort_by_key(|(id, k, _)| (std::cmp::Reverse(severity(*k)), id.clone()));
+    v.sort_by_key(|f| {
+        (
+            f.expected_by.is_some(),
+            std::cmp::Reverse(severity(f.kind)),
+            f.id.clone(),
+        )
+    });
     v
 }
 
-/// The table, legend, skipped groups, findings and summary for a terminal.
+/// Lines under the table: groups skipped whole, expected failures by rule, rules inactive here.
+fn notes(report: &Report, grid: &Grid) -> Vec<String> {
+    let mut out = Vec::new();
+    for (b, d, n, reasons) in &grid.skipped {
+        out.push(format!(
+            "skipped: {b} {d} ({}): {}",
+            plural(*n, "case"),
+            reasons.join("; ")
+        ));
+    }
+    let mut by_rule: BTreeMap<&str, (usize, &CaseReport)> = BTreeMap::new();
+    for c in &report.cases {
+        if let Some(e) = c.expected.as_ref().filter(|e| e.explains_failure()) {
+            by_rule.entry(e.rule.as_str()).or_insert((0, c)).0 += 1;
+        }
+    }
+    for (rule, (n, c)) in by_rule {
+        let e = c.expected.as_ref().expect("grouped by its expectation");
+        out.push(format!(
+            "expected {}, {} ({rule}): {}",
+            e.outcome,
+            plural(n, "case"),
+            e.reason
+        ));
+    }
+    for r in &report.inactive_expectations {
+        out.push(format!(
+            "inactive here ({}): {} expect {}: {}",
+            r.unmet.join("; "),
+            r.rule,
+            r.expect,
+            r.reason
+        ));
+    }
+    out
+}
+
+fn findings_title(f: &[Finding]) -> String {
+    let expected = f.iter().filter(|f| f.expected_by.is_some()).count();
+    match expected {
+        0 => format!("{}", f.len()),
+        n => format!("{}, {n} of them expected", f.len()),
+    }
+}
+
+/// The table, legend, notes, findings and summary for a terminal.
 pub fn render_text(report: &Report, color: bool, max_findings: usize) -> String {
     let grid = Grid::new(report);
     let mut out = String::new();
@@ -251,19 +375,22 @@ pub fn render_text(report: &Report, color: bool, max_findings: usize) -> String 
         out.push('\n');
     }
     for (sym, meaning) in LEGEND {
-        out.push_str(&format!("  {sym:<9} {meaning}\n"));
+        out.push_str(&format!("  {sym:<10} {meaning}\n"));
     }
-    for (b, d, n, reasons) in &grid.skipped {
-        out.push_str(&format!(
-            "skipped: {b} {d} ({n} cases): {}\n",
-            reasons.join("; ")
-        ));
+    for line in notes(report, &grid) {
+        out.push_str(&line);
+        out.push('\n');
     }
     let f = findings(report);
     if !f.is_empty() {
-        out.push_str(&format!("\nfindings ({}):\n", f.len()));
-        for (id, kind, detail) in f.iter().take(max_findings) {
-            out.push_str(&format!("  {id}: {kind}: {detail}\n"));
+        out.push_str(&format!("\nfindings ({}):\n", findings_title(&f)));
+        for x in f.iter().take(max_findings) {
+            let tag = if x.expected_by.is_some() {
+                " [expected]"
+            } else {
+                ""
+            };
+            out.push_str(&format!("  {}: {}{tag}: {}\n", x.id, x.kind, x.detail));
         }
         if f.len() > max_findings {
             out.push_str(&format!(
@@ -278,10 +405,15 @@ pub fn render_text(report: &Report, color: bool, max_findings: usize) -> String 
     out
 }
 
-/// The same table in GitHub-flavoured Markdown, for docs and CI job summaries.
-pub fn render_markdown(report: &Report) -> String {
+/// The same table in GitHub-flavoured Markdown, for docs and CI job summaries; with `gate`
+/// (the verdict and the matrix path), the gate's verdict comes first.
+pub fn render_markdown(report: &Report, gate: Option<(&Verdict, &str)>) -> String {
     let grid = Grid::new(report);
     let mut out = format!("## peft-compat: {}\n\n", report.matrix);
+    if let Some((verdict, matrix)) = gate {
+        out.push_str(&verdict.render_markdown(matrix));
+        out.push_str("\n### Support table\n\n");
+    }
     let env = &report.environment;
     let libs: Vec<String> = env
         .libraries
@@ -306,22 +438,24 @@ pub fn render_markdown(report: &Report) -> String {
     for (sym, meaning) in LEGEND {
         out.push_str(&format!("- `{sym}`: {meaning}\n"));
     }
-    for (b, d, n, reasons) in &grid.skipped {
-        out.push_str(&format!(
-            "- skipped: {b} {d} ({n} cases): {}\n",
-            reasons.join("; ")
-        ));
+    for line in notes(report, &grid) {
+        out.push_str(&format!("- {line}\n"));
     }
     let f = findings(report);
     if !f.is_empty() {
         out.push_str(&format!(
             "\n### Findings ({})\n\n| case | outcome | detail |\n|---|---|---|\n",
-            f.len()
+            findings_title(&f)
         ));
-        for (id, kind, detail) in &f {
+        for x in &f {
+            let kind = match &x.expected_by {
+                Some(rule) => format!("{} (expected, {rule})", x.kind),
+                None => x.kind.to_string(),
+            };
             out.push_str(&format!(
-                "| `{id}` | {kind} | {} |\n",
-                detail.replace('|', "\\|")
+                "| `{}` | {kind} | {} |\n",
+                x.id,
+                x.detail.replace('|', "\\|")
             ));
         }
     }

@@ -1,0 +1,459 @@
+//! `--record`: expectations written from observed runs, for a person to review.
+//!
+//! Over N runs of the same matrix, each case that ran in every run becomes:
+//! - passed every time: nothing (a pass is what a case is expected to do);
+//! - failed every time, the same way: `expect: <outcome>`, carrying the captured error as its
+//!   `error` pattern (for unsupported and crashed cases, whose failures have a text);
+//! - failed every time, in different ways: `expect: fail`;
+//! - passed in some runs and failed in others: `expect: flaky`, never a silently expected pass or
+//!   failure.
+//!
+//! Cases that share an expectation are merged into one rule wherever the union is exact (two
+//! rules that differ on one axis only become one rule listing both values), so a block of
+//! failures reads as one line. A rule of the matrix that already governs a case with the same
+//! expectation lends it its reason; every other rule gets a reason starting `TODO(review)`, with
+//! the evidence, for a person to replace with the cause. Rules whose `when` does not hold here
+//! are kept as they are: these runs say nothing about them.
+
+use crate::environment::Environment;
+use crate::expect::{self, Expected, RawExpectation};
+use crate::judge::OutcomeKind;
+use crate::matrix::Matrix;
+use crate::render::plural;
+use crate::report::{CaseReport, Report};
+use std::collections::{BTreeMap, HashMap};
+
+/// The seven axis names, in the order rules are written.
+const AXES: [&str; 7] = [
+    "backend",
+    "device",
+    "dtype",
+    "adapter",
+    "op",
+    "precision",
+    "shape",
+];
+
+fn axis_values(c: &CaseReport) -> [String; 7] {
+    [
+        c.backend.to_string(),
+        c.device.to_string(),
+        c.dtype.to_string(),
+        c.adapter.to_string(),
+        c.op.to_string(),
+        c.precision.to_string(),
+        c.shape.clone(),
+    ]
+}
+
+/// One recorded rule: a product of axis value sets, and what it expects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedRule {
+    /// Per axis (in [`AXES`] order), the values the rule covers.
+    pub axes: [Vec<String>; 7],
+    pub expect: Expected,
+    pub error: Option<String>,
+    /// A reason a person wrote (carried over from the matrix), or the evidence, `TODO(review)`.
+    pub reason: String,
+    /// The case ids it covers, in matrix order.
+    pub cases: Vec<String>,
+}
+
+/// What a recording found.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub runs: usize,
+    pub rules: Vec<RecordedRule>,
+    /// Rules of the matrix that do not apply here, kept verbatim.
+    pub kept: Vec<RawExpectation>,
+    /// Cases that ran in every run.
+    pub ran: usize,
+    /// Of those, cases whose outcome, error text and every error figure were bit-identical in
+    /// every run.
+    pub identical: usize,
+    pub always_failing: usize,
+    pub flaky: usize,
+}
+
+/// A regular expression matching a captured error: its first line (up to 120 characters),
+/// escaped, with numbers and hex addresses generalised so that counts and pointers do not break
+/// it.
+pub fn error_pattern(text: &str) -> String {
+    let first: String = text
+        .lines()
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take(120)
+        .collect();
+    let first = first.trim();
+    let numbers = regex::Regex::new("0x[0-9a-fA-F]+|[0-9]+").expect("valid");
+    let mut out = String::new();
+    let mut at = 0;
+    for m in numbers.find_iter(first) {
+        out.push_str(&regex::escape(&first[at..m.start()]));
+        out.push_str(if m.as_str().starts_with("0x") {
+            "0x[0-9a-fA-F]+"
+        } else {
+            r"\d+"
+        });
+        at = m.end();
+    }
+    out.push_str(&regex::escape(&first[at..]));
+    out
+}
+
+/// What a case did in every run: its expectation, or `None` for "passed every time".
+fn classify(obs: &[&CaseReport]) -> Option<(Expected, Option<String>)> {
+    let passes = obs.iter().filter(|c| c.outcome.is_pass()).count();
+    if passes == obs.len() {
+        return None;
+    }
+    if passes > 0 {
+        return Some((Expected::Flaky, None));
+    }
+    let first = obs[0];
+    if obs
+        .iter()
+        .all(|c| c.outcome == first.outcome && c.error == first.error)
+    {
+        let expect = Expected::of(first.outcome).unwrap_or(Expected::Fail);
+        let error = matches!(expect, Expected::Unsupported | Expected::Crashed)
+            .then(|| first.error.as_deref().map(error_pattern))
+            .flatten();
+        return Some((expect, error));
+    }
+    if obs.iter().all(|c| c.outcome == first.outcome) {
+        // The same failure kind with texts that differ between runs: no stable pattern.
+        return Some((Expected::of(first.outcome).unwrap_or(Expected::Fail), None));
+    }
+    Some((Expected::Fail, None))
+}
+
+/// The evidence a generated reason carries.
+fn evidence(expect: Expected, obs: &[&CaseReport]) -> String {
+    let runs = obs.len();
+    let id = &obs[0].id;
+    let failed: Vec<&&CaseReport> = obs.iter().filter(|c| c.outcome.is_failure()).collect();
+    let detail = failed
+        .first()
+        .map(|c| format!("{}: {}", c.outcome, c.failure_detail()))
+        .unwrap_or_default();
+    match expect {
+        Expected::Flaky => format!(
+            "TODO(review): passed in {} of {runs} runs; e.g. {id}: {detail}",
+            runs - failed.len()
+        ),
+        Expected::Fail => {
+            let mut kinds: Vec<&str> = failed.iter().map(|c| c.outcome.as_str()).collect();
+            kinds.sort();
+            kinds.dedup();
+            format!(
+                "TODO(review): failed in all {runs} runs, as {}; e.g. {id}: {detail}",
+                kinds.join(" or ")
+            )
+        }
+        _ => format!("TODO(review): {expect} in all {runs} runs; e.g. {id}: {detail}"),
+    }
+}
+
+/// A fingerprint of everything a case produced, to tell whether runs were bit-identical.
+fn fingerprint(c: &CaseReport) -> String {
+    serde_json::to_string(&(&c.outcome, &c.error, &c.metrics)).expect("plain data")
+}
+
+/// Merge rules that differ on exactly one axis, until none do.
+fn merge(mut rules: Vec<RecordedRule>) -> Vec<RecordedRule> {
+    loop {
+        let before = rules.len();
+        for axis in 0..AXES.len() {
+            let mut groups: BTreeMap<String, RecordedRule> = BTreeMap::new();
+            let mut order = Vec::new();
+            for r in rules {
+                let mut key = r.axes.clone();
+                key[axis].clear();
+                let key = format!("{key:?}|{}|{:?}|{}", r.expect, r.error, r.reason);
+                match groups.get_mut(&key) {
+                    Some(g) => {
+                        g.axes[axis].extend(r.axes[axis].iter().cloned());
+                        g.axes[axis].sort();
+                        g.axes[axis].dedup();
+                        g.cases.extend(r.cases);
+                    }
+                    None => {
+                        order.push(key.clone());
+                        groups.insert(key, r);
+                    }
+                }
+            }
+            rules = order
+                .into_iter()
+                .map(|k| groups.remove(&k).expect("grouped"))
+                .collect();
+        }
+        if rules.len() == before {
+            return rules;
+        }
+    }
+}
+
+/// Record expectations from `runs` (reports of the same matrix, with the same environment).
+pub fn record(matrix: &Matrix, runs: &[Report]) -> Recorded {
+    let env: &Environment = &runs[0].environment;
+    let mut per_case: Vec<(&CaseReport, Vec<&CaseReport>)> = Vec::new();
+    let index: HashMap<&str, usize> = runs[0]
+        .cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.id.as_str(), i))
+        .collect();
+    for c in &runs[0].cases {
+        per_case.push((c, vec![c]));
+    }
+    for r in &runs[1..] {
+        for c in &r.cases {
+            if let Some(&i) = index.get(c.id.as_str()) {
+                per_case[i].1.push(c);
+            }
+        }
+    }
+    let (mut ran, mut identical, mut always_failing, mut flaky) = (0, 0, 0, 0);
+    let mut rules = Vec::new();
+    let mut evidence_of: HashMap<String, String> = HashMap::new();
+    // Ranks of axis values in matrix order, so merged lists read as the matrix does.
+    let mut rank: [HashMap<String, usize>; 7] = Default::default();
+    for (i, (c, _)) in per_case.iter().enumerate() {
+        for (a, v) in axis_values(c).into_iter().enumerate() {
+            rank[a].entry(v).or_insert(i);
+        }
+    }
+    for (c, obs) in &per_case {
+        if obs.len() < runs.len() || obs.iter().any(|o| o.outcome == OutcomeKind::Skipped) {
+            continue;
+        }
+        ran += 1;
+        if obs.iter().all(|o| fingerprint(o) == fingerprint(c)) {
+            identical += 1;
+        }
+        let Some((expect, error)) = classify(obs) else {
+            continue;
+        };
+        if expect == Expected::Flaky {
+            flaky += 1;
+        } else {
+            always_failing += 1;
+        }
+        // A rule of the matrix that already says this keeps its reason (and its pattern, when
+        // that pattern matches what was captured).
+        let existing = expect::governing(&matrix.expectations, env, &c.coords())
+            .filter(|r| r.expect == expect);
+        // Generated reasons are left empty until rules are merged, so that evidence (which
+        // differs per case) does not keep apart cases that belong in one rule.
+        let (reason, error) = match existing {
+            Some(r) => {
+                let kept = r
+                    .error
+                    .as_ref()
+                    .filter(|re| c.error.as_deref().is_some_and(|t| re.is_match(t)))
+                    .map(|re| re.as_str().to_string());
+                (r.reason.clone(), kept.or(error))
+            }
+            None => {
+                evidence_of.insert(c.id.clone(), evidence(expect, obs));
+                (String::new(), error)
+            }
+        };
+        rules.push(RecordedRule {
+            axes: axis_values(c).map(|v| vec![v]),
+            expect,
+            error,
+            reason,
+            cases: vec![c.id.clone()],
+        });
+    }
+    let mut rules = merge(rules);
+    for r in &mut rules {
+        if r.reason.is_empty() {
+            r.reason = evidence_of.remove(&r.cases[0]).unwrap_or_default();
+        }
+        for (a, values) in r.axes.iter_mut().enumerate() {
+            values.sort_by_key(|v| rank[a].get(v).copied().unwrap_or(usize::MAX));
+            values.dedup();
+        }
+    }
+    Recorded {
+        runs: runs.len(),
+        rules,
+        kept: matrix
+            .expectations
+            .iter()
+            .filter(|r| !r.active(env))
+            .map(|r| r.raw.clone())
+            .collect(),
+        ran,
+        identical,
+        always_failing,
+        flaky,
+    }
+}
+
+fn scalar(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        && s.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+    {
+        s.to_string()
+    } else {
+        serde_json::to_string(s).expect("strings serialize")
+    }
+}
+
+fn push_rule(
+    out: &mut String,
+    axes: &[(&str, Vec<String>)],
+    expect: Expected,
+    reason: &str,
+    error: Option<&str>,
+    when: Option<&expect::When>,
+) {
+    let mut first = true;
+    let mut line = |out: &mut String, text: String| {
+        out.push_str(if first { "  - " } else { "    " });
+        first = false;
+        out.push_str(&text);
+        out.push('\n');
+    };
+    for (name, values) in axes {
+        let text = match values.as_slice() {
+            [one] => scalar(one),
+            many => format!(
+                "[{}]",
+                many.iter()
+                    .map(|v| scalar(v))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        line(out, format!("{name}: {text}"));
+    }
+    if let Some(w) = when {
+        let v = serde_json::to_value(w).expect("plain data");
+        let parts: Vec<String> = v
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
+        line(out, format!("when: {{{}}}", parts.join(", ")));
+    }
+    line(out, format!("expect: {expect}"));
+    if let Some(e) = error {
+        line(out, format!("error: {}", scalar(e)));
+    }
+    line(out, format!("reason: {}", scalar(reason)));
+}
+
+/// The axes a written pattern names, as strings.
+fn pattern_axes(raw: &RawExpectation) -> Vec<(&'static str, Vec<String>)> {
+    fn strs<T: ToString>(o: &Option<crate::matrix::OneOrMany<T>>) -> Option<Vec<String>> {
+        o.as_ref().map(|o| match o {
+            crate::matrix::OneOrMany::One(v) => vec![v.to_string()],
+            crate::matrix::OneOrMany::Many(v) => v.iter().map(|x| x.to_string()).collect(),
+        })
+    }
+    let p = &raw.pattern;
+    [
+        ("backend", strs(&p.backend)),
+        ("device", strs(&p.device)),
+        ("dtype", strs(&p.dtype)),
+        ("adapter", strs(&p.adapter)),
+        ("op", strs(&p.op)),
+        ("precision", strs(&p.precision)),
+        ("shape", strs(&p.shape)),
+    ]
+    .into_iter()
+    .filter_map(|(n, v)| v.map(|v| (n, v)))
+    .collect()
+}
+
+impl Recorded {
+    /// The YAML to review: a header that says where it came from and what to do, then an
+    /// `expectations:` list that a matrix file takes as it is.
+    pub fn to_yaml(&self, matrix: &str, env: &Environment) -> String {
+        let libs: Vec<String> = env
+            .libraries
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        let mut out = format!(
+            "# Expectations recorded by peft-compat {} from {} runs of {matrix}\n\
+             # on {} · {} · {} CPUs ({}).\n\
+             # {} cases failed in every run, {} both passed and failed (flaky); {} of {} cases that ran\n\
+             # were bit-identical in every run.\n\
+             # Review every rule before committing: replace each TODO(review) reason with the cause (an\n\
+             # issue, the kernel at fault), and add `when:` conditions (libtorch, cpu_flag, ...) where the\n\
+             # behaviour depends on the environment. Then make this list the matrix's `expectations:`.\n",
+            env.peft_compat,
+            self.runs,
+            libs.join(" · "),
+            env.cpu_model,
+            env.cpu_count,
+            env.arch,
+            self.always_failing,
+            self.flaky,
+            self.identical,
+            self.ran
+        );
+        if self.rules.is_empty() && self.kept.is_empty() {
+            out.push_str("expectations: []\n");
+            return out;
+        }
+        out.push_str("expectations:\n");
+        for r in &self.rules {
+            out.push_str(&format!("  # {}\n", plural(r.cases.len(), "case")));
+            let axes: Vec<(&str, Vec<String>)> =
+                AXES.iter().copied().zip(r.axes.iter().cloned()).collect();
+            push_rule(
+                &mut out,
+                &axes,
+                r.expect,
+                &r.reason,
+                r.error.as_deref(),
+                None,
+            );
+        }
+        // Last, so that where their condition holds they win over the rules recorded here.
+        for raw in &self.kept {
+            out.push_str("  # kept: its `when` does not hold where this was recorded\n");
+            push_rule(
+                &mut out,
+                &pattern_axes(raw),
+                raw.expect,
+                &raw.reason,
+                raw.error.as_deref(),
+                raw.when.as_ref(),
+            );
+        }
+        out
+    }
+}
+
+/// The one-line summary printed after a recording.
+pub fn summary(r: &Recorded, path: &str) -> String {
+    format!(
+        "recorded {} from {} runs ({} failing in every run, {} flaky{}) -> {path}\n\
+         determinism: {} of {} cases that ran were bit-identical in every run\n\
+         review the reasons (TODO(review)), then make the list the matrix's `expectations:`",
+        plural(r.rules.len(), "rule"),
+        r.runs,
+        plural(r.always_failing, "case"),
+        r.flaky,
+        match r.kept.len() {
+            0 => String::new(),
+            n => format!(", {} kept that do not apply here", plural(n, "rule")),
+        },
+        r.identical,
+        r.ran
+    )
+}
