@@ -2,8 +2,9 @@
 //! LoRA and DoRA adapters, measured for real against a float64 reference.
 //!
 //! Data flows one way: [`matrix`] -> [`case`]s -> [`runner`] (which runs [`adapter`] math on a
-//! [`backend`] and judges it against [`reference`] with [`judge`]) -> [`report`] ->
-//! [`render`] (table, Markdown) or JSON.
+//! [`backend`] and judges it against [`reference`] with [`judge`]) -> [`report`] (with the
+//! matrix's [`expect`]ations judged) -> [`render`] (table, Markdown, JUnit), JSON, a
+//! [`snapshot`], a [`gate`] verdict, or [`record`]ed expectations.
 
 pub mod adapter;
 pub mod backend;

@@ -525,3 +525,21 @@ fn cli_record_and_check_with_markdown_summary() {
         assert_eq!(out.status.code(), Some(2), "{args:?}");
     }
 }
+
+/// The README's example rules are a valid `expectations:` section for the default matrix.
+#[test]
+fn the_readme_example_rules_parse() {
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let section = &readme[readme.find("## Expectations with reasons").unwrap()..];
+    let start = section.find("```yaml\n").unwrap() + 8;
+    let block = &section[start..start + section[start..].find("```").unwrap()];
+    let default = std::fs::read_to_string("matrices/default.yaml").unwrap();
+    let head = &default[..default.find("\nexpectations:").unwrap()];
+    let m = load(&format!("{head}\n{block}"));
+    assert_eq!(m.expectations.len(), 2);
+    assert!(m.expectations[1]
+        .error
+        .as_ref()
+        .unwrap()
+        .is_match(OLD_TORCH_ERROR));
+}
