@@ -118,7 +118,7 @@ impl Verdict {
         let failed = self.failures().count();
         let expected = match self.expected_failures {
             0 => String::new(),
-            n => format!(" ({n} failing as the matrix expects)"),
+            n => format!(", {n} of them failing as the matrix expects"),
         };
         if failed == 0 {
             format!(
@@ -127,7 +127,7 @@ impl Verdict {
             )
         } else {
             format!(
-                "gate FAILED: {} ({} compared with the snapshot{expected}).\n\
+                "gate FAILED: {}; {} compared with the snapshot{expected}.\n\
                  If the change is intended, accept it: run `peft-compat run {matrix} --check` outside CI \
                  (it writes the observed snapshot as a .snap.new beside the accepted one), then \
                  `cargo insta review` (or `cargo insta accept`) and commit the snapshot; \

@@ -506,7 +506,7 @@ fn cli_record_and_check_with_markdown_summary() {
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(
         stdout.contains(
-            "gate passed: 4 cases checked against the snapshot (1 failing as the matrix expects)"
+            "gate passed: 4 cases checked against the snapshot, 1 of them failing as the matrix expects"
         ),
         "{stdout}"
     );
