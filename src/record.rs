@@ -10,13 +10,14 @@
 //!
 //! Cases that share an expectation are merged into one rule wherever the union is exact (two
 //! rules that differ on one axis only become one rule listing both values), so a block of
-//! failures reads as one line. A rule of the matrix that already governs a case with the same
-//! expectation lends it its reason; every other rule gets a reason starting `TODO(review)`, with
-//! the evidence, for a person to replace with the cause. Rules whose `when` does not hold here
+//! failures reads as one line. A rule of the matrix that already governs a case and admits every
+//! run stays as written (expectation, error pattern, reason); every other rule gets a reason
+//! starting `TODO(review)`, with the evidence (and what the matrix said before, if anything), for
+//! a person to replace with the cause. Rules whose `when` does not hold here
 //! are kept as they are: these runs say nothing about them.
 
 use crate::environment::Environment;
-use crate::expect::{self, Expected, RawExpectation};
+use crate::expect::{self, Expected, RawExpectation, Status};
 use crate::judge::OutcomeKind;
 use crate::matrix::Matrix;
 use crate::render::plural;
@@ -235,32 +236,41 @@ pub fn record(matrix: &Matrix, runs: &[Report]) -> Recorded {
         if obs.iter().all(|o| fingerprint(o) == fingerprint(c)) {
             identical += 1;
         }
-        let Some((expect, error)) = classify(obs) else {
-            continue;
-        };
-        if expect == Expected::Flaky {
-            flaky += 1;
-        } else {
+        let passes = obs.iter().filter(|o| o.outcome.is_pass()).count();
+        if passes == 0 {
             always_failing += 1;
+        } else if passes < obs.len() {
+            flaky += 1;
         }
-        // A rule of the matrix that already says this keeps its reason (and its pattern, when
-        // that pattern matches what was captured).
-        let existing = expect::governing(&matrix.expectations, env, &c.coords())
-            .filter(|r| r.expect == expect);
-        // Generated reasons are left empty until rules are merged, so that evidence (which
-        // differs per case) does not keep apart cases that belong in one rule.
-        let (reason, error) = match existing {
-            Some(r) => {
-                let kept = r
-                    .error
-                    .as_ref()
-                    .filter(|re| c.error.as_deref().is_some_and(|t| re.is_match(t)))
-                    .map(|re| re.as_str().to_string());
-                (r.reason.clone(), kept.or(error))
-            }
-            None => {
-                evidence_of.insert(c.id.clone(), evidence(expect, obs));
-                (String::new(), error)
+        // A rule of the matrix that governs the case and admits every run (its outcome, and its
+        // error pattern where it has one) stays as a person wrote it: a few runs cannot prove
+        // a `fail` or `flaky` too broad.
+        let existing = expect::governing(&matrix.expectations, env, &c.coords());
+        let admitted = existing.filter(|r| {
+            r.expect != Expected::Pass
+                && obs
+                    .iter()
+                    .all(|o| r.judge(o.outcome, o.error.as_deref()) == Status::Met)
+        });
+        let (expect, error, reason) = match (admitted, classify(obs)) {
+            (Some(r), _) => (
+                r.expect,
+                r.error.as_ref().map(|re| re.as_str().to_string()),
+                r.reason.clone(),
+            ),
+            (None, None) => continue,
+            (None, Some((expect, error))) => {
+                // Generated reasons are filled in after merging, so that evidence (which differs
+                // per case) does not keep apart cases that belong in one rule.
+                let mut why = evidence(expect, obs);
+                if let Some(r) = existing {
+                    why.push_str(&format!(
+                        "; the matrix expected {} ({}: {})",
+                        r.expect, r.source, r.reason
+                    ));
+                }
+                evidence_of.insert(c.id.clone(), why);
+                (expect, error, String::new())
             }
         };
         rules.push(RecordedRule {

@@ -407,6 +407,25 @@ fn record_writes_reviewable_rules_that_the_gate_then_holds() {
     let reviewed = load(&format!("{body}expectations:\n  - {{backend: tch, dtype: f16, expect: unsupported, reason: old libtorch}}\n"));
     let rec = record::record(&reviewed, &runs);
     assert_eq!(by_case_in(&rec, TCH16).reason, "old libtorch");
+    // A broader rule that admits every run stays as written; one the runs contradict is
+    // replaced, and its old claim is quoted for the reviewer.
+    let reviewed = load(&format!(
+        "{body}expectations:\n  - {{backend: candle, dtype: f16, expect: fail, reason: any failure}}\n  - {{backend: tch, dtype: f32, expect: mismatch, reason: thought broken}}\n"
+    ));
+    let rec = record::record(&reviewed, &runs);
+    let candle = by_case_in(&rec, CANDLE16);
+    assert_eq!(
+        (candle.expect.as_str(), candle.reason.as_str()),
+        ("fail", "any failure")
+    );
+    let flaky = by_case_in(&rec, "tch/cpu/f32/dora/forward/native/s");
+    assert_eq!(flaky.expect.as_str(), "flaky");
+    assert!(
+        flaky.reason.contains("the matrix expected mismatch")
+            && flaky.reason.contains("thought broken"),
+        "{}",
+        flaky.reason
+    );
 }
 
 fn by_case_in<'a>(rec: &'a record::Recorded, id: &str) -> &'a record::RecordedRule {
