@@ -535,6 +535,28 @@ fn cli_record_and_check_with_markdown_summary() {
         "{md}"
     );
 
+    // The same failure declared as another kind breaks the rule: exit 1, the rule's line named,
+    // and (the snapshot being unchanged) nothing to accept, so no .snap.new even outside CI.
+    let body = std::fs::read_to_string(&m).unwrap();
+    std::fs::write(&m, body.replace("expect: mismatch", "expect: nonfinite")).unwrap();
+    let out = bin()
+        .args(["run", "-q", "--check", "--snapshot"])
+        .arg(&snap)
+        .arg(&m)
+        .env_remove("CI")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "FAIL {CANDLE16}: regression: expected nonfinite ("
+        )) && stdout.contains("m.yaml:22: TODO(review)")
+            && stdout.contains("now mismatch"),
+        "{stdout}"
+    );
+    assert!(!dir.path().join("m.snap.new").exists());
+
     // --repeats without --record, and --record with --check, are refused as bad input.
     for args in [
         &["--repeats", "2"][..],
