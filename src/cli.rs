@@ -236,6 +236,7 @@ fn run_matrix(args: RunArgs) -> Result<(), Failure> {
         dump_dir: args.dump.clone(),
     };
     let env = Environment::detect();
+    let matrix_name = args.matrix.display().to_string();
     // A panicking case is caught and reported as `crashed`; keep its message out of the table.
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
@@ -252,14 +253,8 @@ fn run_matrix(args: RunArgs) -> Result<(), Failure> {
             Event::RunFinished { elapsed: t, .. } => elapsed = t.as_secs_f64(),
         });
         reports.push(
-            Report::new(
-                &args.matrix.display().to_string(),
-                matrix.seed,
-                env.clone(),
-                &results,
-                elapsed,
-            )
-            .with_expectations(&matrix.expectations),
+            Report::new(&matrix_name, matrix.seed, env.clone(), &results, elapsed)
+                .with_expectations(&matrix.expectations),
         );
     }
     std::panic::set_hook(hook);
@@ -280,11 +275,10 @@ fn run_matrix(args: RunArgs) -> Result<(), Failure> {
         );
     }
     let verdict = if args.check {
-        Some(gate_check(&args, report)?)
+        Some(gate_check(&args, &matrix_name, report)?)
     } else {
         None
     };
-    let matrix_name = args.matrix.display().to_string();
     let write = |path: &PathBuf, what: &str, text: String| {
         std::fs::write(path, text)
             .with_context(|| format!("cannot write {what} to {}", path.display()))
@@ -335,7 +329,7 @@ fn run_matrix(args: RunArgs) -> Result<(), Failure> {
     match verdict {
         Some(v) if !v.passed() => Err(Failure {
             code: exit::GATE_FAILED,
-            error: anyhow::anyhow!("the gate failed for {}", args.matrix.display()),
+            error: anyhow::anyhow!("the gate failed for {matrix_name}"),
         }),
         _ => Ok(()),
     }
@@ -343,12 +337,11 @@ fn run_matrix(args: RunArgs) -> Result<(), Failure> {
 
 /// Compare with the accepted snapshot, print the verdict, and (outside CI) leave the observed
 /// snapshot as .snap.new when something changed.
-fn gate_check(args: &RunArgs, report: &Report) -> Result<gate::Verdict, Failure> {
+fn gate_check(args: &RunArgs, matrix: &str, report: &Report) -> Result<gate::Verdict, Failure> {
     let path = args
         .snapshot
         .clone()
         .unwrap_or_else(|| snapshot::default_path(&args.matrix));
-    let matrix = args.matrix.display().to_string();
     let (accepted, missing) = match snapshot::read(&path) {
         Ok(s) => (s, None),
         Err(e @ snapshot::SnapshotError::Missing(_)) => (snapshot::Snapshot::new(), Some(e)),
@@ -358,7 +351,7 @@ fn gate_check(args: &RunArgs, report: &Report) -> Result<gate::Verdict, Failure>
     match &missing {
         // Every case would be listed as missing; say it once.
         Some(e) => println!("gate FAILED: {e}"),
-        None => print!("{}", verdict.render(&matrix)),
+        None => print!("{}", verdict.render(matrix)),
     }
     let observed = snapshot::observed(report, &accepted);
     // When something changed and the snapshot would change with it (a broken expectation alone
@@ -367,8 +360,8 @@ fn gate_check(args: &RunArgs, report: &Report) -> Result<gate::Verdict, Failure>
         if snapshot::in_ci() {
             println!("(CI is set: no snapshot written)");
         } else {
-            let pending = snapshot::write_pending(&path, &matrix, &observed)
-                .map_err(|e| runtime(e.into()))?;
+            let pending =
+                snapshot::write_pending(&path, matrix, &observed).map_err(|e| runtime(e.into()))?;
             println!("observed snapshot written to {}", pending.display());
         }
     }

@@ -25,7 +25,7 @@
 use crate::case::Coords;
 use crate::environment::{Environment, RELEVANT_CPU_FLAGS};
 use crate::judge::OutcomeKind;
-use crate::matrix::{OneOrMany, Pattern};
+use crate::matrix::{values, OneOrMany, Pattern};
 use crate::report::Report;
 use regex::Regex;
 use semver::{Version, VersionReq};
@@ -221,15 +221,14 @@ impl Requirement {
 /// A rule ready to apply.
 #[derive(Debug, Clone)]
 pub struct Expectation {
-    pub pattern: Pattern,
-    pub expect: Expected,
-    pub reason: String,
+    /// The rule as written (its reason trimmed); `--record` carries it over as it is.
+    pub written: RawExpectation,
+    /// `written.error`, compiled.
     pub error: Option<Regex>,
+    /// `written.when`, compiled.
     pub when: Vec<Requirement>,
     /// `file:line` of the rule: where to edit it when it is out of date.
     pub source: String,
-    /// The rule as written, for `--record` to carry over.
-    pub raw: RawExpectation,
 }
 
 /// A problem in one rule: (message, help).
@@ -254,15 +253,10 @@ fn compile_when(w: &When) -> Result<Vec<Requirement>, RuleError> {
             out.push(Requirement::Version { library, req });
         }
     }
-    let flags = match &w.cpu_flag {
-        None => vec![],
-        Some(OneOrMany::One(f)) => vec![f.clone()],
-        Some(OneOrMany::Many(v)) => v.clone(),
-    };
-    for f in flags {
+    for f in values(&w.cpu_flag) {
         let (flag, present) = match f.strip_prefix('!') {
             Some(rest) => (rest.to_string(), false),
-            None => (f.clone(), true),
+            None => (f.to_string(), true),
         };
         if !RELEVANT_CPU_FLAGS.contains(&flag.as_str()) {
             return Err((
@@ -310,14 +304,13 @@ impl Expectation {
             })?),
         };
         let when = raw.when.as_ref().map(compile_when).transpose()?;
+        let mut written = raw.clone();
+        written.reason = raw.reason.trim().to_string();
         Ok(Expectation {
-            pattern: raw.pattern.clone(),
-            expect: raw.expect,
-            reason: raw.reason.trim().to_string(),
+            written,
             error,
             when: when.unwrap_or_default(),
             source,
-            raw: raw.clone(),
         })
     }
 
@@ -332,13 +325,13 @@ impl Expectation {
             return Status::NotRun;
         }
         if outcome.is_pass() {
-            return if self.expect.admits(outcome) {
+            return if self.written.expect.admits(outcome) {
                 Status::Met
             } else {
                 Status::UnexpectedPass
             };
         }
-        if !self.expect.admits(outcome) {
+        if !self.written.expect.admits(outcome) {
             return Status::Violated;
         }
         match &self.error {
@@ -393,44 +386,52 @@ pub struct InactiveRule {
     pub unmet: Vec<String>,
 }
 
-/// The rule that governs a case here: the last matching rule whose conditions hold.
-pub fn governing<'a>(
-    rules: &'a [Expectation],
-    env: &Environment,
-    c: &Coords,
-) -> Option<&'a Expectation> {
-    rules
+/// The rules whose conditions hold in this environment, in file order; evaluated once per
+/// run rather than once per case.
+pub fn active<'a>(rules: &'a [Expectation], env: &Environment) -> Vec<&'a Expectation> {
+    rules.iter().filter(|r| r.active(env)).collect()
+}
+
+/// The rule that governs a case: the last of the `active` rules whose pattern matches.
+pub fn governing<'a>(active: &[&'a Expectation], c: &Coords) -> Option<&'a Expectation> {
+    active
         .iter()
         .rev()
-        .find(|r| r.pattern.matches(c) && r.active(env))
+        .find(|r| r.written.pattern.matches(c))
+        .copied()
 }
 
 /// Attach to every case of the report the expectation that governs it, judged against what was
 /// observed; list the rules that do not apply here.
 pub fn annotate(report: &mut Report, rules: &[Expectation]) {
-    let env = report.environment.clone();
-    for c in &mut report.cases {
-        let expected = governing(rules, &env, &c.coords()).map(|r| CaseExpectation {
-            outcome: r.expect,
-            reason: r.reason.clone(),
-            error: r.error.as_ref().map(|e| e.as_str().to_string()),
+    let Report {
+        environment: env,
+        cases,
+        inactive_expectations,
+        ..
+    } = report;
+    let active = active(rules, env);
+    for c in cases.iter_mut() {
+        c.expected = governing(&active, &c.coords()).map(|r| CaseExpectation {
+            outcome: r.written.expect,
+            reason: r.written.reason.clone(),
+            error: r.written.error.clone(),
             rule: r.source.clone(),
             status: r.judge(c.outcome, c.error.as_deref()),
         });
-        c.expected = expected;
     }
-    report.inactive_expectations = rules
+    *inactive_expectations = rules
         .iter()
-        .filter(|r| !r.active(&env))
+        .filter(|r| !r.active(env))
         .map(|r| InactiveRule {
             rule: r.source.clone(),
-            expect: r.expect,
-            reason: r.reason.clone(),
+            expect: r.written.expect,
+            reason: r.written.reason.clone(),
             unmet: r
                 .when
                 .iter()
-                .filter(|q| !q.holds(&env))
-                .map(|q| q.describe(&env))
+                .filter(|q| !q.holds(env))
+                .map(|q| q.describe(env))
                 .collect(),
         })
         .collect();

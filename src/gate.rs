@@ -84,6 +84,15 @@ impl Verdict {
         }
     }
 
+    /// `FAIL` for a change that fails the gate, `note` for one that does not.
+    fn label(&self, c: &Change) -> &'static str {
+        if self.fails(c) {
+            "FAIL"
+        } else {
+            "note"
+        }
+    }
+
     /// The changes that fail the gate.
     pub fn failures(&self) -> impl Iterator<Item = &Change> {
         self.changes.iter().filter(|c| self.fails(c))
@@ -99,7 +108,7 @@ impl Verdict {
         for c in &self.changes {
             out.push_str(&format!(
                 "{} {}: {}: {}\n",
-                if self.fails(c) { "FAIL" } else { "note" },
+                self.label(c),
                 c.id,
                 c.kind.as_str(),
                 c.detail
@@ -147,7 +156,7 @@ impl Verdict {
             for c in &self.changes {
                 out.push_str(&format!(
                     "| {} | `{}` | {} | {} |\n",
-                    if self.fails(c) { "FAIL" } else { "note" },
+                    self.label(c),
                     c.id,
                     c.kind.as_str(),
                     c.detail.replace('|', "\\|").replace('\n', " ")
@@ -232,7 +241,7 @@ pub fn check(report: &Report, accepted: &Snapshot, allow_improvements: bool) -> 
                 .push((c.id.clone(), c.error.clone().unwrap_or_default()));
             continue;
         }
-        if c.expected.as_ref().is_some_and(|e| e.explains_failure()) {
+        if c.expected_failure().is_some() {
             v.expected_failures += 1;
         }
         let now = snapshot::entry(c);
@@ -260,9 +269,9 @@ pub fn check(report: &Report, accepted: &Snapshot, allow_improvements: bool) -> 
             }
         };
         if let Some((kind, mut detail)) = change {
-            if let Some(err) = &c.error {
-                let first = err.lines().next().unwrap_or("");
-                if !detail.contains(first) {
+            if c.error.is_some() {
+                let first = c.failure_detail();
+                if !detail.contains(&first) {
                     detail.push_str(&format!("; error: {first}"));
                 }
             }

@@ -51,12 +51,9 @@ fn location(path: &Path, line: Option<usize>, column: Option<usize>) -> String {
     }
 }
 
-fn values<T: Copy>(o: &Option<OneOrMany<T>>) -> Vec<T> {
-    match o {
-        Some(OneOrMany::One(v)) => vec![*v],
-        Some(OneOrMany::Many(v)) => v.clone(),
-        None => vec![],
-    }
+/// The values an optional key lists; none when the key is absent.
+pub fn values<T>(o: &Option<OneOrMany<T>>) -> &[T] {
+    o.as_ref().map_or(&[], OneOrMany::as_slice)
 }
 
 /// One axis value or a list of them.
@@ -67,12 +64,19 @@ pub enum OneOrMany<T> {
     Many(Vec<T>),
 }
 
-impl<T: PartialEq> OneOrMany<T> {
-    fn contains(&self, v: &T) -> bool {
+impl<T> OneOrMany<T> {
+    pub fn as_slice(&self) -> &[T] {
         match self {
-            OneOrMany::One(x) => x == v,
-            OneOrMany::Many(xs) => xs.contains(v),
+            OneOrMany::One(x) => std::slice::from_ref(x),
+            OneOrMany::Many(xs) => xs,
         }
+    }
+
+    fn contains<Q: ?Sized>(&self, v: &Q) -> bool
+    where
+        T: PartialEq<Q>,
+    {
+        self.as_slice().iter().any(|x| x == v)
     }
 }
 
@@ -98,14 +102,8 @@ pub struct Pattern {
 
 impl Pattern {
     pub fn matches(&self, c: &Coords) -> bool {
-        fn ok<T: PartialEq>(p: &Option<OneOrMany<T>>, v: &T) -> bool {
+        fn ok<T: PartialEq<Q>, Q: ?Sized>(p: &Option<OneOrMany<T>>, v: &Q) -> bool {
             p.as_ref().is_none_or(|p| p.contains(v))
-        }
-        fn ok_str(p: &Option<OneOrMany<String>>, v: &str) -> bool {
-            p.as_ref().is_none_or(|p| match p {
-                OneOrMany::One(x) => x == v,
-                OneOrMany::Many(xs) => xs.iter().any(|x| x == v),
-            })
         }
         ok(&self.backend, &c.backend)
             && ok(&self.device, &c.device)
@@ -113,15 +111,7 @@ impl Pattern {
             && ok(&self.adapter, &c.adapter)
             && ok(&self.op, &c.op)
             && ok(&self.precision, &c.precision)
-            && ok_str(&self.shape, c.shape)
-    }
-
-    fn shapes(&self) -> Vec<&String> {
-        match &self.shape {
-            None => vec![],
-            Some(OneOrMany::One(s)) => vec![s],
-            Some(OneOrMany::Many(v)) => v.iter().collect(),
-        }
+            && ok(&self.shape, c.shape)
     }
 }
 
@@ -352,7 +342,7 @@ impl Matrix {
                     .map(|e| ("expectations", &e.pattern)),
             );
         for (section, p) in patterns {
-            for s in p.shapes() {
+            for s in values(&p.shape) {
                 if !shape_names.contains(s) {
                     let from = locate(src, &format!("{section}:"), 1).0.unwrap_or(1);
                     let (l, c) = locate(src, s, from);
@@ -474,12 +464,12 @@ impl Matrix {
                 .iter()
                 .filter(|s| p.shape.as_ref().is_none_or(|n| n.contains(&s.name)))
             {
-                for backend in values(&p.backend) {
-                    for device in values(&p.device) {
-                        for dtype in values(&p.dtype) {
-                            for adapter in values(&p.adapter) {
-                                for op in values(&p.op) {
-                                    for precision in values(&p.precision) {
+                for &backend in values(&p.backend) {
+                    for &device in values(&p.device) {
+                        for &dtype in values(&p.dtype) {
+                            for &adapter in values(&p.adapter) {
+                                for &op in values(&p.op) {
+                                    for &precision in values(&p.precision) {
                                         let case = Case {
                                             backend,
                                             device,
@@ -527,7 +517,10 @@ impl Matrix {
                     &help,
                 )
             })?;
-            if !cases.iter().any(|c| rule.pattern.matches(&c.coords())) {
+            if !cases
+                .iter()
+                .any(|c| rule.written.pattern.matches(&c.coords()))
+            {
                 return Err(fail(
                     line,
                     None,

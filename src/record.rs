@@ -19,7 +19,7 @@
 use crate::environment::Environment;
 use crate::expect::{self, Expected, RawExpectation, Status};
 use crate::judge::OutcomeKind;
-use crate::matrix::Matrix;
+use crate::matrix::{Matrix, OneOrMany};
 use crate::render::plural;
 use crate::report::{CaseReport, Report};
 use std::collections::{BTreeMap, HashMap};
@@ -201,62 +201,61 @@ fn merge(mut rules: Vec<RecordedRule>) -> Vec<RecordedRule> {
 /// Record expectations from `runs` (reports of the same matrix, with the same environment).
 pub fn record(matrix: &Matrix, runs: &[Report]) -> Recorded {
     let env: &Environment = &runs[0].environment;
-    let mut per_case: Vec<(&CaseReport, Vec<&CaseReport>)> = Vec::new();
+    // Per case of the first run (matrix order), what it did in every run.
     let index: HashMap<&str, usize> = runs[0]
         .cases
         .iter()
         .enumerate()
         .map(|(i, c)| (c.id.as_str(), i))
         .collect();
-    for c in &runs[0].cases {
-        per_case.push((c, vec![c]));
-    }
-    for r in &runs[1..] {
-        for c in &r.cases {
-            if let Some(&i) = index.get(c.id.as_str()) {
-                per_case[i].1.push(c);
-            }
+    let mut per_case: Vec<Vec<&CaseReport>> = runs[0].cases.iter().map(|c| vec![c]).collect();
+    for c in runs[1..].iter().flat_map(|r| &r.cases) {
+        if let Some(&i) = index.get(c.id.as_str()) {
+            per_case[i].push(c);
         }
     }
-    let (mut ran, mut identical, mut always_failing, mut flaky) = (0, 0, 0, 0);
-    let mut rules = Vec::new();
-    let mut evidence_of: HashMap<String, String> = HashMap::new();
     // Ranks of axis values in matrix order, so merged lists read as the matrix does.
     let mut rank: [HashMap<String, usize>; 7] = Default::default();
-    for (i, (c, _)) in per_case.iter().enumerate() {
-        for (a, v) in axis_values(c).into_iter().enumerate() {
+    for (i, obs) in per_case.iter().enumerate() {
+        for (a, v) in axis_values(obs[0]).into_iter().enumerate() {
             rank[a].entry(v).or_insert(i);
         }
     }
-    for (c, obs) in &per_case {
+    let active = expect::active(&matrix.expectations, env);
+    let (mut ran, mut identical, mut always_failing, mut flaky) = (0, 0, 0, 0);
+    let mut rules = Vec::new();
+    let mut evidence_of: HashMap<String, String> = HashMap::new();
+    for obs in &per_case {
+        let c = obs[0];
         if obs.len() < runs.len() || obs.iter().any(|o| o.outcome == OutcomeKind::Skipped) {
             continue;
         }
         ran += 1;
-        if obs.iter().all(|o| fingerprint(o) == fingerprint(c)) {
+        let first = fingerprint(c);
+        if obs[1..].iter().all(|o| fingerprint(o) == first) {
             identical += 1;
         }
-        let passes = obs.iter().filter(|o| o.outcome.is_pass()).count();
-        if passes == 0 {
-            always_failing += 1;
-        } else if passes < obs.len() {
-            flaky += 1;
+        let seen = classify(obs);
+        match seen {
+            Some((Expected::Flaky, _)) => flaky += 1,
+            Some(_) => always_failing += 1,
+            None => {}
         }
         // A rule of the matrix that governs the case and admits every run (its outcome, and its
         // error pattern where it has one) stays as a person wrote it: a few runs cannot prove
         // a `fail` or `flaky` too broad.
-        let existing = expect::governing(&matrix.expectations, env, &c.coords());
+        let existing = expect::governing(&active, &c.coords());
         let admitted = existing.filter(|r| {
-            r.expect != Expected::Pass
+            r.written.expect != Expected::Pass
                 && obs
                     .iter()
                     .all(|o| r.judge(o.outcome, o.error.as_deref()) == Status::Met)
         });
-        let (expect, error, reason) = match (admitted, classify(obs)) {
+        let (expect, error, reason) = match (admitted, seen) {
             (Some(r), _) => (
-                r.expect,
-                r.error.as_ref().map(|re| re.as_str().to_string()),
-                r.reason.clone(),
+                r.written.expect,
+                r.written.error.clone(),
+                r.written.reason.clone(),
             ),
             (None, None) => continue,
             (None, Some((expect, error))) => {
@@ -266,7 +265,7 @@ pub fn record(matrix: &Matrix, runs: &[Report]) -> Recorded {
                 if let Some(r) = existing {
                     why.push_str(&format!(
                         "; the matrix expected {} ({}: {})",
-                        r.expect, r.source, r.reason
+                        r.written.expect, r.source, r.written.reason
                     ));
                 }
                 evidence_of.insert(c.id.clone(), why);
@@ -288,7 +287,6 @@ pub fn record(matrix: &Matrix, runs: &[Report]) -> Recorded {
         }
         for (a, values) in r.axes.iter_mut().enumerate() {
             values.sort_by_key(|v| rank[a].get(v).copied().unwrap_or(usize::MAX));
-            values.dedup();
         }
     }
     Recorded {
@@ -298,7 +296,7 @@ pub fn record(matrix: &Matrix, runs: &[Report]) -> Recorded {
             .expectations
             .iter()
             .filter(|r| !r.active(env))
-            .map(|r| r.raw.clone())
+            .map(|r| r.written.clone())
             .collect(),
         ran,
         identical,
@@ -366,11 +364,9 @@ fn push_rule(
 
 /// The axes a written pattern names, as strings.
 fn pattern_axes(raw: &RawExpectation) -> Vec<(&'static str, Vec<String>)> {
-    fn strs<T: ToString>(o: &Option<crate::matrix::OneOrMany<T>>) -> Option<Vec<String>> {
-        o.as_ref().map(|o| match o {
-            crate::matrix::OneOrMany::One(v) => vec![v.to_string()],
-            crate::matrix::OneOrMany::Many(v) => v.iter().map(|x| x.to_string()).collect(),
-        })
+    fn strs<T: ToString>(o: &Option<OneOrMany<T>>) -> Option<Vec<String>> {
+        o.as_ref()
+            .map(|o| o.as_slice().iter().map(T::to_string).collect())
     }
     let p = &raw.pattern;
     [

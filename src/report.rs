@@ -103,6 +103,11 @@ impl CaseReport {
         }
     }
 
+    /// The matrix's expectation, when it declares this case's failure as observed.
+    pub fn expected_failure(&self) -> Option<&CaseExpectation> {
+        self.expected.as_ref().filter(|e| e.explains_failure())
+    }
+
     pub fn coords(&self) -> Coords<'_> {
         Coords {
             backend: self.backend,

@@ -23,19 +23,19 @@ pub fn render(report: &Report, verdict: Option<&Verdict>) -> String {
             esc(&classname),
             esc(&c.id)
         ));
-        let expected = c.expected.as_ref().is_some_and(|e| e.explains_failure());
+        let xfail = c.expected_failure();
         let failure = match verdict {
             Some(v) => v
                 .failures()
                 .find(|ch| ch.id == c.id)
                 .map(|ch| (ch.kind.as_str().to_string(), ch.detail.clone())),
-            None if c.outcome.is_failure() && !expected => Some((
+            None if c.outcome.is_failure() && xfail.is_none() => Some((
                 c.outcome.to_string(),
                 c.error.clone().unwrap_or_else(|| c.failure_detail()),
             )),
             None => None,
         };
-        if let (true, Some(e), None) = (expected, &c.expected, &failure) {
+        if let (Some(e), None) = (xfail, &failure) {
             // pytest's convention for an expected failure: skipped, of type xfail.
             skipped += 1;
             cases.push_str(&format!(

@@ -2,7 +2,7 @@
 //! native path work, does only PEFT's upcast path work, or neither. Pure functions of a report.
 
 use crate::case::{Adapter, Backend, DType, Device, Op, Precision};
-use crate::expect::Expected;
+use crate::expect::{CaseExpectation, Expected};
 use crate::gate::Verdict;
 use crate::judge::OutcomeKind;
 use crate::render::plural;
@@ -82,18 +82,12 @@ impl CellVerdict {
     }
 }
 
-fn expectation_mark(failed: &[&&&&CaseReport]) -> Mark {
-    let explained = |c: &CaseReport| c.expected.as_ref().is_some_and(|e| e.explains_failure());
-    if !failed.iter().all(|c| explained(c)) {
-        Mark::Unexpected
-    } else if failed.iter().any(|c| {
-        c.expected
-            .as_ref()
-            .is_some_and(|e| e.outcome == Expected::Flaky)
-    }) {
-        Mark::Flaky
-    } else {
-        Mark::Expected
+fn expectation_mark(failed: &[&CaseReport]) -> Mark {
+    let declared: Option<Vec<_>> = failed.iter().map(|c| c.expected_failure()).collect();
+    match declared {
+        None => Mark::Unexpected,
+        Some(es) if es.iter().any(|e| e.outcome == Expected::Flaky) => Mark::Flaky,
+        Some(_) => Mark::Expected,
     }
 }
 
@@ -110,17 +104,15 @@ fn severity(k: OutcomeKind) -> u8 {
 }
 
 fn verdict(cases: &[&CaseReport]) -> CellVerdict {
-    let ran: Vec<&&CaseReport> = cases
-        .iter()
-        .filter(|c| c.outcome != OutcomeKind::Skipped)
-        .collect();
-    if ran.is_empty() {
+    let ran = cases.iter().filter(|c| c.outcome != OutcomeKind::Skipped);
+    let path = |p: Precision| -> Vec<&CaseReport> {
+        ran.clone().filter(|c| c.precision == p).copied().collect()
+    };
+    let (native, upcast) = (path(Precision::Native), path(Precision::Upcast));
+    if native.is_empty() && upcast.is_empty() {
         return CellVerdict::Skipped;
     }
-    let path =
-        |p: Precision| -> Vec<&&&CaseReport> { ran.iter().filter(|c| c.precision == p).collect() };
-    let (native, upcast) = (path(Precision::Native), path(Precision::Upcast));
-    let all_pass = |v: &[&&&CaseReport]| !v.is_empty() && v.iter().all(|c| c.outcome.is_pass());
+    let all_pass = |v: &[&CaseReport]| !v.is_empty() && v.iter().all(|c| c.outcome.is_pass());
     if all_pass(&native) {
         return CellVerdict::Native;
     }
@@ -128,7 +120,11 @@ fn verdict(cases: &[&CaseReport]) -> CellVerdict {
         return CellVerdict::UpcastOnly;
     }
     let judged = if native.is_empty() { &upcast } else { &native };
-    let failed: Vec<_> = judged.iter().filter(|c| !c.outcome.is_pass()).collect();
+    let failed: Vec<&CaseReport> = judged
+        .iter()
+        .filter(|c| !c.outcome.is_pass())
+        .copied()
+        .collect();
     let kind = failed
         .iter()
         .map(|c| c.outcome)
@@ -256,7 +252,7 @@ fn summary_line(report: &Report) -> String {
         report
             .cases
             .iter()
-            .filter(|c| c.outcome == k && c.expected.as_ref().is_some_and(|e| e.explains_failure()))
+            .filter(|c| c.outcome == k && c.expected_failure().is_some())
             .count()
     };
     let parts: Vec<String> = report
@@ -297,11 +293,7 @@ pub fn findings(report: &Report) -> Vec<Finding> {
             id: c.id.clone(),
             kind: c.outcome,
             detail: c.failure_detail(),
-            expected_by: c
-                .expected
-                .as_ref()
-                .filter(|e| e.explains_failure())
-                .map(|e| e.rule.clone()),
+            expected_by: c.expected_failure().map(|e| e.rule.clone()),
         })
         .collect();
     v.sort_by_key(|f| {
@@ -324,14 +316,11 @@ fn notes(report: &Report, grid: &Grid) -> Vec<String> {
             reasons.join("; ")
         ));
     }
-    let mut by_rule: BTreeMap<&str, (usize, &CaseReport)> = BTreeMap::new();
-    for c in &report.cases {
-        if let Some(e) = c.expected.as_ref().filter(|e| e.explains_failure()) {
-            by_rule.entry(e.rule.as_str()).or_insert((0, c)).0 += 1;
-        }
+    let mut by_rule: BTreeMap<&str, (usize, &CaseExpectation)> = BTreeMap::new();
+    for e in report.cases.iter().filter_map(CaseReport::expected_failure) {
+        by_rule.entry(e.rule.as_str()).or_insert((0, e)).0 += 1;
     }
-    for (rule, (n, c)) in by_rule {
-        let e = c.expected.as_ref().expect("grouped by its expectation");
+    for (rule, (n, e)) in by_rule {
         out.push(format!(
             "expected {}, {} ({rule}): {}",
             e.outcome,
