@@ -54,6 +54,11 @@ fn accepted(r: &Report) -> Snapshot {
     snapshot::from_report(r)
 }
 
+/// The exit code `run --check` would end with (the CLI test below checks the process does).
+fn exit(v: &gate::Verdict) -> i32 {
+    peft_compat::cli::gate_exit_code(v)
+}
+
 fn only_change(v: &gate::Verdict) -> &gate::Change {
     assert_eq!(v.changes.len(), 1, "{:?}", v.changes);
     &v.changes[0]
@@ -64,6 +69,7 @@ fn an_unchanged_run_passes_and_absent_devices_are_not_checked() {
     let r = small_report();
     let v = gate::check(&r, &accepted(&r), false);
     assert!(v.passed(), "{}", v.render("m.yaml"));
+    assert_eq!(exit(&v), 0);
     assert_eq!(v.checked, 8);
     assert_eq!(
         v.not_checked.len(),
@@ -83,6 +89,7 @@ fn a_pass_that_becomes_unsupported_is_a_regression() {
     c.error = Some("\"addmm_impl_cpu_\" not implemented for 'Half'".into());
     let v = gate::check(&r, &snap, false);
     assert!(!v.passed());
+    assert_eq!(exit(&v), 1);
     let ch = only_change(&v);
     assert_eq!(ch.kind, ChangeKind::Regression);
     assert!(ch.detail.starts_with("pass (result"), "{}", ch.detail);
@@ -112,12 +119,14 @@ fn an_error_that_doubles_and_more_fails_but_drift_within_the_rule_does_not() {
     // Make the error clearly exceed both the x2 rule and the +1 u noise floor.
     scale_error(&mut worse, (2.0 * before + 2.0) / before * 1.1);
     let v = gate::check(&worse, &snap, false);
+    assert_eq!(exit(&v), 1);
     let ch = only_change(&v);
     assert_eq!(ch.kind, ChangeKind::Regression);
     assert!(ch.detail.contains("error grew from"), "{}", ch.detail);
     let mut noise = base.clone();
     scale_error(&mut noise, 1.5);
     let v = gate::check(&noise, &snap, false);
+    assert_eq!(exit(&v), 0);
     assert!(
         v.passed(),
         "1.5x is within the drift rule: {}",
@@ -144,8 +153,10 @@ fn a_new_pass_is_an_unexpected_success_unless_allowed() {
         "{text}"
     );
     assert!(!v.passed());
+    assert_eq!(exit(&v), 1);
     let allowed = gate::check(&r, &snap, true);
     assert!(allowed.passed());
+    assert_eq!(exit(&allowed), 0);
     assert!(allowed
         .render("m.yaml")
         .contains(&format!("note {ID}: unexpected success")));
@@ -157,6 +168,7 @@ fn missing_and_orphan_entries_fail() {
     let mut snap = accepted(&r);
     snap.remove(ID);
     let v = gate::check(&r, &snap, false);
+    assert_eq!(exit(&v), 1);
     let ch = only_change(&v);
     assert_eq!(ch.kind, ChangeKind::Missing);
     assert!(v
@@ -166,6 +178,7 @@ fn missing_and_orphan_entries_fail() {
     let e = snap[ID].clone();
     snap.insert("tch/cpu/f16/dora/forward/native/gone".into(), e);
     let v = gate::check(&r, &snap, false);
+    assert_eq!(exit(&v), 1);
     let ch = only_change(&v);
     assert_eq!(ch.kind, ChangeKind::Orphan);
     assert!(ch.detail.contains("no case of the matrix produces it"));
@@ -178,6 +191,7 @@ fn a_shifted_number_with_the_same_error_is_caught_by_the_norm() {
     let c = r.cases.iter_mut().find(|c| c.id == ID).unwrap();
     c.metrics.as_mut().unwrap().outputs[0].norm *= 1.01;
     let v = gate::check(&r, &snap, false);
+    assert_eq!(exit(&v), 1);
     assert!(
         only_change(&v).detail.contains("norm moved"),
         "{:?}",
@@ -266,4 +280,113 @@ fn cli_check_exits_1_on_a_regression_and_writes_nothing_under_ci() {
     assert!(std::fs::read_to_string(dir.path().join("j.xml"))
         .unwrap()
         .contains("<failure type=\"regression\""));
+}
+
+/// Each kind of planted change, through the binary: the process's exit code and its message.
+#[test]
+fn cli_exit_code_and_message_for_each_planted_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_matrix(dir.path(), "candle", "cpu, cuda", "f16", "dora");
+    let snap = dir.path().join("m.snap");
+    let bin = env!("CARGO_BIN_EXE_peft-compat");
+    let out = Command::new(bin)
+        .args(["run", "-q", "--snapshot-out"])
+        .arg(&snap)
+        .arg(&m)
+        .env_remove("CI")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let clean = snapshot::read(&snap).unwrap();
+    let id = "candle/cpu/f16/dora/forward/native/s";
+    let check = |plant: &dyn Fn(&mut Snapshot), extra: &[&str]| {
+        let mut s = clean.clone();
+        plant(&mut s);
+        std::fs::write(&snap, snapshot::to_text(&s)).unwrap();
+        let out = Command::new(bin)
+            .args(["run", "-q", "--check", "--snapshot"])
+            .arg(&snap)
+            .args(extra)
+            .arg(&m)
+            .env("CI", "true")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    type Plant = Box<dyn Fn(&mut Snapshot)>;
+    let cases: Vec<(&str, Plant, &[&str], i32, String)> = vec![
+        (
+            "nothing changed; the CUDA case is not checked here",
+            Box::new(|_| {}),
+            &[],
+            0,
+            "not checked here: 1 case (device or backend absent)".into(),
+        ),
+        (
+            "the error grew 1.5x: within the drift rule",
+            Box::new(|s| {
+                for o in s.get_mut(id).unwrap().outputs.values_mut() {
+                    o.err_units /= 1.5;
+                }
+            }),
+            &[],
+            0,
+            "gate passed: 1 case checked".into(),
+        ),
+        (
+            "the error more than doubled",
+            Box::new(|s| {
+                for o in s.get_mut(id).unwrap().outputs.values_mut() {
+                    o.err_units = 0.01;
+                }
+            }),
+            &[],
+            1,
+            format!("FAIL {id}: regression"),
+        ),
+        (
+            "a new pass",
+            Box::new(|s| s.get_mut(id).unwrap().outcome = OutcomeKind::Mismatch),
+            &[],
+            1,
+            format!("FAIL {id}: unexpected success: mismatch"),
+        ),
+        (
+            "a new pass, allowed",
+            Box::new(|s| s.get_mut(id).unwrap().outcome = OutcomeKind::Mismatch),
+            &["--allow-improvements"],
+            0,
+            format!("note {id}: unexpected success"),
+        ),
+        (
+            "a missing entry",
+            Box::new(|s| {
+                s.remove(id);
+            }),
+            &[],
+            1,
+            format!("FAIL {id}: missing from snapshot"),
+        ),
+        (
+            "an orphan entry",
+            Box::new(|s| {
+                let e = s[id].clone();
+                s.insert("candle/cpu/f16/dora/forward/native/gone".into(), e);
+            }),
+            &[],
+            1,
+            "FAIL candle/cpu/f16/dora/forward/native/gone: orphan snapshot entry".into(),
+        ),
+    ];
+    for (what, plant, extra, code, message) in cases {
+        let (got, stdout) = check(&*plant, extra);
+        assert_eq!(got, code, "{what}: {stdout}");
+        assert!(
+            stdout.contains(&message),
+            "{what}: `{message}` not in {stdout}"
+        );
+    }
 }
