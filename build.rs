@@ -1,45 +1,30 @@
-//! Embeds the libtorch location as an rpath (so the binary runs without LD_LIBRARY_PATH) and the
-//! libtorch version (for reports). Both come from torch-sys, which found libtorch.
+//! The integration tests link the tch worker's glue in process (a dev-dependency), so they need
+//! libtorch at run time like the worker does: give test binaries the same rpath. The main binary
+//! links no tensor library and gets nothing here.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
-        return;
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_USE_PYTORCH");
+    let lib = if let Ok(root) = std::env::var("LIBTORCH") {
+        Some(PathBuf::from(root).join("lib"))
+    } else if std::env::var_os("LIBTORCH_USE_PYTORCH").is_some() {
+        // As torch-sys finds it: the torch package of the Python on PATH.
+        std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))",
+            ])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+    } else {
+        None
     };
-    let lib = Path::new(&lib);
-    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-    // Rust links with --as-needed, which drops libtorch_cuda (nothing references it directly)
-    // and with it CUDA support; keep it when this libtorch has it.
-    if lib.join("libtorch_cuda.so").exists() {
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+    if let Some(lib) = lib.filter(|l| l.is_dir()) {
+        println!("cargo:rustc-link-arg-tests=-Wl,-rpath,{}", lib.display());
     }
-    let root = lib.parent().unwrap_or(lib);
-    let mut version = None;
-    let mut cuda = None;
-    // The torch wheel: torch/version.py. A standalone libtorch: build-version.
-    if let Ok(py) = std::fs::read_to_string(root.join("version.py")) {
-        for line in py.lines() {
-            let value = || {
-                line.split('=')
-                    .nth(1)
-                    .map(|v| v.trim().trim_matches('\'').trim_matches('"').to_string())
-            };
-            if line.starts_with("__version__") {
-                version = value();
-            } else if line.starts_with("cuda") {
-                cuda = value();
-            }
-        }
-    } else if let Ok(v) = std::fs::read_to_string(root.join("build-version")) {
-        version = Some(v.trim().to_string());
-    }
-    if let Some(v) = version {
-        println!("cargo:rustc-env=PEFT_COMPAT_LIBTORCH_VERSION={v}");
-    }
-    println!(
-        "cargo:rustc-env=PEFT_COMPAT_LIBTORCH_CUDA={}",
-        cuda.unwrap_or_default()
-    );
 }

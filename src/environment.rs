@@ -87,7 +87,9 @@ fn gpus() -> Vec<String> {
 }
 
 impl Environment {
-    pub fn detect() -> Environment {
+    /// This machine, with the libraries its backend workers reported (`libraries`, and the
+    /// CUDA version libtorch was built for).
+    pub fn detect(libraries: BTreeMap<String, String>, cuda: Option<String>) -> Environment {
         let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let flags: Vec<String> = cpuinfo_field(&info, "flags")
             .or_else(|| cpuinfo_field(&info, "Features"))
@@ -101,14 +103,11 @@ impl Environment {
             .unwrap_or_else(|| "unknown".into());
         Environment {
             peft_compat: env!("CARGO_PKG_VERSION").to_string(),
-            libraries: crate::backend::versions()
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
+            libraries,
             cpu_model,
             cpu_flags: flags,
             cpu_count: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            cuda: crate::backend::cuda_build_version(),
+            cuda,
             gpus: gpus(),
             os: os_name(),
             arch: std::env::consts::ARCH.to_string(),

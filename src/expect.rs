@@ -40,6 +40,7 @@ pub enum Expected {
     Nonfinite,
     Unsupported,
     Crashed,
+    Timeout,
     /// Any failure.
     Fail,
     /// A pass or a failure: the case has been seen to do both.
@@ -54,6 +55,7 @@ impl Expected {
             Expected::Nonfinite => "nonfinite",
             Expected::Unsupported => "unsupported",
             Expected::Crashed => "crashed",
+            Expected::Timeout => "timeout",
             Expected::Fail => "fail",
             Expected::Flaky => "flaky",
         }
@@ -67,6 +69,7 @@ impl Expected {
             OutcomeKind::Nonfinite => Some(Expected::Nonfinite),
             OutcomeKind::Unsupported => Some(Expected::Unsupported),
             OutcomeKind::Crashed => Some(Expected::Crashed),
+            OutcomeKind::Timeout => Some(Expected::Timeout),
             OutcomeKind::Skipped => None,
         }
     }
@@ -84,7 +87,11 @@ impl Expected {
     fn has_text(self) -> bool {
         matches!(
             self,
-            Expected::Unsupported | Expected::Crashed | Expected::Fail | Expected::Flaky
+            Expected::Unsupported
+                | Expected::Crashed
+                | Expected::Timeout
+                | Expected::Fail
+                | Expected::Flaky
         )
     }
 }

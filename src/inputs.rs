@@ -65,6 +65,29 @@ impl HostTensor {
         out
     }
 
+    /// The inverse of [`HostTensor::to_le_bytes`]; `bytes` holds exactly one value per element.
+    pub fn from_le_bytes(shape: Vec<usize>, dtype: DType, bytes: &[u8]) -> HostTensor {
+        let data: Vec<f64> = match dtype {
+            DType::F64 => bytes
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect(),
+            DType::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")) as f64)
+                .collect(),
+            DType::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64())
+                .collect(),
+            DType::Bf16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64())
+                .collect(),
+        };
+        HostTensor::new(shape, data)
+    }
+
     pub fn max_abs(&self) -> f64 {
         self.data.iter().fold(0.0, |m, v| m.max(v.abs()))
     }
@@ -232,4 +255,8 @@ pub mod names {
     pub const MERGED: &str = "merged_weight";
     pub const UNMERGED: &str = "unmerged_weight";
     pub const MAGNITUDE: &str = "lora_magnitude_vector";
+    /// Every output name (what a worker's reply may carry).
+    pub const ALL: &[&str] = &[
+        RESULT, GRAD_A, GRAD_B, GRAD_M, GRAD_X, MERGED, UNMERGED, MAGNITUDE,
+    ];
 }

@@ -141,8 +141,11 @@ pub enum Outcome {
     Nonfinite(Metrics),
     /// The backend refused an operation; its message verbatim.
     Unsupported(String),
-    /// The case panicked; the panic message.
+    /// The case panicked, or its worker process died (abort, segfault, killed for memory, CUDA
+    /// fault): the panic message, or the exit status and the tail of the worker's stderr.
     Crashed(String),
+    /// The case did not finish within `--timeout`; its worker was killed and replaced.
+    Timeout(String),
     /// Not run here; why.
     Skipped(String),
 }
@@ -156,6 +159,7 @@ pub enum OutcomeKind {
     Nonfinite,
     Unsupported,
     Crashed,
+    Timeout,
     Skipped,
 }
 
@@ -166,6 +170,7 @@ impl OutcomeKind {
         OutcomeKind::Nonfinite,
         OutcomeKind::Unsupported,
         OutcomeKind::Crashed,
+        OutcomeKind::Timeout,
         OutcomeKind::Skipped,
     ];
 
@@ -176,6 +181,7 @@ impl OutcomeKind {
             OutcomeKind::Nonfinite => "nonfinite",
             OutcomeKind::Unsupported => "unsupported",
             OutcomeKind::Crashed => "crashed",
+            OutcomeKind::Timeout => "timeout",
             OutcomeKind::Skipped => "skipped",
         }
     }
@@ -188,6 +194,7 @@ impl OutcomeKind {
             | OutcomeKind::Nonfinite
             | OutcomeKind::Unsupported
             | OutcomeKind::Crashed
+            | OutcomeKind::Timeout
             | OutcomeKind::Skipped => false,
         }
     }
@@ -212,6 +219,7 @@ impl Outcome {
             Outcome::Nonfinite(_) => OutcomeKind::Nonfinite,
             Outcome::Unsupported(_) => OutcomeKind::Unsupported,
             Outcome::Crashed(_) => OutcomeKind::Crashed,
+            Outcome::Timeout(_) => OutcomeKind::Timeout,
             Outcome::Skipped(_) => OutcomeKind::Skipped,
         }
     }
@@ -219,7 +227,10 @@ impl Outcome {
     pub fn metrics(&self) -> Option<&Metrics> {
         match self {
             Outcome::Pass(m) | Outcome::Mismatch(m) | Outcome::Nonfinite(m) => Some(m),
-            Outcome::Unsupported(_) | Outcome::Crashed(_) | Outcome::Skipped(_) => None,
+            Outcome::Unsupported(_)
+            | Outcome::Crashed(_)
+            | Outcome::Timeout(_)
+            | Outcome::Skipped(_) => None,
         }
     }
 
@@ -227,7 +238,10 @@ impl Outcome {
     /// or the skip reason.
     pub fn message(&self) -> Option<&str> {
         match self {
-            Outcome::Unsupported(s) | Outcome::Crashed(s) | Outcome::Skipped(s) => Some(s),
+            Outcome::Unsupported(s)
+            | Outcome::Crashed(s)
+            | Outcome::Timeout(s)
+            | Outcome::Skipped(s) => Some(s),
             Outcome::Pass(_) | Outcome::Mismatch(_) | Outcome::Nonfinite(_) => None,
         }
     }

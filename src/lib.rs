@@ -1,9 +1,10 @@
 //! peft-compat: which combinations of backend x device x dtype x adapter x operation work for
 //! LoRA and DoRA adapters, measured for real against a float64 reference.
 //!
-//! Data flows one way: [`matrix`] -> [`case`]s -> [`runner`] (which runs [`adapter`] math on a
-//! [`backend`] and judges it against [`reference`] with [`judge`]) -> [`report`] (with the
-//! matrix's [`expect`]ations judged) -> [`render`] (table, Markdown, JUnit), JSON, a
+//! Data flows one way: [`matrix`] -> [`case`]s -> [`runner`] (which hands each case to a
+//! backend [`worker`] process running the [`adapter`] math over its [`backend`] ops, and judges
+//! the outputs against [`reference`] with [`judge`]) -> [`stream`]ed results -> [`report`] (with
+//! the matrix's [`expect`]ations judged) -> [`render`] (table, Markdown, JUnit), JSON, a
 //! [`snapshot`], a [`gate`] verdict, or [`record`]ed expectations.
 
 pub mod adapter;
@@ -14,12 +15,17 @@ pub mod dump;
 pub mod environment;
 pub mod expect;
 pub mod gate;
+pub mod guard;
 pub mod inputs;
 pub mod judge;
 pub mod matrix;
+pub mod partition;
+pub mod progress;
 pub mod record;
 pub mod reference;
 pub mod render;
 pub mod report;
 pub mod runner;
 pub mod snapshot;
+pub mod stream;
+pub mod worker;

@@ -7,32 +7,66 @@
 use crate::case::{Adapter, Op};
 use crate::inputs::{names, HostTensor, Inputs, Outputs};
 
-/// `a @ b^T` for a: [n, k], b: [m, k] -> [n, m].
-fn matmul_nt(a: &HostTensor, b: &HostTensor) -> HostTensor {
-    let (n, k, m) = (a.rows(), a.cols(), b.rows());
-    assert_eq!(k, b.cols());
+/// `C = A B` for a row-major A: [n, k] given by its strides, with a real blocked GEMM
+/// (matrixmultiply's dgemm: plain f64 arithmetic, no lower precision anywhere).
+fn gemm(
+    n: usize,
+    k: usize,
+    m: usize,
+    a: (&[f64], isize, isize),
+    b: (&[f64], isize, isize),
+) -> HostTensor {
     let mut out = vec![0.0; n * m];
-    for i in 0..n {
-        for j in 0..m {
-            let mut acc = 0.0;
-            for t in 0..k {
-                acc += a.data[i * k + t] * b.data[j * k + t];
-            }
-            out[i * m + j] = acc;
+    if n > 0 && m > 0 && k > 0 {
+        // SAFETY: the strides describe `a` as n x k and `b` as k x m inside their slices (the
+        // callers' shape asserts), and `out` is a fresh n x m row-major buffer.
+        unsafe {
+            matrixmultiply::dgemm(
+                n,
+                k,
+                m,
+                1.0,
+                a.0.as_ptr(),
+                a.1,
+                a.2,
+                b.0.as_ptr(),
+                b.1,
+                b.2,
+                0.0,
+                out.as_mut_ptr(),
+                m as isize,
+                1,
+            );
         }
     }
     HostTensor::new(vec![n, m], out)
 }
 
-fn transpose(a: &HostTensor) -> HostTensor {
-    let (n, m) = (a.rows(), a.cols());
-    let mut out = vec![0.0; n * m];
-    for i in 0..n {
-        for j in 0..m {
-            out[j * n + i] = a.data[i * m + j];
-        }
-    }
-    HostTensor::new(vec![m, n], out)
+/// `a @ b^T` for a: [n, k], b: [m, k] -> [n, m].
+fn matmul_nt(a: &HostTensor, b: &HostTensor) -> HostTensor {
+    let (n, k, m) = (a.rows(), a.cols(), b.rows());
+    assert_eq!(k, b.cols());
+    assert_eq!(a.data.len(), n * k);
+    assert_eq!(b.data.len(), m * k);
+    gemm(n, k, m, (&a.data, k as isize, 1), (&b.data, 1, k as isize))
+}
+
+/// `a @ b` for a: [n, k], b: [k, m] -> [n, m].
+fn matmul(a: &HostTensor, b: &HostTensor) -> HostTensor {
+    let (n, k, m) = (a.rows(), a.cols(), b.cols());
+    assert_eq!(k, b.rows());
+    assert_eq!(a.data.len(), n * k);
+    assert_eq!(b.data.len(), k * m);
+    gemm(n, k, m, (&a.data, k as isize, 1), (&b.data, m as isize, 1))
+}
+
+/// `a^T @ b` for a: [k, n], b: [k, m] -> [n, m].
+fn matmul_tn(a: &HostTensor, b: &HostTensor) -> HostTensor {
+    let (k, n, m) = (a.rows(), a.cols(), b.cols());
+    assert_eq!(k, b.rows());
+    assert_eq!(a.data.len(), k * n);
+    assert_eq!(b.data.len(), k * m);
+    gemm(n, k, m, (&a.data, 1, n as isize), (&b.data, m as isize, 1))
 }
 
 /// Elementwise `a + s * b`.
@@ -72,8 +106,9 @@ fn scale_cols(a: &HostTensor, v: &[f64]) -> HostTensor {
 
 /// Delta weight s * (B @ A): [out, in].
 pub fn delta_weight(a: &HostTensor, b: &HostTensor, scaling: f64) -> HostTensor {
-    let ba = matmul_nt(b, &transpose(a));
-    map_rows(&ba, |_, v| scaling * v)
+    let mut ba = matmul(b, a);
+    ba.data.iter_mut().for_each(|v| *v *= scaling);
+    ba
 }
 
 /// DoRA's weight norm ||W + s B A||_2 per output row: [out].
@@ -143,8 +178,32 @@ fn forward(inp: &Inputs, p: &Pieces, c: Option<&[f64]>) -> HostTensor {
 
 /// The reference outputs of one case, under the same names the backends use.
 pub fn compute(adapter: Adapter, op: Op, inp: &Inputs) -> Outputs {
+    compute_with_conditioning(adapter, op, inp).0
+}
+
+/// How much unmerge's cancellation amplifies rounding: unmerge returns W through W + dW (and,
+/// for DoRA, W' = c (W + dW)), so a rounding of those costs max|W + dW| / max|W| times more,
+/// relative to W, than a rounding of W itself. 1 for every other op.
+pub fn conditioning(op: Op, inp: &Inputs) -> f64 {
+    if op != Op::Unmerge {
+        return 1.0;
+    }
+    kappa(inp, &merge(inp))
+}
+
+fn kappa(inp: &Inputs, m: &Merged) -> f64 {
+    let w = inp.weight.max_abs();
+    if w == 0.0 {
+        return 1.0;
+    }
+    (m.sum.max_abs().max(m.merged.max_abs()) / w).max(1.0)
+}
+
+/// [`compute`] and [`conditioning`] together, sharing the weight-sized intermediates (on an
+/// LLM-sized layer those dominate the reference's time).
+pub fn compute_with_conditioning(adapter: Adapter, op: Op, inp: &Inputs) -> (Outputs, f64) {
     let dora = adapter == Adapter::Dora;
-    match op {
+    let outputs = match op {
         // DoRA init computes the magnitude m = ||W + s B A|| (PEFT's `update_layer`); LoRA
         // init computes nothing, so its check is that the layer is a no-op at init (B = 0).
         Op::Init if dora => vec![(
@@ -158,47 +217,42 @@ pub fn compute(adapter: Adapter, op: Op, inp: &Inputs) -> Outputs {
             vec![(names::RESULT, forward(inp, &p, c.as_deref()))]
         }
         Op::Backward => backward(inp),
-        Op::Merge => vec![(names::MERGED, merge(inp).0)],
+        Op::Merge => vec![(names::MERGED, merge(inp).merged)],
         Op::Unmerge => {
-            let (merged, c) = merge(inp);
-            let dw = delta_weight(&inp.lora_a, &inp.lora_b, inp.scaling);
-            let unscaled = match c {
-                Some(c) => map_rows(&merged, |i, v| v / c[i]),
-                None => merged,
+            let m = merge(inp);
+            let k = kappa(inp, &m);
+            // W = W' / c - dW
+            let restored = match &m.c {
+                Some(c) => map_rows(&m.merged, |i, v| v / c[i]),
+                None => m.merged.clone(),
             };
-            vec![(names::UNMERGED, axpy(&unscaled, -1.0, &dw))]
+            return (vec![(names::UNMERGED, axpy(&restored, -1.0, &m.dw))], k);
         }
-    }
+    };
+    (outputs, 1.0)
 }
 
-/// How much unmerge's cancellation amplifies rounding: unmerge returns W through W + dW (and,
-/// for DoRA, W' = c (W + dW)), so a rounding of those costs max|W + dW| / max|W| times more,
-/// relative to W, than a rounding of W itself. 1 for every other op.
-pub fn conditioning(op: Op, inp: &Inputs) -> f64 {
-    if op != Op::Unmerge {
-        return 1.0;
-    }
-    let dw = delta_weight(&inp.lora_a, &inp.lora_b, inp.scaling);
-    let sum = axpy(&inp.weight, 1.0, &dw);
-    let merged = merge(inp).0;
-    let w = inp.weight.max_abs();
-    if w == 0.0 {
-        return 1.0;
-    }
-    (sum.max_abs().max(merged.max_abs()) / w).max(1.0)
+/// A merge's pieces: dW, W + dW, the DoRA row factor c, and W' = c (W + dW) (= W + dW for LoRA).
+struct Merged {
+    dw: HostTensor,
+    sum: HostTensor,
+    c: Option<Vec<f64>>,
+    merged: HostTensor,
 }
 
-/// W' = W + dW (LoRA) or (m / ||W + dW||) * (W + dW) row-wise (DoRA); returns the factor too.
-fn merge(inp: &Inputs) -> (HostTensor, Option<Vec<f64>>) {
+/// W' = W + dW (LoRA) or (m / ||W + dW||) * (W + dW) row-wise (DoRA).
+fn merge(inp: &Inputs) -> Merged {
     let dw = delta_weight(&inp.lora_a, &inp.lora_b, inp.scaling);
     let sum = axpy(&inp.weight, 1.0, &dw);
-    match &inp.magnitude {
-        Some(m) => {
-            let c = dora_factor(inp, m);
-            (map_rows(&sum, |i, v| c[i] * v), Some(c))
-        }
-        None => (sum, None),
-    }
+    let c: Option<Vec<f64>> = inp.magnitude.as_ref().map(|m| {
+        let n = row_norms(&sum);
+        m.data.iter().zip(&n.data).map(|(m, n)| m / n).collect()
+    });
+    let merged = match &c {
+        Some(c) => map_rows(&sum, |i, v| c[i] * v),
+        None => sum.clone(),
+    };
+    Merged { dw, sum, c, merged }
 }
 
 /// Gradients of sum(y * g) with the DoRA norm held constant (detached), by hand:
@@ -214,16 +268,11 @@ fn backward(inp: &Inputs) -> Outputs {
         Some(c) => scale_cols(g, c),
         None => g.clone(),
     };
-    let gct = transpose(&gc);
     let s = inp.scaling;
-    let grad_b = map_rows(&matmul_nt(&gct, &transpose(&p.h)), |_, v| s * v);
-    let dh = map_rows(&matmul_nt(&gc, &transpose(&inp.lora_b)), |_, v| s * v);
-    let grad_a = matmul_nt(&transpose(&dh), &transpose(&inp.x));
-    let grad_x = axpy(
-        &matmul_nt(&gc, &transpose(&inp.weight)),
-        1.0,
-        &matmul_nt(&dh, &transpose(&inp.lora_a)),
-    );
+    let grad_b = map_rows(&matmul_tn(&gc, &p.h), |_, v| s * v);
+    let dh = map_rows(&matmul(&gc, &inp.lora_b), |_, v| s * v);
+    let grad_a = matmul_tn(&dh, &inp.x);
+    let grad_x = axpy(&matmul(&gc, &inp.weight), 1.0, &matmul(&dh, &inp.lora_a));
     let mut out = vec![(names::RESULT, y)];
     out.push((names::GRAD_A, grad_a));
     out.push((names::GRAD_B, grad_b));

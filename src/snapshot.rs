@@ -76,9 +76,10 @@ pub fn entry(c: &CaseReport) -> Entry {
     Entry {
         outcome: c.outcome,
         error_class: match c.outcome {
-            OutcomeKind::Unsupported | OutcomeKind::Crashed | OutcomeKind::Skipped => {
-                c.error.as_deref().map(error_class)
-            }
+            OutcomeKind::Unsupported
+            | OutcomeKind::Crashed
+            | OutcomeKind::Timeout
+            | OutcomeKind::Skipped => c.error.as_deref().map(error_class),
             _ => None,
         },
         outputs,

@@ -1,6 +1,8 @@
 //! Expectations with reasons: parsing (with file:line errors), environment conditions, the gate
 //! holding cases to them, the table marking them, and `--record` writing them from real runs.
 
+mod support;
+
 use peft_compat::backend::{BackendError, OpResult};
 use peft_compat::case::Case;
 use peft_compat::environment::Environment;
@@ -11,7 +13,6 @@ use peft_compat::matrix::Matrix;
 use peft_compat::record;
 use peft_compat::render::table;
 use peft_compat::report::Report;
-use peft_compat::runner::{self, Executor, RunOptions};
 use peft_compat::snapshot;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -59,18 +60,22 @@ fn refusing(refuse: &'static [&'static str]) -> impl Fn(&Case, &Inputs) -> OpRes
         if refuse.contains(&c.id().as_str()) {
             Err(BackendError::new(OLD_TORCH_ERROR))
         } else {
-            runner::run_on_backend(c, inp)
+            support::run_on_backend(c, inp)
         }
     }
 }
 
-fn report_with(m: &Matrix, exec: &Executor, env: &Environment) -> Report {
-    let results = runner::run_with(m, &RunOptions::default(), exec, &mut |_| {});
+fn report_with(
+    m: &Matrix,
+    exec: &(dyn Fn(&Case, &Inputs) -> OpResult<Outputs> + Sync),
+    env: &Environment,
+) -> Report {
+    let results = support::run_in_process(m, exec);
     Report::new("m.yaml", m.seed, env.clone(), &results, 0.0).with_expectations(&m.expectations)
 }
 
 fn env_with_libtorch(version: &str) -> Environment {
-    let mut env = Environment::detect();
+    let mut env = support::env();
     env.libraries.insert("libtorch".into(), version.into());
     env
 }
@@ -191,7 +196,7 @@ fn a_declared_failure_passes_the_gate_where_its_condition_holds_and_only_there()
     let m = load(&format!("{BASE}{OLD_TORCH_RULE}"));
     let accepted = snapshot::from_report(&report_with(
         &m,
-        &runner::run_on_backend,
+        &support::run_on_backend,
         &env_with_libtorch("2.11.0"),
     ));
     let exec = refusing(&[TCH16]);
@@ -245,7 +250,7 @@ fn a_declared_failure_that_passes_is_an_unexpected_success_naming_the_rule() {
     let m = load(&format!(
         "{BASE}expectations:\n  - {{backend: candle, dtype: f16, expect: unsupported, reason: candle lacks it}}\n"
     ));
-    let r = report_with(&m, &runner::run_on_backend, &Environment::detect());
+    let r = report_with(&m, &support::run_on_backend, &support::env());
     // Even a snapshot that accepted the pass does not excuse it: the rule says otherwise.
     let v = gate::check(&r, &snapshot::from_report(&r), false);
     assert!(!v.passed());
@@ -314,8 +319,8 @@ fn a_flaky_case_passes_the_gate_either_way_and_is_marked() {
     let m = load(&format!(
         "{BASE}expectations:\n  - {{backend: tch, dtype: f16, expect: flaky, reason: seen both ways}}\n"
     ));
-    let env = Environment::detect();
-    let good = report_with(&m, &runner::run_on_backend, &env);
+    let env = support::env();
+    let good = report_with(&m, &support::run_on_backend, &env);
     let bad = report_with(&m, &refusing(&[TCH16]), &env);
     for (accepted, now) in [(&good, &bad), (&bad, &good), (&good, &good)] {
         let v = gate::check(now, &snapshot::from_report(accepted), false);
@@ -347,10 +352,10 @@ fn record_writes_reviewable_rules_that_the_gate_then_holds() {
             {
                 Err(BackendError::new("intermittent"))
             }
-            _ => runner::run_on_backend(c, inp),
+            _ => support::run_on_backend(c, inp),
         }
     };
-    let env = Environment::detect();
+    let env = support::env();
     let runs: Vec<Report> = (0..3).map(|_| report_with(&m, &exec, &env)).collect();
     let rec = record::record(&m, &runs);
     assert_eq!(
@@ -441,7 +446,7 @@ fn recorded_rules_merge_into_products_and_keep_inactive_rules_last() {
     let m = load(&body);
     let env = env_with_libtorch("2.11.0");
     let runs: Vec<Report> = (0..2)
-        .map(|_| report_with(&m, &runner::run_on_backend, &env))
+        .map(|_| report_with(&m, &support::run_on_backend, &env))
         .collect();
     let rec = record::record(&m, &runs);
     assert_eq!(rec.rules.len(), 1, "{:?}", rec.rules);

@@ -1,20 +1,20 @@
 //! The CI gate: planted changes of every kind, each caught (or, for noise and absent devices,
 //! not) with the right message; determinism; and the project gating itself.
 
-use peft_compat::environment::Environment;
+mod support;
+
 use peft_compat::gate::{self, ChangeKind};
 use peft_compat::judge::OutcomeKind;
 use peft_compat::matrix::Matrix;
 use peft_compat::report::Report;
-use peft_compat::runner::{self, RunOptions};
+
 use peft_compat::snapshot::{self, Snapshot};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn report_of(m: &Matrix, name: &str) -> Report {
-    let results = runner::run(m, &RunOptions::default(), &mut |_| {});
-    Report::new(name, m.seed, Environment::detect(), &results, 0.0)
-        .with_expectations(&m.expectations)
+    let results = support::run_workers(m);
+    Report::new(name, m.seed, support::env(), &results, 0.0).with_expectations(&m.expectations)
 }
 
 fn run_default_cpu() -> Report {

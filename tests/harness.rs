@@ -1,6 +1,8 @@
 //! End-to-end tests of the harness: real backends, the judge catching planted faults, matrix
 //! errors, dumps and the CLI contract.
 
+mod support;
+
 use peft_compat::adapter;
 use peft_compat::backend::{BackendError, OpResult, TensorOps};
 use peft_compat::case::{Adapter, Backend, Case, DType, Device, Op, Precision, Shape};
@@ -92,7 +94,7 @@ fn shared_math_matches_the_paper_example_on_both_backends() {
     };
     for backend in [Backend::Tch, Backend::Candle] {
         let run = |op| {
-            runner::run_on_backend(
+            support::run_on_backend(
                 &case(
                     backend,
                     DType::F64,
@@ -139,7 +141,7 @@ fn shared_math_matches_the_paper_example_on_both_backends() {
             Precision::Native,
             &s,
         );
-        let i = runner::run_on_backend(&c, &init).unwrap();
+        let i = support::run_on_backend(&c, &init).unwrap();
         close(get(&i, names::MAGNITUDE), &[3.0, 5.0]);
     }
 }
@@ -154,12 +156,12 @@ fn backends_agree_with_each_other_and_the_reference_in_f32() {
         for op in OPS {
             let inp = draws.inputs(DType::F32, adapter, op);
             let want = reference::compute(adapter, op, &inp);
-            let tch = runner::run_on_backend(
+            let tch = support::run_on_backend(
                 &case(Backend::Tch, DType::F32, adapter, op, Precision::Native, &s),
                 &inp,
             )
             .unwrap();
-            let candle = runner::run_on_backend(
+            let candle = support::run_on_backend(
                 &case(
                     Backend::Candle,
                     DType::F32,
@@ -295,10 +297,10 @@ fn run_faulty(fault: Fault) -> Vec<runner::CaseResult> {
     let dir = tempfile::tempdir().unwrap();
     let m = Matrix::load(&write_matrix(dir.path(), SMALL_MATRIX), None).unwrap();
     let exec = move |c: &Case, inp: &Inputs| -> OpResult<Outputs> {
-        let ops = peft_compat::backend::candle::CandleOps::new(c.device)?;
+        let ops = peft_compat_worker_candle::ops::CandleOps::new(c.device)?;
         adapter::run(&Faulty { inner: &ops, fault }, c, inp)
     };
-    runner::run_with(&m, &RunOptions::default(), &exec, &mut |_| {})
+    support::run_in_process(&m, &exec)
 }
 
 /// The same harness passes the real kernels and flags 1%-off kernels as `mismatch`, in f32
@@ -307,7 +309,7 @@ fn run_faulty(fault: Fault) -> Vec<runner::CaseResult> {
 fn a_wrong_kernel_is_caught_as_mismatch() {
     let dir = tempfile::tempdir().unwrap();
     let m = Matrix::load(&write_matrix(dir.path(), SMALL_MATRIX), None).unwrap();
-    let good = runner::run(&m, &RunOptions::default(), &mut |_| {});
+    let good = support::run_workers(&m);
     assert!(
         good.iter().all(|r| r.outcome.kind() == OutcomeKind::Pass),
         "{:?}",
@@ -391,7 +393,7 @@ fn upcast_runs_fp32_products_where_peft_does() {
     let draws = Draws::generate(&s, 1);
     let inp = draws.inputs(DType::F16, Adapter::Dora, Op::Init);
     let refuse_16 = |c: &Case| {
-        let ops = peft_compat::backend::candle::CandleOps::new(Device::Cpu).unwrap();
+        let ops = peft_compat_worker_candle::ops::CandleOps::new(Device::Cpu).unwrap();
         adapter::run(&Refuse16(&ops), c, &inp)
     };
     let native = case(
@@ -409,7 +411,7 @@ fn upcast_runs_fp32_products_where_peft_does() {
     // The forward has no upcast in PEFT: still refused, as on libtorch <= 2.1.
     let fwd_inp = draws.inputs(DType::F16, Adapter::Dora, Op::Forward);
     assert!(adapter::run(
-        &Refuse16(&peft_compat::backend::candle::CandleOps::new(Device::Cpu).unwrap()),
+        &Refuse16(&peft_compat_worker_candle::ops::CandleOps::new(Device::Cpu).unwrap()),
         &fwd,
         &fwd_inp
     )
@@ -417,10 +419,10 @@ fn upcast_runs_fp32_products_where_peft_does() {
 }
 
 /// Refuses matmuls of 16-bit tensors, delegating everything else to candle.
-struct Refuse16<'a>(&'a peft_compat::backend::candle::CandleOps);
+struct Refuse16<'a>(&'a peft_compat_worker_candle::ops::CandleOps);
 
 impl TensorOps for Refuse16<'_> {
-    type Tensor = candle_core::Tensor;
+    type Tensor = peft_compat_worker_candle::candle_core::Tensor;
     fn upload(&self, h: &HostTensor, d: DType) -> OpResult<Self::Tensor> {
         self.0.upload(h, d)
     }
@@ -431,7 +433,7 @@ impl TensorOps for Refuse16<'_> {
         self.0.cast(t, d)
     }
     fn matmul(&self, a: &Self::Tensor, b: &Self::Tensor) -> OpResult<Self::Tensor> {
-        if a.dtype() == candle_core::DType::F16 {
+        if a.dtype() == peft_compat_worker_candle::candle_core::DType::F16 {
             return Err(BackendError::new(
                 "\"addmm_impl_cpu_\" not implemented for 'Half'",
             ));
@@ -618,12 +620,13 @@ fn a_dump_reads_back_with_peft_names_and_metadata() {
         .replace("dtype: [f32, f16]", "dtype: [bf16]");
     let m = Matrix::load(&write_matrix(dir.path(), &body), None).unwrap();
     let dump = dir.path().join("dumps");
-    let results = runner::run(
+    let results = support::run_workers_with(
         &m,
+        1,
         &RunOptions {
             dump_dir: Some(dump.clone()),
+            ..RunOptions::default()
         },
-        &mut |_| {},
     );
     assert_eq!(results.len(), 1);
     let file = dump.join("tch__cpu__bf16__dora__backward__native__s.safetensors");
@@ -775,8 +778,11 @@ fn cli_run_writes_the_json_contract_and_prints_the_table() {
 fn pinned_library_versions_match_cargo_lock() {
     let lock = std::fs::read_to_string("Cargo.lock").unwrap();
     for (name, v) in [
-        ("tch", peft_compat::backend::tch::TCH_VERSION),
-        ("candle-core", peft_compat::backend::candle::CANDLE_VERSION),
+        ("tch", peft_compat_worker_tch::ops::TCH_VERSION),
+        (
+            "candle-core",
+            peft_compat_worker_candle::ops::CANDLE_VERSION,
+        ),
     ] {
         assert!(
             lock.contains(&format!("name = \"{name}\"\nversion = \"{v}\"")),

@@ -1,16 +1,12 @@
-//! The small set of tensor operations the adapter math needs, and one implementation per library.
+//! The small set of tensor operations the adapter math needs.
 //!
-//! Each backend file is glue: it maps these calls onto the library's natural op, the one a user of
-//! that library would write, and never upcasts on its own. Where precision is widened is decided
-//! in `adapter/`, visibly, from the case's precision policy.
+//! Each library implements it in its worker crate (`workers/tch/src/ops.rs`,
+//! `workers/candle/src/ops.rs`), as glue: it maps these calls onto the library's natural op, the
+//! one a user of that library would write, and never upcasts on its own. Where precision is
+//! widened is decided in `adapter/`, visibly, from the case's precision policy.
 
-use crate::case::{Backend, DType, Device};
+use crate::case::DType;
 use crate::inputs::HostTensor;
-
-#[cfg(feature = "candle")]
-pub mod candle;
-#[cfg(feature = "tch")]
-pub mod tch;
 
 /// What a backend said when it refused an operation, verbatim (first paragraph of the library's
 /// own message, without C++ backtraces).
@@ -67,57 +63,4 @@ pub trait TensorOps {
         upstream: &Self::Tensor,
         wrt: &[&Self::Tensor],
     ) -> OpResult<Vec<Self::Tensor>>;
-}
-
-/// Why a (backend, device) pair cannot run here, or `None` when it can.
-pub fn unavailable(backend: Backend, device: Device) -> Option<String> {
-    match backend {
-        Backend::Tch => tch_unavailable(device),
-        Backend::Candle => candle_unavailable(device),
-    }
-}
-
-#[cfg(feature = "tch")]
-fn tch_unavailable(device: Device) -> Option<String> {
-    tch::unavailable(device)
-}
-
-#[cfg(not(feature = "tch"))]
-fn tch_unavailable(_: Device) -> Option<String> {
-    Some("tch backend not compiled in (build with --features tch)".into())
-}
-
-#[cfg(feature = "candle")]
-fn candle_unavailable(device: Device) -> Option<String> {
-    candle::unavailable(device)
-}
-
-#[cfg(not(feature = "candle"))]
-fn candle_unavailable(_: Device) -> Option<String> {
-    Some("candle backend not compiled in (build with --features candle)".into())
-}
-
-/// Library versions compiled in, for the report's environment block.
-pub fn versions() -> Vec<(&'static str, String)> {
-    let mut v = Vec::new();
-    #[cfg(feature = "tch")]
-    {
-        v.push(("tch", tch::TCH_VERSION.to_string()));
-        v.push(("libtorch", tch::libtorch_version()));
-    }
-    #[cfg(feature = "candle")]
-    v.push(("candle", candle::CANDLE_VERSION.to_string()));
-    v
-}
-
-/// The CUDA version libtorch was built against, when tch is compiled in and it was.
-pub fn cuda_build_version() -> Option<String> {
-    #[cfg(feature = "tch")]
-    {
-        tch::libtorch_cuda_version().map(String::from)
-    }
-    #[cfg(not(feature = "tch"))]
-    {
-        None
-    }
 }

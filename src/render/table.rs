@@ -94,6 +94,7 @@ fn expectation_mark(failed: &[&CaseReport]) -> Mark {
 /// Worst first: a crash hides less than a mismatch.
 fn severity(k: OutcomeKind) -> u8 {
     match k {
+        OutcomeKind::Timeout => 6,
         OutcomeKind::Crashed => 5,
         OutcomeKind::Unsupported => 4,
         OutcomeKind::Nonfinite => 3,

@@ -1,9 +1,9 @@
 //! candle-core: glue from `TensorOps` to candle ops, written as a candle user writes them.
 
-use super::{BackendError, OpResult, TensorOps};
-use crate::case::{DType, Device};
-use crate::inputs::HostTensor;
 use candle_core::{Tensor, Var};
+use peft_compat::backend::{BackendError, OpResult, TensorOps};
+use peft_compat::case::{DType, Device};
+use peft_compat::inputs::HostTensor;
 
 /// The candle-core version this binary was built with (pinned in Cargo.toml; a test checks it).
 pub const CANDLE_VERSION: &str = "0.11.1";
@@ -12,8 +12,11 @@ pub fn unavailable(device: Device) -> Option<String> {
     match device {
         Device::Cpu => None,
         Device::Cuda(n) => {
-            if !cfg!(feature = "candle-cuda") {
-                Some("candle built without CUDA support (build with --features candle-cuda)".into())
+            if !cfg!(feature = "cuda") {
+                Some(
+                    "candle built without CUDA support (build the candle worker with --features cuda)"
+                        .into(),
+                )
             } else {
                 candle_core::Device::new_cuda(n)
                     .err()

@@ -1,0 +1,270 @@
+//! Benchmarks that print figures (not timed tests): `scripts/bench`, or
+//! `cargo build --release && cargo bench --bench harness`.
+//!
+//! 1. The 60-case CPU matrix (tch; f32/f16/bf16 x lora/dora x 5 ops x native/upcast; 256->512,
+//!    r=16, batch 4): wall time with isolation on, and the harness overhead per case (a case's
+//!    wall time minus the backend's own compute time, both from the JSON report).
+//! 2. The default matrix: wall time.
+//! 3. Start-up: `--help`, `list` and a bad matrix: wall time and peak memory.
+//! 4. A generated 10,000-case matrix of small shapes (and a 1,000-case one beside it): cases per
+//!    second and peak memory of the runner and of its largest worker.
+//! 5. One 4096x11008 DoRA merge case: the f64 reference alone (in process), and the whole case
+//!    through peft-compat with its peak memory.
+//!
+//! Ratios measured in one run are what to compare on a noisy machine; `--quick` skips 4 and 5.
+
+use peft_compat::case::{Adapter, DType, Op, Shape};
+use peft_compat::inputs::Draws;
+use peft_compat::reference;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_peft-compat"))
+}
+
+/// `VmHWM` (peak resident set) of a live process, in bytes.
+fn peak_rss(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+/// A finished command: wall time, peak memory of the main process and of its largest child.
+struct Measured {
+    wall: Duration,
+    main_peak: u64,
+    worker_peak: u64,
+    ok: bool,
+}
+
+/// Run `cmd`, sampling the peak memory of it and its children every 10 ms until it exits.
+fn measure(mut cmd: Command) -> Measured {
+    let t0 = Instant::now();
+    let mut child: Child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start");
+    let pid = child.id();
+    let (mut main_peak, mut worker_peak) = (0, 0);
+    let status = loop {
+        main_peak = main_peak.max(peak_rss(pid).unwrap_or(0));
+        for c in children(pid) {
+            worker_peak = worker_peak.max(peak_rss(c).unwrap_or(0));
+        }
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Measured {
+        wall: t0.elapsed(),
+        main_peak,
+        worker_peak,
+        ok: status.success(),
+    }
+}
+
+fn mb(b: u64) -> String {
+    format!("{:.0} MB", b as f64 / 1e6)
+}
+
+fn run_cmd(matrix: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(bin());
+    c.arg("run").arg(matrix).args(["-q"]).args(extra);
+    c
+}
+
+fn best_of(n: usize, mut f: impl FnMut() -> Measured) -> Measured {
+    let mut best: Option<Measured> = None;
+    for _ in 0..n {
+        let m = f();
+        if best.as_ref().is_none_or(|b| m.wall < b.wall) {
+            best = Some(m);
+        }
+    }
+    best.expect("n > 0")
+}
+
+const SIXTY: &str = "\
+seed: 7
+axes:
+  backend: [tch]
+  device: [cpu]
+  dtype: [f32, f16, bf16]
+  adapter: [lora, dora]
+  op: [init, forward, backward, merge, unmerge]
+  precision: [native, upcast]
+shapes:
+  s: {batch: 4, in_features: 256, out_features: 512, rank: 16, alpha: 16}
+";
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let dir = std::env::temp_dir().join(format!("peft-compat-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("peft-compat benchmarks ({cores} cores)\n");
+
+    // 1. The 60-case CPU matrix.
+    let sixty = dir.join("sixty.yaml");
+    std::fs::write(&sixty, SIXTY).unwrap();
+    let report = dir.join("sixty.json");
+    let m = best_of(5, || {
+        measure(run_cmd(&sixty, &["--json", report.to_str().unwrap()]))
+    });
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let cases = r["cases"].as_array().unwrap();
+    let (mut overhead, mut compute) = (0.0, 0.0);
+    for c in cases {
+        let d = c["duration_ms"].as_f64().unwrap_or(0.0);
+        let k = c["compute_ms"].as_f64().unwrap_or(0.0);
+        overhead += d - k;
+        compute += k;
+    }
+    let n = cases.len() as f64;
+    println!(
+        "1. 60-case CPU matrix (tch, 256->512, r=16): {:.3} s wall (best of 5, workers, {} jobs){}",
+        m.wall.as_secs_f64(),
+        cores,
+        if m.ok { "" } else { " FAILED" }
+    );
+    println!(
+        "   per case: {:.2} ms backend compute, {:.2} ms harness overhead (case wall - compute); \
+         run wall x jobs - compute = {:.2} ms per case",
+        compute / n,
+        overhead / n,
+        (m.wall.as_secs_f64() * 1e3 * cores as f64 - compute) / n
+    );
+    let one = best_of(3, || measure(run_cmd(&sixty, &["-j", "1"])));
+    println!("   with -j 1: {:.3} s wall", one.wall.as_secs_f64());
+
+    // 2. The default matrix.
+    let d = best_of(3, || {
+        measure(run_cmd(Path::new("matrices/default.yaml"), &[]))
+    });
+    println!(
+        "2. default matrix (480 cases, 240 run here): {:.3} s wall (best of 3); peak {} runner, {} largest worker",
+        d.wall.as_secs_f64(),
+        mb(d.main_peak),
+        mb(d.worker_peak)
+    );
+
+    // 3. Start-up.
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, "seed: 1\naxes:\n  backend: [tch, torch]\n").unwrap();
+    for (what, args) in [
+        ("--help", vec!["--help"]),
+        (
+            "list matrices/default.yaml",
+            vec!["list", "matrices/default.yaml"],
+        ),
+        ("run <bad matrix>", vec!["run", bad.to_str().unwrap()]),
+    ] {
+        let m = best_of(10, || {
+            let mut c = Command::new(bin());
+            c.args(&args);
+            measure(c)
+        });
+        println!(
+            "3. start-up, {what}: {:.1} ms wall, peak {}",
+            m.wall.as_secs_f64() * 1e3,
+            mb(m.main_peak)
+        );
+    }
+    if quick {
+        return;
+    }
+
+    // 4. Many small cases: memory must not grow with the number of cases.
+    for shapes in [9usize, 84] {
+        let body: String = (0..shapes)
+            .map(|i| {
+                format!(
+                    "  s{i}: {{batch: 2, in_features: 16, out_features: 16, rank: 4, alpha: 8}}\n"
+                )
+            })
+            .collect();
+        let path = dir.join(format!("many{shapes}.yaml"));
+        std::fs::write(
+            &path,
+            format!(
+                "seed: 3\naxes:\n  backend: [tch, candle]\n  device: [cpu]\n  dtype: [f32, f16, bf16]\n  \
+                 adapter: [lora, dora]\n  op: [init, forward, backward, merge, unmerge]\n  \
+                 precision: [native, upcast]\nshapes:\n{body}"
+            ),
+        )
+        .unwrap();
+        let n = shapes * 120;
+        let m = measure(run_cmd(&path, &[]));
+        println!(
+            "4. {n} small cases: {:.2} s wall, {:.0} cases/s; peak {} runner, {} largest worker",
+            m.wall.as_secs_f64(),
+            n as f64 / m.wall.as_secs_f64(),
+            mb(m.main_peak),
+            mb(m.worker_peak)
+        );
+    }
+
+    // 5. One LLM-sized case.
+    let shape = Shape {
+        name: "llm".into(),
+        batch: 4,
+        in_features: 4096,
+        out_features: 11008,
+        rank: 16,
+        alpha: 16.0,
+        bias: false,
+        rslora: false,
+    };
+    let t0 = Instant::now();
+    let draws = Draws::generate(&shape, 1);
+    let inputs = draws.inputs(DType::F32, Adapter::Dora, Op::Merge);
+    let prep = t0.elapsed();
+    let t1 = Instant::now();
+    let (out, kappa) = reference::compute_with_conditioning(Adapter::Dora, Op::Merge, &inputs);
+    let refs = t1.elapsed();
+    std::hint::black_box((&out, kappa));
+    drop((out, inputs, draws));
+    println!(
+        "5. 4096x11008 DoRA merge: f64 reference {:.3} s (inputs drawn and rounded in {:.3} s, in process)",
+        refs.as_secs_f64(),
+        prep.as_secs_f64()
+    );
+    let llm = dir.join("llm.yaml");
+    std::fs::write(
+        &llm,
+        "seed: 1\naxes:\n  backend: [tch]\n  device: [cpu]\n  dtype: [f32]\n  adapter: [dora]\n  \
+         op: [merge]\n  precision: [native]\nshapes:\n  llm: {batch: 4, in_features: 4096, out_features: 11008, rank: 16, alpha: 16, bias: false}\n",
+    )
+    .unwrap();
+    let m = measure(run_cmd(&llm, &[]));
+    let weight = 4096.0 * 11008.0 * 8.0;
+    println!(
+        "   the whole case through peft-compat: {:.2} s wall; peak {} runner ({:.1}x the f64 weight), {} worker",
+        m.wall.as_secs_f64(),
+        mb(m.main_peak),
+        m.main_peak as f64 / weight,
+        mb(m.worker_peak)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,88 @@
+//! A candle worker with a fault-injection hook, built only for tests (`cargo test` builds
+//! examples; nothing ships it). `PEFT_COMPAT_FAULTS="SUBSTR=FAULT,..."`: a case whose id
+//! contains SUBSTR, instead of running:
+//! - `abort`: aborts the process (as a libtorch `TORCH_CHECK` in a destructor would);
+//! - `segfault`: writes through a null pointer (SIGSEGV);
+//! - `hang`: sleeps forever;
+//! - `oom`: allocates without bound until the allocator gives up (Rust aborts);
+//! - `panic`: panics (the worker survives and answers `panicked`);
+//! - `stdout`: prints junk on stdout first, then runs normally (the protocol must skip it);
+//! - `slow`: sleeps 150 ms first, then runs normally (for interrupting a run midway).
+//!
+//! Every other case runs on candle, as the real worker does.
+
+use peft_compat::backend::OpResult;
+use peft_compat::case::{Case, Device};
+use peft_compat::inputs::{Inputs, Outputs};
+use peft_compat::worker::WorkerBackend;
+use peft_compat_worker_candle::Candle;
+use std::collections::BTreeMap;
+
+struct Faulty {
+    faults: Vec<(String, String)>,
+}
+
+impl WorkerBackend for Faulty {
+    fn name(&self) -> String {
+        Candle.name()
+    }
+    fn libraries(&self) -> BTreeMap<String, String> {
+        Candle.libraries()
+    }
+    fn set_threads(&self, threads: usize) {
+        Candle.set_threads(threads)
+    }
+    fn unavailable(&self, device: Device) -> Option<String> {
+        Candle.unavailable(device)
+    }
+    fn run(&self, case: &Case, inputs: &Inputs) -> OpResult<Outputs> {
+        let id = case.id();
+        let fault = self
+            .faults
+            .iter()
+            .find(|(s, _)| id.contains(s.as_str()))
+            .map(|(_, f)| f.as_str());
+        match fault {
+            Some("abort") => {
+                eprintln!("fault_worker: aborting on {id}");
+                std::process::abort()
+            }
+            Some("segfault") => {
+                eprintln!("fault_worker: segfaulting on {id}");
+                // SAFETY: none; that is the point. A volatile write is not optimised away.
+                unsafe { std::ptr::write_volatile(std::ptr::null_mut::<u64>(), 1) };
+                unreachable!()
+            }
+            Some("hang") => loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            },
+            Some("oom") => {
+                // One allocation the size of the address space: the allocator refuses and Rust
+                // aborts with "memory allocation of N bytes failed", as the absurd shapes did.
+                let v: Vec<u8> = Vec::with_capacity(1 << 46);
+                std::hint::black_box(&v);
+                unreachable!("an allocation of 64 TiB succeeded")
+            }
+            Some("panic") => panic!("fault_worker: planted panic on {id}"),
+            Some("slow") => {
+                std::thread::sleep(std::time::Duration::from_millis(150));
+                Candle.run(case, inputs)
+            }
+            Some("stdout") => {
+                println!("fault_worker: stray output on stdout");
+                Candle.run(case, inputs)
+            }
+            _ => Candle.run(case, inputs),
+        }
+    }
+}
+
+fn main() {
+    let faults = std::env::var("PEFT_COMPAT_FAULTS")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    std::process::exit(peft_compat::worker::serve(&Faulty { faults }));
+}

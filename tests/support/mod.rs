@@ -1,0 +1,83 @@
+//! Helpers shared by the integration tests: the backends in process (through the worker
+//! crates' glue) and through their real worker processes.
+#![allow(dead_code)]
+
+use peft_compat::backend::OpResult;
+use peft_compat::case::{Backend, Case, Device};
+use peft_compat::environment::Environment;
+use peft_compat::inputs::{Inputs, Outputs};
+use peft_compat::matrix::Matrix;
+use peft_compat::runner::{self, CaseResult, InProcess, RunOptions, WorkerPaths, Workers};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Run a case on its backend in this process.
+pub fn run_on_backend(case: &Case, inputs: &Inputs) -> OpResult<Outputs> {
+    match case.backend {
+        Backend::Tch => peft_compat_worker_tch::run(case, inputs),
+        Backend::Candle => peft_compat_worker_candle::run(case, inputs),
+    }
+}
+
+/// Why a backend cannot use a device here (in process).
+pub fn unavailable(backend: Backend, device: Device) -> Option<String> {
+    match backend {
+        Backend::Tch => peft_compat_worker_tch::ops::unavailable(device),
+        Backend::Candle => peft_compat_worker_candle::ops::unavailable(device),
+    }
+}
+
+/// Run every case of `m` in process with `exec`.
+pub fn run_in_process(
+    m: &Matrix,
+    exec: &(dyn Fn(&Case, &Inputs) -> OpResult<Outputs> + Sync),
+) -> Vec<CaseResult> {
+    let backends = InProcess {
+        run: exec,
+        unavailable: &unavailable,
+    };
+    runner::run_in_process(m, &RunOptions::default(), &backends, &mut |_| {})
+}
+
+/// The libraries as the workers report them.
+pub fn env() -> Environment {
+    let libraries: BTreeMap<String, String> = [
+        ("tch", peft_compat_worker_tch::ops::TCH_VERSION.to_string()),
+        ("libtorch", peft_compat_worker_tch::ops::libtorch_version()),
+        (
+            "candle",
+            peft_compat_worker_candle::ops::CANDLE_VERSION.to_string(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    Environment::detect(
+        libraries,
+        peft_compat_worker_tch::ops::libtorch_cuda_version().map(String::from),
+    )
+}
+
+/// The binaries cargo built beside the test executables (target/<profile>/).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+/// The test-only worker with the fault-injection hook (an example target).
+pub fn fault_worker() -> PathBuf {
+    target_dir().join("examples").join("fault_worker")
+}
+
+/// Every case of `m` through the real worker processes, `jobs` at a time.
+pub fn run_workers_with(m: &Matrix, jobs: usize, opts: &RunOptions) -> Vec<CaseResult> {
+    let mut pairs: Vec<_> = m.cases.iter().map(|c| (c.backend, c.device)).collect();
+    pairs.sort();
+    pairs.dedup();
+    let workers = Workers::start(WorkerPaths::default(), &pairs, jobs, 1);
+    runner::run(m, None, &workers, opts, &mut |_| {}).results
+}
+
+pub fn run_workers(m: &Matrix) -> Vec<CaseResult> {
+    run_workers_with(m, 2, &RunOptions::default())
+}

@@ -1,0 +1,45 @@
+//! Embeds the libtorch location as an rpath (so the binary runs without LD_LIBRARY_PATH) and the
+//! libtorch version (for reports). Both come from torch-sys, which found libtorch.
+
+use std::path::Path;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
+        return;
+    };
+    let lib = Path::new(&lib);
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    // Rust links with --as-needed, which drops libtorch_cuda (nothing references it directly)
+    // and with it CUDA support; keep it when this libtorch has it.
+    if lib.join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+    }
+    let root = lib.parent().unwrap_or(lib);
+    let mut version = None;
+    let mut cuda = None;
+    // The torch wheel: torch/version.py. A standalone libtorch: build-version.
+    if let Ok(py) = std::fs::read_to_string(root.join("version.py")) {
+        for line in py.lines() {
+            let value = || {
+                line.split('=')
+                    .nth(1)
+                    .map(|v| v.trim().trim_matches('\'').trim_matches('"').to_string())
+            };
+            if line.starts_with("__version__") {
+                version = value();
+            } else if line.starts_with("cuda") {
+                cuda = value();
+            }
+        }
+    } else if let Ok(v) = std::fs::read_to_string(root.join("build-version")) {
+        version = Some(v.trim().to_string());
+    }
+    if let Some(v) = version {
+        println!("cargo:rustc-env=PEFT_COMPAT_LIBTORCH_VERSION={v}");
+    }
+    println!(
+        "cargo:rustc-env=PEFT_COMPAT_LIBTORCH_CUDA={}",
+        cuda.unwrap_or_default()
+    );
+}

@@ -1,0 +1,49 @@
+//! peft-compat's libtorch worker: the tch glue ([`ops`]) and the [`WorkerBackend`] that serves
+//! cases to the runner. Tests use [`run`] in process.
+
+pub mod ops;
+
+/// The library itself, for tests that wrap its tensors.
+pub use tch;
+
+use peft_compat::adapter;
+use peft_compat::backend::OpResult;
+use peft_compat::case::{Case, Device};
+use peft_compat::inputs::{Inputs, Outputs};
+use peft_compat::worker::WorkerBackend;
+use std::collections::BTreeMap;
+
+/// Run one case through the shared adapter math on libtorch.
+pub fn run(case: &Case, inputs: &Inputs) -> OpResult<Outputs> {
+    adapter::run(&ops::TchOps::new(case.device), case, inputs)
+}
+
+pub struct Tch;
+
+impl WorkerBackend for Tch {
+    fn name(&self) -> String {
+        "tch".into()
+    }
+    fn libraries(&self) -> BTreeMap<String, String> {
+        [
+            ("tch".to_string(), ops::TCH_VERSION.to_string()),
+            ("libtorch".to_string(), ops::libtorch_version()),
+        ]
+        .into_iter()
+        .collect()
+    }
+    fn cuda(&self) -> Option<String> {
+        ops::libtorch_cuda_version().map(String::from)
+    }
+    fn set_threads(&self, threads: usize) {
+        // Before the first op: the inter-op pool cannot be resized once used.
+        tch::set_num_interop_threads(1);
+        tch::set_num_threads(threads as i32);
+    }
+    fn unavailable(&self, device: Device) -> Option<String> {
+        ops::unavailable(device)
+    }
+    fn run(&self, case: &Case, inputs: &Inputs) -> OpResult<Outputs> {
+        run(case, inputs)
+    }
+}
