@@ -357,6 +357,12 @@ fn cores() -> usize {
 }
 
 fn run_matrix(args: RunArgs) -> Result<(), Failure> {
+    if let (Some(p), true) = (&args.partition, args.out.check) {
+        return Err(bad_input(anyhow::anyhow!(
+            "--check on partition {p}: gate the merged report instead \
+             (`peft-compat merge PARTS... --check`); a part alone would call the others missing"
+        )));
+    }
     let mut matrix = Matrix::load(&args.matrix, args.max_cases).map_err(bad_input)?;
     let matrix_name = args.matrix.display().to_string();
     let matrix_text = std::fs::read_to_string(&args.matrix).unwrap_or_default();
@@ -645,9 +651,8 @@ fn gate_check(
 ) -> Result<gate::Verdict, Failure> {
     if let Some(p) = &report.partition {
         return Err(bad_input(anyhow::anyhow!(
-            "--check on partition {} of {}: gate the merged report instead (`peft-compat merge PARTS... --check`)",
-            p.spec,
-            matrix
+            "--check on partition {} of {matrix}: gate the merged report instead",
+            p.spec
         )));
     }
     let path = out

@@ -1,5 +1,5 @@
 //! Progress while a run goes: a bar with counts per outcome on a terminal; one plain line every
-//! few seconds (and at every tenth of the run) otherwise, so a CI log is never silent for
+//! 5 s (and at every tenth of the run, at most once a second) otherwise, so a CI log is never silent for
 //! minutes; nothing under `--quiet`.
 
 use crate::judge::OutcomeKind;
@@ -109,7 +109,9 @@ impl Progress {
                     }
                     Style::Plain => {
                         let tenth = self.done * 10 / self.total.max(1);
-                        if self.last_line.elapsed() >= PLAIN_EVERY || tenth > self.last_tenth {
+                        let since = self.last_line.elapsed();
+                        let step = tenth > self.last_tenth && since >= Duration::from_secs(1);
+                        if since >= PLAIN_EVERY || step {
                             self.last_tenth = tenth;
                             self.plain_line();
                         }

@@ -212,3 +212,69 @@ pub fn check_resumable(path: &Path, was: &Header, now: &Header) -> Result<(), St
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::case::*;
+    use crate::judge::{OutcomeKind, Tolerance};
+
+    fn case(index: usize) -> CaseReport {
+        CaseReport {
+            index,
+            id: format!("tch/cpu/f32/lora/init/native/s{index}"),
+            backend: Backend::Tch,
+            device: Device::Cpu,
+            dtype: DType::F32,
+            adapter: Adapter::Lora,
+            op: Op::Init,
+            precision: Precision::Native,
+            shape: format!("s{index}"),
+            outcome: OutcomeKind::Skipped,
+            error: Some("why".into()),
+            upcast: None,
+            upcast_applied: false,
+            metrics: None,
+            tolerance: Tolerance {
+                rel: 1e-3,
+                factor: 1.0,
+                overridden: false,
+                kappa: 1.0,
+            },
+            duration_ms: 0.0,
+            compute_ms: None,
+            dump_error: None,
+            expected: None,
+        }
+    }
+
+    #[test]
+    fn a_line_cut_short_is_dropped_and_another_run_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.jsonl");
+        let header = Header::new("m.yaml", "seed: 1\n", 1, "all".into(), 3);
+        let mut w = Writer::create(&path, &header).unwrap();
+        w.case(&case(0)).unwrap();
+        w.case(&case(1)).unwrap();
+        drop(w);
+        // A kill in the middle of the third line.
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(r#"{"index":2,"id":"tch/cpu"#);
+        std::fs::write(&path, text).unwrap();
+        let (h, cases) = read(&path).unwrap();
+        assert_eq!(h, header);
+        assert_eq!(cases, vec![case(0), case(1)]);
+        // Appending starts on a fresh line, so the resumed case reads back.
+        let mut w = Writer::append(&path).unwrap();
+        w.case(&case(2)).unwrap();
+        assert_eq!(read(&path).unwrap().1.len(), 3);
+
+        let other = Header::new("m.yaml", "seed: 2\n", 1, "all".into(), 3);
+        let e = check_resumable(&path, &h, &other).unwrap_err().to_string();
+        assert!(
+            e.contains("matrix file") && e.contains("without --resume"),
+            "{e}"
+        );
+        assert!(check_resumable(&path, &h, &header).is_ok());
+    }
+}

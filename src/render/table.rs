@@ -317,6 +317,27 @@ fn notes(report: &Report, grid: &Grid) -> Vec<String> {
             reasons.join("; ")
         ));
     }
+    // Cases skipped inside groups that ran (e.g. a shape the resource guard refused): by reason.
+    let whole: Vec<(Backend, Device)> = grid.skipped.iter().map(|s| (s.0, s.1)).collect();
+    let mut partial: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for c in report
+        .cases
+        .iter()
+        .filter(|c| c.outcome == OutcomeKind::Skipped && !whole.contains(&(c.backend, c.device)))
+    {
+        partial
+            .entry(c.error.as_deref().unwrap_or(""))
+            .or_default()
+            .push(&c.id);
+    }
+    for (reason, ids) in partial {
+        let more = if ids.len() > 1 { ", ..." } else { "" };
+        out.push(format!(
+            "skipped: {} ({}{more}): {reason}",
+            plural(ids.len(), "case"),
+            ids[0]
+        ));
+    }
     let mut by_rule: BTreeMap<&str, (usize, &CaseExpectation)> = BTreeMap::new();
     for e in report.cases.iter().filter_map(CaseReport::expected_failure) {
         by_rule.entry(e.rule.as_str()).or_insert((0, e)).0 += 1;
