@@ -47,8 +47,10 @@ macro_rules! axis_enum {
 }
 
 axis_enum!(
-    /// Which tensor library runs the case.
-    Backend { Tch => "tch", Candle => "candle" }
+    /// Which tensor library build runs the case: `tch` is libtorch 2.11 through tch 0.24;
+    /// `tch@2.1.2` is libtorch 2.1.2 through tch 0.14 (the last libtorch without a CPU fp16
+    /// matmul); each build is a worker binary of its own.
+    Backend { Tch => "tch", Tch212 => "tch@2.1.2", Candle => "candle" }
 );
 axis_enum!(
     /// Element type every tensor of the case is stored in.
@@ -66,6 +68,22 @@ axis_enum!(
     /// `native`: all in the case dtype (pre-#1653 PEFT). `upcast`: PEFT's fixed fp32 products.
     Precision { Native => "native", Upcast => "upcast" }
 );
+
+impl Backend {
+    /// The library, whatever its build: `tch` for every libtorch build.
+    pub fn family(self) -> Backend {
+        match self {
+            Backend::Tch | Backend::Tch212 => Backend::Tch,
+            Backend::Candle => Backend::Candle,
+        }
+    }
+
+    /// Whether a matrix pattern's `backend` value covers this build: `tch` covers every
+    /// libtorch build, `tch@2.1.2` only that one.
+    pub fn matches(self, pattern: Backend) -> bool {
+        self == pattern || (pattern == Backend::Tch && self.family() == Backend::Tch)
+    }
+}
 
 impl DType {
     /// Unit roundoff: half the distance from 1 to the next representable number.

@@ -78,6 +78,19 @@ pub enum Command {
     /// Join partial reports (from --partition K/N jobs) into one report and one table,
     /// identical to a single-job run, with the same outputs and gate as `run`.
     Merge(Box<MergeArgs>),
+    /// Put reports from different machines or builds side by side: one table whose cells read
+    /// A / B / ..., the environments, and every case that behaves differently.
+    Compare {
+        /// Two or more JSON reports (from `run --json` or `merge --json`).
+        #[arg(required = true, num_args = 2..)]
+        reports: Vec<PathBuf>,
+        /// A name per report, in order [default: the file name].
+        #[arg(long)]
+        label: Vec<String>,
+        /// How many differing cases to list.
+        #[arg(long, default_value_t = 60)]
+        max_differences: usize,
+    },
     /// Print the case ids a matrix expands to, without running them.
     List {
         /// The matrix file (YAML).
@@ -291,6 +304,24 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Run(args) => run_matrix(*args),
         Command::Merge(args) => merge(*args),
+        Command::Compare {
+            reports,
+            label,
+            max_differences,
+        } => {
+            let mut labeled = Vec::new();
+            for (i, p) in reports.iter().enumerate() {
+                labeled.push(crate::compare::Labeled {
+                    label: label
+                        .get(i)
+                        .cloned()
+                        .unwrap_or_else(|| p.display().to_string()),
+                    report: read_report(p)?,
+                });
+            }
+            let c = crate::compare::compare(&labeled, false);
+            print_out(&c.render_text(max_differences))
+        }
         Command::List { matrix, max_cases } => {
             let m = Matrix::load(&matrix, max_cases).map_err(bad_input)?;
             let mut out = std::io::stdout().lock();
@@ -333,13 +364,7 @@ fn worker_paths(list: &[(crate::case::Backend, PathBuf)]) -> WorkerPaths {
 
 /// The environment block, with the libraries the workers reported.
 fn environment_of(workers: &Workers) -> Environment {
-    let mut libraries = BTreeMap::new();
-    let mut cuda = None;
-    for info in workers.info.values() {
-        libraries.extend(info.libraries.clone());
-        cuda = cuda.or(info.cuda.clone());
-    }
-    Environment::detect(libraries, cuda)
+    Environment::of_workers(&workers.info)
 }
 
 /// Ctrl-C once: stop starting cases, keep what finished, print the partial table. Twice: leave now.
@@ -487,8 +512,16 @@ fn run_matrix(args: RunArgs) -> Result<(), Failure> {
                 }
             },
         );
-        let mut cases: Vec<CaseReport> = finished.clone();
-        cases.extend(done.results.iter().map(CaseReport::from_result));
+        let mut cases: Vec<CaseReport> = if run + 1 == runs {
+            std::mem::take(&mut finished)
+        } else {
+            finished.clone()
+        };
+        cases.extend(
+            done.results
+                .into_iter()
+                .map(|r| CaseReport::from_result(&r)),
+        );
         cases.sort_by_key(|c| c.index);
         reports.push(
             Report::from_cases(
@@ -508,6 +541,13 @@ fn run_matrix(args: RunArgs) -> Result<(), Failure> {
     drop(workers);
     if let Some(e) = stream_error {
         eprintln!("warning: {e}");
+    }
+    if let (Some(p), Some(last)) = (args.partition, reports.last_mut()) {
+        last.partition = Some(crate::report::PartitionInfo {
+            spec: p.to_string(),
+            selected: selected_before_partition,
+            filter: args.filter.clone(),
+        });
     }
     let report = reports.last().expect("at least one run");
 
@@ -539,15 +579,7 @@ fn run_matrix(args: RunArgs) -> Result<(), Failure> {
             c.dump_error.as_deref().unwrap_or("")
         );
     }
-    let mut report = report.clone();
-    if let Some(p) = args.partition {
-        report.partition = Some(crate::report::PartitionInfo {
-            spec: p.to_string(),
-            selected: selected_before_partition,
-            filter: args.filter.clone(),
-        });
-    }
-    let code = emit(&report, &args.out, &args.matrix)?;
+    let code = emit(report, &args.out, &args.matrix)?;
     if let Some(path) = &args.record {
         matrix
             .cases
@@ -687,17 +719,20 @@ fn gate_check(
     Ok(verdict)
 }
 
+fn read_report(p: &Path) -> Result<Report, Failure> {
+    let text = std::fs::read_to_string(p)
+        .with_context(|| format!("cannot read {}", p.display()))
+        .map_err(bad_input)?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a peft-compat JSON report", p.display()))
+        .map_err(bad_input)
+}
+
 /// `merge`: partial reports -> the single-job report.
 fn merge(args: MergeArgs) -> Result<(), Failure> {
     let mut parts = Vec::new();
     for p in &args.reports {
-        let text = std::fs::read_to_string(p)
-            .with_context(|| format!("cannot read {}", p.display()))
-            .map_err(bad_input)?;
-        let r: Report = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a peft-compat JSON report", p.display()))
-            .map_err(bad_input)?;
-        parts.push((p.display().to_string(), r));
+        parts.push((p.display().to_string(), read_report(p)?));
     }
     let report = crate::report::merge(parts).map_err(bad_input)?;
     let matrix_path = PathBuf::from(&report.matrix);

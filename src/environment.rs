@@ -29,8 +29,13 @@ pub const RELEVANT_CPU_FLAGS: &[&str] = &[
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Environment {
     pub peft_compat: String,
-    /// Library name -> version (tch, libtorch, candle), for those compiled in.
+    /// Library name -> version (tch, libtorch, candle) of the default builds (`tch`, `candle`).
     pub libraries: BTreeMap<String, String>,
+    /// Per backend build (`tch`, `tch@2.1.2`, `candle`): the libraries its worker reported,
+    /// and `cuda` where its libtorch was built for CUDA. A case's expectations are judged
+    /// against its own build's versions.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub backends: BTreeMap<String, BTreeMap<String, String>>,
     pub cpu_model: String,
     /// The relevant flags this CPU has (from /proc/cpuinfo).
     pub cpu_flags: Vec<String>,
@@ -87,6 +92,49 @@ fn gpus() -> Vec<String> {
 }
 
 impl Environment {
+    /// The environment as one backend build sees it: its own libraries (and CUDA build) over
+    /// the default ones.
+    pub fn for_backend(&self, backend: crate::case::Backend) -> Environment {
+        let mut env = self.clone();
+        if let Some(libs) = self.backends.get(backend.as_str()) {
+            for (k, v) in libs {
+                if k == "cuda" {
+                    env.cuda = Some(v.clone());
+                } else {
+                    env.libraries.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        env
+    }
+
+    /// This machine, with what the backend workers said in `hello`: the default builds'
+    /// libraries in `libraries`, every build's in `backends`.
+    pub fn of_workers(
+        info: &BTreeMap<crate::case::Backend, crate::worker::client::WorkerInfo>,
+    ) -> Environment {
+        use crate::case::Backend;
+        let mut libraries = BTreeMap::new();
+        let mut cuda = None;
+        let mut backends = BTreeMap::new();
+        for (b, info) in info {
+            let mut libs = info.libraries.clone();
+            if matches!(b, Backend::Tch | Backend::Candle) {
+                libraries.extend(info.libraries.clone());
+                if *b == Backend::Tch {
+                    cuda = cuda.or(info.cuda.clone());
+                }
+            }
+            if let Some(c) = &info.cuda {
+                libs.insert("cuda".into(), c.clone());
+            }
+            backends.insert(b.as_str().to_string(), libs);
+        }
+        let mut env = Environment::detect(libraries, cuda);
+        env.backends = backends;
+        env
+    }
+
     /// This machine, with the libraries its backend workers reported (`libraries`, and the
     /// CUDA version libtorch was built for).
     pub fn detect(libraries: BTreeMap<String, String>, cuda: Option<String>) -> Environment {
@@ -104,6 +152,7 @@ impl Environment {
         Environment {
             peft_compat: env!("CARGO_PKG_VERSION").to_string(),
             libraries,
+            backends: BTreeMap::new(),
             cpu_model,
             cpu_flags: flags,
             cpu_count: std::thread::available_parallelism().map_or(1, |n| n.get()),

@@ -22,7 +22,7 @@
 //! `fail` accepts any failure; `flaky` accepts a pass or a failure (its numbers are not compared
 //! either). `error` is a regular expression searched for in the failure's text.
 
-use crate::case::Coords;
+use crate::case::{Backend, Coords};
 use crate::environment::{Environment, RELEVANT_CPU_FLAGS};
 use crate::judge::OutcomeKind;
 use crate::matrix::{values, OneOrMany, Pattern};
@@ -393,19 +393,41 @@ pub struct InactiveRule {
     pub unmet: Vec<String>,
 }
 
-/// The rules whose conditions hold in this environment, in file order; evaluated once per
-/// run rather than once per case.
-pub fn active<'a>(rules: &'a [Expectation], env: &Environment) -> Vec<&'a Expectation> {
-    rules.iter().filter(|r| r.active(env)).collect()
+/// The rules whose conditions hold, per backend build (each judged against its own library
+/// versions), in file order; evaluated once per build rather than once per case.
+pub struct Active<'a> {
+    by_backend: Vec<(Backend, Vec<&'a Expectation>)>,
 }
 
-/// The rule that governs a case: the last of the `active` rules whose pattern matches.
-pub fn governing<'a>(active: &[&'a Expectation], c: &Coords) -> Option<&'a Expectation> {
-    active
-        .iter()
-        .rev()
-        .find(|r| r.written.pattern.matches(c))
-        .copied()
+impl<'a> Active<'a> {
+    pub fn new(rules: &'a [Expectation], env: &Environment) -> Active<'a> {
+        Active {
+            by_backend: Backend::ALL
+                .iter()
+                .map(|&b| {
+                    let env = env.for_backend(b);
+                    (b, rules.iter().filter(|r| r.active(&env)).collect())
+                })
+                .collect(),
+        }
+    }
+
+    /// The rule that governs a case: the last active rule (for its build) whose pattern matches.
+    pub fn governing(&self, c: &Coords) -> Option<&'a Expectation> {
+        self.by_backend
+            .iter()
+            .find(|(b, _)| *b == c.backend)
+            .and_then(|(_, rules)| rules.iter().rev().find(|r| r.written.pattern.matches(c)))
+            .copied()
+    }
+
+    /// Whether a rule holds for some build of `backends`.
+    pub fn active_for_any(&self, rule: &Expectation, backends: &[Backend]) -> bool {
+        self.by_backend
+            .iter()
+            .filter(|(b, _)| backends.contains(b))
+            .any(|(_, rules)| rules.iter().any(|r| std::ptr::eq(*r, rule)))
+    }
 }
 
 /// Attach to every case of the report the expectation that governs it, judged against what was
@@ -417,9 +439,9 @@ pub fn annotate(report: &mut Report, rules: &[Expectation]) {
         inactive_expectations,
         ..
     } = report;
-    let active = active(rules, env);
+    let active = Active::new(rules, env);
     for c in cases.iter_mut() {
-        c.expected = governing(&active, &c.coords()).map(|r| CaseExpectation {
+        c.expected = active.governing(&c.coords()).map(|r| CaseExpectation {
             outcome: r.written.expect,
             reason: r.written.reason.clone(),
             error: r.written.error.clone(),
@@ -427,18 +449,41 @@ pub fn annotate(report: &mut Report, rules: &[Expectation]) {
             status: r.judge(c.outcome, c.error.as_deref()),
         });
     }
+    // A rule is inactive here when it holds for none of the builds that ran (for the report's
+    // first build, or the default builds, when it names others); its unmet conditions are told
+    // against the builds its pattern names.
+    let mut builds: Vec<Backend> = cases.iter().map(|c| c.backend).collect();
+    builds.sort();
+    builds.dedup();
+    if builds.is_empty() {
+        builds = vec![Backend::Tch, Backend::Candle];
+    }
     *inactive_expectations = rules
         .iter()
-        .filter(|r| !r.active(env))
-        .map(|r| InactiveRule {
+        .filter(|r| !active.active_for_any(r, &builds))
+        .map(|r| {
+            let b = builds
+                .iter()
+                .copied()
+                .find(|b| {
+                    r.written
+                        .pattern
+                        .backend
+                        .as_ref()
+                        .is_none_or(|p| p.as_slice().iter().any(|&q| b.matches(q)))
+                })
+                .unwrap_or(builds[0]);
+            (r, env.for_backend(b))
+        })
+        .map(|(r, env)| InactiveRule {
             rule: r.source.clone(),
             expect: r.written.expect,
             reason: r.written.reason.clone(),
             unmet: r
                 .when
                 .iter()
-                .filter(|q| !q.holds(env))
-                .map(|q| q.describe(env))
+                .filter(|q| !q.holds(&env))
+                .map(|q| q.describe(&env))
                 .collect(),
         })
         .collect();

@@ -11,6 +11,7 @@ pub mod adapter;
 pub mod backend;
 pub mod case;
 pub mod cli;
+pub mod compare;
 pub mod dump;
 pub mod environment;
 pub mod expect;

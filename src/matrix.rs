@@ -105,7 +105,9 @@ impl Pattern {
         fn ok<T: PartialEq<Q>, Q: ?Sized>(p: &Option<OneOrMany<T>>, v: &Q) -> bool {
             p.as_ref().is_none_or(|p| p.contains(v))
         }
-        ok(&self.backend, &c.backend)
+        self.backend
+            .as_ref()
+            .is_none_or(|p| p.as_slice().iter().any(|&b| c.backend.matches(b)))
             && ok(&self.device, &c.device)
             && ok(&self.dtype, &c.dtype)
             && ok(&self.adapter, &c.adapter)
@@ -168,7 +170,7 @@ pub struct Matrix {
 }
 
 const HELP_AXES: &str =
-    "axes take: backend: tch, candle; device: cpu, cuda, cuda:N; dtype: f32, f16, bf16, f64; \
+    "axes take: backend: tch, tch@2.1.2, candle; device: cpu, cuda, cuda:N; dtype: f32, f16, bf16, f64; \
 adapter: lora, dora; op: init, forward, backward, merge, unmerge; precision: native, upcast \
 (see matrices/default.yaml for a complete file)";
 

@@ -16,6 +16,7 @@
 //! a person to replace with the cause. Rules whose `when` does not hold here
 //! are kept as they are: these runs say nothing about them.
 
+use crate::case::Backend;
 use crate::environment::Environment;
 use crate::expect::{self, Expected, RawExpectation, Status};
 use crate::judge::OutcomeKind;
@@ -221,7 +222,7 @@ pub fn record(matrix: &Matrix, runs: &[Report]) -> Recorded {
             rank[a].entry(v).or_insert(i);
         }
     }
-    let active = expect::active(&matrix.expectations, env);
+    let active = expect::Active::new(&matrix.expectations, env);
     let (mut ran, mut identical, mut always_failing, mut flaky) = (0, 0, 0, 0);
     let mut rules = Vec::new();
     let mut evidence_of: HashMap<String, String> = HashMap::new();
@@ -244,7 +245,7 @@ pub fn record(matrix: &Matrix, runs: &[Report]) -> Recorded {
         // A rule of the matrix that governs the case and admits every run (its outcome, and its
         // error pattern where it has one) stays as a person wrote it: a few runs cannot prove
         // a `fail` or `flaky` too broad.
-        let existing = expect::governing(&active, &c.coords());
+        let existing = active.governing(&c.coords());
         let admitted = existing.filter(|r| {
             r.written.expect != Expected::Pass
                 && obs
@@ -295,7 +296,7 @@ pub fn record(matrix: &Matrix, runs: &[Report]) -> Recorded {
         kept: matrix
             .expectations
             .iter()
-            .filter(|r| !r.active(env))
+            .filter(|r| !active.active_for_any(r, Backend::ALL))
             .map(|r| r.written.clone())
             .collect(),
         ran,

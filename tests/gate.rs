@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn report_of(m: &Matrix, name: &str) -> Report {
-    let results = support::run_workers(m);
-    Report::new(name, m.seed, support::env(), &results, 0.0).with_expectations(&m.expectations)
+    let (results, env) = support::run_workers_env(m, 2, &Default::default());
+    Report::new(name, m.seed, env, &results, 0.0).with_expectations(&m.expectations)
 }
 
 fn run_default_cpu() -> Report {
@@ -215,10 +215,29 @@ fn the_default_matrix_passes_its_own_gate() {
     let snap = snapshot::read(Path::new("snapshots/default.snap")).unwrap();
     let v = gate::check(&r, &snap, false);
     assert!(v.passed(), "{}", v.render("matrices/default.yaml"));
-    assert_eq!(v.checked, 240);
-    // The matrix declares (with its reason) the 16 candle 16-bit DoRA mismatches on `wide`.
-    assert_eq!(v.expected_failures, 16);
-    assert_eq!(r.inactive_expectations.len(), 1, "the libtorch <2.2 rule");
+    let old_ran = r
+        .cases
+        .iter()
+        .any(|c| c.id.starts_with("tch@2.1.2/") && c.outcome != OutcomeKind::Skipped);
+    if old_ran {
+        // libtorch 2.11 and 2.1.2 and candle on CPU.
+        assert_eq!(v.checked, 360);
+        // The 16 candle 16-bit DoRA mismatches on `wide`, and the 30 fp16 refusals of
+        // libtorch 2.1.2, each held to its rule (active there by that case's libtorch).
+        assert_eq!(v.expected_failures, 46);
+        assert!(
+            r.inactive_expectations.is_empty(),
+            "{:?}",
+            r.inactive_expectations
+        );
+    } else {
+        assert!(
+            std::env::var_os("PEFT_COMPAT_SKIP_LIBTORCH_2_1").is_some(),
+            "the tch@2.1.2 worker did not run"
+        );
+        assert_eq!(v.checked, 240);
+        assert_eq!(v.expected_failures, 16);
+    }
 }
 
 #[test]

@@ -728,7 +728,7 @@ fn cli_run_writes_the_json_contract_and_prints_the_table() {
         "{table}"
     );
     assert!(
-        table.contains("skipped: tch cuda (8 cases): no CUDA device"),
+        table.contains("skipped: tch 2.11.0 cuda (8 cases): no CUDA device"),
         "{table}"
     );
     assert!(!table.contains("\u{1b}["), "NO_COLOR must disable colours");
@@ -769,7 +769,7 @@ fn cli_run_writes_the_json_contract_and_prints_the_table() {
     }
     let md = std::fs::read_to_string(&md).unwrap();
     assert!(
-        md.contains("| adapter / op") && md.contains("tch cpu f16"),
+        md.contains("| adapter / op") && md.contains("tch 2.11.0 cpu f16"),
         "{md}"
     );
 }

@@ -276,7 +276,7 @@ fn partitions_merge_into_the_single_run_report_whatever_the_jobs() {
         );
         let r = json(&p);
         assert_eq!(r["partition"]["spec"], format!("count:{k}/3"));
-        assert_eq!(r["cases"].as_array().unwrap().len(), 160);
+        assert_eq!(r["cases"].as_array().unwrap().len(), 200);
         parts.push(p);
     }
     let merged = dir.path().join("merged.json");

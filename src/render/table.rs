@@ -42,7 +42,7 @@ pub enum Mark {
 
 impl CellVerdict {
     /// `sep` goes before an expectation mark: a line break in a terminal, a space in Markdown.
-    fn text(&self, sep: &str) -> String {
+    pub fn text(&self, sep: &str) -> String {
         match self {
             CellVerdict::Native => "✓".into(),
             CellVerdict::UpcastOnly => "↑ upcast".into(),
@@ -139,8 +139,25 @@ fn verdict(cases: &[&CaseReport]) -> CellVerdict {
     }
 }
 
+/// A backend build as headers name it: a libtorch build by its libtorch version (`tch 2.1.2`,
+/// `tch 2.11.0`), so two builds read apart at a glance; other backends by name.
+pub fn backend_label(report: &Report, b: Backend) -> String {
+    if b.family() != Backend::Tch {
+        return b.to_string();
+    }
+    let env = report.environment.for_backend(b);
+    match env.libraries.get("libtorch") {
+        Some(v) if !v.is_empty() && v != "unknown" => {
+            format!("tch {}", v.split('+').next().unwrap_or(v))
+        }
+        _ => b.to_string(),
+    }
+}
+
 /// The grid behind the table: which columns run here, which were skipped whole, and cells.
 pub struct Grid {
+    /// How each backend build is named in headers: `tch 2.11.0`, `tch 2.1.2`, `candle`.
+    pub labels: BTreeMap<Backend, String>,
     /// (backend, device) groups with at least one case that ran, with their dtypes.
     pub columns: Vec<(Backend, Device, Vec<DType>)>,
     /// (backend, device) groups where every case skipped, with the reason(s).
@@ -181,7 +198,12 @@ impl Grid {
         rows.sort();
         rows.dedup();
         let cells = by_cell.into_iter().map(|(k, v)| (k, verdict(&v))).collect();
+        let labels = groups
+            .keys()
+            .map(|(b, _)| (*b, backend_label(report, *b)))
+            .collect();
         Grid {
+            labels,
             columns,
             skipped,
             rows,
@@ -191,20 +213,26 @@ impl Grid {
 
     /// `sep` separates a cell's lines: a line break in a terminal, a space in Markdown.
     fn table(&self, color: bool, sep: &str) -> Table {
+        self.table_of(&self.columns, color, sep)
+    }
+
+    /// The table of some of the columns.
+    fn table_of(&self, columns: &[(Backend, Device, Vec<DType>)], color: bool, sep: &str) -> Table {
         let mut t = Table::new();
         t.set_content_arrangement(ContentArrangement::Disabled);
         let mut header = vec![Cell::new("adapter / op")];
-        for (b, d, dtypes) in &self.columns {
+        for (b, d, dtypes) in columns {
             for dt in dtypes {
                 header.push(
-                    Cell::new(format!("{b} {d}{sep}{dt}")).set_alignment(CellAlignment::Center),
+                    Cell::new(format!("{} {d}{sep}{dt}", self.labels[b]))
+                        .set_alignment(CellAlignment::Center),
                 );
             }
         }
         t.set_header(header);
         for (a, op) in &self.rows {
             let mut row = vec![Cell::new(format!("{a} {op}"))];
-            for (b, d, dtypes) in &self.columns {
+            for (b, d, dtypes) in columns {
                 for dt in dtypes {
                     let cell = match self.cells.get(&(*a, *op, *b, *d, *dt)) {
                         Some(v) => {
@@ -225,6 +253,9 @@ impl Grid {
         t
     }
 }
+
+/// Wider than this, the terminal table is split into one table per backend build.
+pub const MAX_WIDTH: usize = 132;
 
 pub const LEGEND: &[(&str, &str)] = &[
     (
@@ -312,7 +343,8 @@ fn notes(report: &Report, grid: &Grid) -> Vec<String> {
     let mut out = Vec::new();
     for (b, d, n, reasons) in &grid.skipped {
         out.push(format!(
-            "skipped: {b} {d} ({}): {}",
+            "skipped: {} {d} ({}): {}",
+            grid.labels[b],
             plural(*n, "case"),
             reasons.join("; ")
         ));
@@ -374,16 +406,31 @@ fn findings_title(f: &[Finding]) -> String {
 pub fn render_text(report: &Report, color: bool, max_findings: usize) -> String {
     let grid = Grid::new(report);
     let mut out = String::new();
-    if !grid.columns.is_empty() {
-        let mut t = grid.table(color, "\n");
+    let render = |t: &mut Table| {
         t.load_preset(presets::UTF8_FULL_CONDENSED);
         if !color {
             t.force_no_tty();
         } else {
             t.enforce_styling();
         }
-        out.push_str(&t.to_string());
-        out.push('\n');
+        t.to_string()
+    };
+    if !grid.columns.is_empty() {
+        let whole = render(&mut grid.table(color, "\n"));
+        let width = whole.lines().next().map_or(0, |l| l.chars().count());
+        if width <= MAX_WIDTH {
+            out.push_str(&whole);
+            out.push('\n');
+        } else {
+            // Too wide to read at a glance: one table per backend build, each with the rows.
+            let mut builds: Vec<Backend> = grid.columns.iter().map(|c| c.0).collect();
+            builds.dedup();
+            for b in builds {
+                let cols: Vec<_> = grid.columns.iter().filter(|c| c.0 == b).cloned().collect();
+                out.push_str(&render(&mut grid.table_of(&cols, color, "\n")));
+                out.push('\n');
+            }
+        }
     }
     for (sym, meaning) in LEGEND {
         out.push_str(&format!("  {sym:<10} {meaning}\n"));

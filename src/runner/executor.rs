@@ -83,12 +83,9 @@ impl Executor for InProcessExecutor<'_> {
     }
     fn finish(&mut self, case: &Case, inputs: &Inputs, _: Duration, _: &AtomicBool) -> Execution {
         let t0 = Instant::now();
-        // A panicking case is reported as `crashed`; keep its message off stderr.
-        let hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
-        let r = catch_unwind(AssertUnwindSafe(|| (self.run)(case, inputs)));
-        std::panic::set_hook(hook);
-        match r {
+        // A panicking case is reported as `crashed` (the panic hook, a process-wide setting, is
+        // left as it is: tests run beside each other).
+        match catch_unwind(AssertUnwindSafe(|| (self.run)(case, inputs))) {
             Ok(Ok(outputs)) => Execution::Ran {
                 outputs,
                 compute: t0.elapsed(),
@@ -119,8 +116,9 @@ pub struct WorkerPaths {
 }
 
 impl WorkerPaths {
+    /// `peft-compat-worker-tch`, `peft-compat-worker-tch-2.1.2`, `peft-compat-worker-candle`.
     pub fn file_name(b: Backend) -> String {
-        format!("peft-compat-worker-{b}")
+        format!("peft-compat-worker-{}", b.as_str().replace('@', "-"))
     }
 
     /// Where `b`'s worker is, or why it cannot be found.
@@ -141,9 +139,12 @@ impl WorkerPaths {
         let candidates = [dir.join(&name), dir.join("..").join(&name)];
         candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
             format!(
-                "{b} worker not built: no {name} beside {} (build it with `cargo build --release -p {name}`, \
-                 or name one with --worker {b}=PATH)",
-                exe.display()
+                "{b} worker not built: no {name} beside {} ({}, or name one with --worker {b}=PATH)",
+                exe.display(),
+                match b {
+                    Backend::Tch212 => "scripts/peft-compat provisions libtorch 2.1.2 and builds it".to_string(),
+                    _ => format!("build it with `cargo build --release -p {name}`"),
+                }
             )
         })
     }

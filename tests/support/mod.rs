@@ -16,6 +16,9 @@ pub fn run_on_backend(case: &Case, inputs: &Inputs) -> OpResult<Outputs> {
     match case.backend {
         Backend::Tch => peft_compat_worker_tch::run(case, inputs),
         Backend::Candle => peft_compat_worker_candle::run(case, inputs),
+        Backend::Tch212 => Err(peft_compat::backend::BackendError::new(
+            "tch@2.1.2 runs only in its worker process",
+        )),
     }
 }
 
@@ -24,6 +27,7 @@ pub fn unavailable(backend: Backend, device: Device) -> Option<String> {
     match backend {
         Backend::Tch => peft_compat_worker_tch::ops::unavailable(device),
         Backend::Candle => peft_compat_worker_candle::ops::unavailable(device),
+        Backend::Tch212 => Some("tch@2.1.2 runs only in its worker process".into()),
     }
 }
 
@@ -69,13 +73,23 @@ pub fn fault_worker() -> PathBuf {
     target_dir().join("examples").join("fault_worker")
 }
 
-/// Every case of `m` through the real worker processes, `jobs` at a time.
-pub fn run_workers_with(m: &Matrix, jobs: usize, opts: &RunOptions) -> Vec<CaseResult> {
+/// Every case of `m` through the real worker processes, `jobs` at a time, and the environment
+/// as the workers describe it.
+pub fn run_workers_env(
+    m: &Matrix,
+    jobs: usize,
+    opts: &RunOptions,
+) -> (Vec<CaseResult>, Environment) {
     let mut pairs: Vec<_> = m.cases.iter().map(|c| (c.backend, c.device)).collect();
     pairs.sort();
     pairs.dedup();
     let workers = Workers::start(WorkerPaths::default(), &pairs, jobs, 1);
-    runner::run(m, None, &workers, opts, &mut |_| {}).results
+    let results = runner::run(m, None, &workers, opts, &mut |_| {}).results;
+    (results, Environment::of_workers(&workers.info))
+}
+
+pub fn run_workers_with(m: &Matrix, jobs: usize, opts: &RunOptions) -> Vec<CaseResult> {
+    run_workers_env(m, jobs, opts).0
 }
 
 pub fn run_workers(m: &Matrix) -> Vec<CaseResult> {

@@ -22,7 +22,12 @@ pub struct Tch;
 
 impl WorkerBackend for Tch {
     fn name(&self) -> String {
-        "tch".into()
+        // The backend axis value this build runs.
+        if cfg!(libtorch_2_1) {
+            peft_compat::case::Backend::Tch212.to_string()
+        } else {
+            peft_compat::case::Backend::Tch.to_string()
+        }
     }
     fn libraries(&self) -> BTreeMap<String, String> {
         [

@@ -6,7 +6,11 @@ use peft_compat::inputs::HostTensor;
 use tch::{Kind, Tensor};
 
 /// The tch crate version this binary was built with (pinned in Cargo.toml; a test checks it).
+#[cfg(not(libtorch_2_1))]
 pub const TCH_VERSION: &str = "0.24.0";
+/// The tch crate version this binary was built with (workers/tch-2.1/Cargo.toml pins it).
+#[cfg(libtorch_2_1)]
+pub const TCH_VERSION: &str = "0.14.0";
 
 /// The libtorch version found at build time (torch's `version.py` or libtorch's `build-version`).
 pub fn libtorch_version() -> String {

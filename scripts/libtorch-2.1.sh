@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Provision libtorch 2.1.2 (once) and build the `tch@2.1.2` worker beside peft-compat
+# (target/release/peft-compat-worker-tch-2.1.2). Called by scripts/peft-compat and scripts/test.
+#
+# libtorch 2.1.2 is the last libtorch without a CPU fp16 matmul: the one that raised
+# `"addmm_impl_cpu_" not implemented for 'Half'` in DoRA's init (PEFT #1597). It comes from the
+# torch 2.1.2 wheel on PyPI, of which only what libtorch needs to load is kept in
+# .libtorch/2.1.2/torch (about 500 MB): libtorch_cpu, libc10, libtorch, its libgomp, the
+# headers, and the two CUDA runtime libraries libtorch_cpu links against (libcudart and
+# libcupti, from their pinned PyPI wheels; no GPU is needed). The wheels use the pre-C++11 ABI:
+# tch 0.14 builds against them with LIBTORCH_CXX11_ABI=0 and LIBTORCH_BYPASS_VERSION_CHECK=1.
+#
+# PEFT_COMPAT_SKIP_LIBTORCH_2_1=1 skips all of it (tch@2.1.2 cases are then skipped, saying so).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ -n "${PEFT_COMPAT_SKIP_LIBTORCH_2_1:-}" ]; then
+  exit 0
+fi
+dest="$root/.libtorch/2.1.2"
+if [ ! -f "$dest/complete" ]; then
+  echo "peft-compat: provisioning libtorch 2.1.2 into $dest (once; ~700 MB download, ~500 MB kept)" >&2
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' EXIT
+  python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$tmp" \
+    torch==2.1.2 nvidia-cuda-runtime-cu12==12.1.105 nvidia-cuda-cupti-cu12==12.1.105
+  rm -rf "$dest" && mkdir -p "$dest"
+  python3 - "$tmp" "$dest" <<'PY'
+import fnmatch, glob, os, shutil, sys, zipfile
+tmp, dest = sys.argv[1], sys.argv[2]
+keep = ["torch/lib/libtorch_cpu.so", "torch/lib/libtorch.so", "torch/lib/libc10.so",
+        "torch/lib/libgomp-*.so.1", "torch/include/*", "torch/version.py"]
+cuda = {"libcudart.so.12", "libcupti.so.12"}
+for whl in glob.glob(os.path.join(tmp, "*.whl")):
+    with zipfile.ZipFile(whl) as z:
+        for name in z.namelist():
+            base = os.path.basename(name)
+            if any(fnmatch.fnmatch(name, k) for k in keep):
+                z.extract(name, dest)
+            elif base in cuda:
+                os.makedirs(os.path.join(dest, "torch/lib"), exist_ok=True)
+                with z.open(name) as src, open(os.path.join(dest, "torch/lib", base), "wb") as out:
+                    shutil.copyfileobj(src, out)
+PY
+  touch "$dest/complete"
+fi
+# Build with the old libtorch only: not the Python torch that env.sh points the 2.11 build at.
+(cd "$root/workers/tch-2.1" &&
+  env -u LIBTORCH_USE_PYTORCH LIBTORCH="$dest/torch" LIBTORCH_CXX11_ABI=0 \
+    LIBTORCH_BYPASS_VERSION_CHECK=1 \
+    cargo build --release --quiet --target-dir "$root/target/tch-2.1")
+mkdir -p "$root/target/release"
+cp -f "$root/target/tch-2.1/release/peft-compat-worker-tch-2-1" \
+  "$root/target/release/peft-compat-worker-tch-2.1.2"
