@@ -9,7 +9,7 @@
 use crate::case::{Adapter, Backend, DType, Device, Op};
 use crate::judge::OutcomeKind;
 use crate::render::plural;
-use crate::render::table::{backend_label, Grid};
+use crate::render::table::{backend_label, Grid, MAX_WIDTH};
 use crate::report::{CaseReport, Report};
 use crate::snapshot::error_class;
 use comfy_table::{presets, Cell, CellAlignment, ContentArrangement, Table};
@@ -33,7 +33,8 @@ pub struct Comparison {
     pub labels: Vec<String>,
     /// One line per report: its label and environment.
     pub environments: Vec<String>,
-    pub table: Table,
+    /// The table, or one per backend build when one would be wider than [`MAX_WIDTH`].
+    pub tables: Vec<String>,
     pub differences: Vec<Difference>,
     /// Cases that ran in only some reports: (label set, count, an example id).
     pub coverage: Vec<(String, usize, String)>,
@@ -100,32 +101,49 @@ pub fn compare(reports: &[Labeled], color: bool) -> Comparison {
         }
         rows.extend(g.rows.iter().copied());
     }
-    let mut t = Table::new();
-    t.set_content_arrangement(ContentArrangement::Disabled);
-    t.load_preset(presets::UTF8_FULL_CONDENSED);
-    if !color {
-        t.force_no_tty();
-    }
-    let mut header = vec![Cell::new("adapter / op")];
-    header.extend(columns.iter().map(|(b, d, dt)| {
-        Cell::new(format!("{} {d}\n{dt}", labels[b])).set_alignment(CellAlignment::Center)
-    }));
-    t.set_header(header);
-    for (a, op) in &rows {
-        let mut row = vec![Cell::new(format!("{a} {op}"))];
-        for (b, d, dt) in &columns {
-            let parts: Vec<String> = grids
-                .iter()
-                .map(|g| {
-                    g.cells
-                        .get(&(*a, *op, *b, *d, *dt))
-                        .map_or("·".to_string(), |v| v.text(" "))
-                })
-                .collect();
-            row.push(Cell::new(parts.join(" / ")).set_alignment(CellAlignment::Center));
+    let table_of = |cols: &[&(Backend, Device, DType)]| {
+        let mut t = Table::new();
+        t.set_content_arrangement(ContentArrangement::Disabled);
+        t.load_preset(presets::UTF8_FULL_CONDENSED);
+        if !color {
+            t.force_no_tty();
         }
-        t.add_row(row);
-    }
+        let mut header = vec![Cell::new("adapter / op")];
+        header.extend(cols.iter().map(|(b, d, dt)| {
+            Cell::new(format!("{} {d}\n{dt}", labels[b])).set_alignment(CellAlignment::Center)
+        }));
+        t.set_header(header);
+        for (a, op) in &rows {
+            let mut row = vec![Cell::new(format!("{a} {op}"))];
+            for (b, d, dt) in cols {
+                let parts: Vec<String> = grids
+                    .iter()
+                    .map(|g| {
+                        g.cells
+                            .get(&(*a, *op, *b, *d, *dt))
+                            .map_or("·".to_string(), |v| v.text(" "))
+                    })
+                    .collect();
+                row.push(Cell::new(parts.join(" / ")).set_alignment(CellAlignment::Center));
+            }
+            t.add_row(row);
+        }
+        t.to_string()
+    };
+    let all: Vec<&(Backend, Device, DType)> = columns.iter().collect();
+    let whole = table_of(&all);
+    let width = whole.lines().next().map_or(0, |l| l.chars().count());
+    let tables = if width <= MAX_WIDTH {
+        vec![whole]
+    } else {
+        // As `run` does: one table per backend build when one would be too wide to read.
+        let mut builds: Vec<Backend> = columns.iter().map(|c| c.0).collect();
+        builds.dedup();
+        builds
+            .into_iter()
+            .map(|b| table_of(&all.iter().copied().filter(|c| c.0 == b).collect::<Vec<_>>()))
+            .collect()
+    };
 
     // Case by case: differences between the reports that ran a case, and coverage.
     let mut by_id: BTreeMap<&str, Vec<Option<&CaseReport>>> = BTreeMap::new();
@@ -174,7 +192,7 @@ pub fn compare(reports: &[Labeled], color: bool) -> Comparison {
             .enumerate()
             .map(|(i, l)| format!("{} = {}", letter(i), environment_line(l)))
             .collect(),
-        table: t,
+        tables,
         differences,
         coverage: coverage
             .into_iter()
@@ -189,8 +207,11 @@ impl Comparison {
         for e in &self.environments {
             out.push_str(&format!("  {e}\n"));
         }
-        out.push_str(&self.table.to_string());
-        out.push_str("\n  · = the report has no such cell; – = skipped there\n");
+        for t in &self.tables {
+            out.push_str(t);
+            out.push('\n');
+        }
+        out.push_str("  · = the report has no such cell; – = skipped there\n");
         for (who, n, id) in &self.coverage {
             out.push_str(&format!(
                 "ran only in {who}: {} (e.g. {id})\n",
