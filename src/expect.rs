@@ -10,7 +10,7 @@
 //!     dtype: [f16, bf16]
 //!     adapter: dora
 //!     shape: wide
-//!     expect: mismatch       # pass | mismatch | nonfinite | unsupported | crashed | fail | flaky
+//!     expect: mismatch       # pass | mismatch | nonfinite | unsupported | crashed | timeout | fail | flaky
 //!     reason: "candle sums the row norm's squares in 16-bit"
 //!   - {backend: tch, device: cpu, dtype: f16, precision: native,
 //!      when: {libtorch: "<2.2"},                 # libtorch, tch, candle, cuda: version requirements;
@@ -299,7 +299,7 @@ impl Expectation {
             Some(_) if !raw.expect.has_text() => {
                 return Err((
                     format!("`error` does not apply to `expect: {}`", raw.expect),
-                    "only unsupported, crashed, fail and flaky failures carry an error text; drop `error`"
+                    "only unsupported, crashed, timeout, fail and flaky failures carry an error text; drop `error`"
                         .into(),
                 ))
             }

@@ -2,7 +2,7 @@
 //! changed case once.
 //!
 //! # Rules
-//! - **regression**: a case that passed now fails (mismatch, nonfinite, unsupported, crashed); a
+//! - **regression**: a case that passed now fails (mismatch, nonfinite, unsupported, crashed, timeout); a
 //!   case whose worst error grew beyond the allowed drift: more than [`DRIFT_FACTOR`] times the
 //!   accepted error *and* more than [`NOISE_UNITS`] units of roundoff above it (so 0.3 u -> 0.7 u is
 //!   noise, 3 u -> 7 u is not); an output whose L2 norm moved by more than its tolerance

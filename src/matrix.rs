@@ -245,10 +245,10 @@ impl Matrix {
                 HELP_AXES
             } else if message.starts_with("expectations") && (message.contains("unknown field") || message.contains("missing field")) {
                 "an expectation takes a case pattern (backend, device, dtype, adapter, op, precision, shape), \
-                 expect (pass, mismatch, nonfinite, unsupported, crashed, fail, flaky), reason, and optionally \
+                 expect (pass, mismatch, nonfinite, unsupported, crashed, timeout, fail, flaky), reason, and optionally \
                  error (a regular expression) and when (libtorch, tch, candle, cuda, cpu_flag, arch, gpu)"
             } else if message.starts_with("expectations") && message.contains("unknown variant") {
-                "expect takes: pass, mismatch, nonfinite, unsupported, crashed, fail (any failure), flaky (pass or fail)"
+                "expect takes: pass, mismatch, nonfinite, unsupported, crashed, timeout, fail (any failure), flaky (pass or fail)"
             } else if message.contains("unknown field") || message.contains("missing field") {
                 "top-level keys: seed, max_cases, axes, shapes, exclude, include, tolerances, expectations; \
                  a shape takes batch, in_features, out_features, rank, alpha, bias, rslora"

@@ -298,8 +298,8 @@ fn summary_line(report: &Report) -> String {
         })
         .collect();
     format!(
-        "{} cases: {} ({:.1}s)",
-        report.summary.total,
+        "{}: {} ({:.1}s)",
+        plural(report.summary.total, "case"),
         parts.join(", "),
         report.summary.elapsed_s
     )

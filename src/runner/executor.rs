@@ -70,13 +70,6 @@ struct InProcessExecutor<'a> {
     run: &'a CaseFn<'a>,
 }
 
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic with a non-string payload".into())
-}
-
 impl Executor for InProcessExecutor<'_> {
     fn start(&mut self, _: &Case, _: &Inputs) -> Result<(), Execution> {
         Ok(())
@@ -91,7 +84,7 @@ impl Executor for InProcessExecutor<'_> {
                 compute: t0.elapsed(),
             },
             Ok(Err(e)) => Execution::Refused(e.message),
-            Err(p) => Execution::Crashed(panic_message(p)),
+            Err(p) => Execution::Crashed(crate::worker::serve::panic_message(p)),
         }
     }
 }

@@ -29,7 +29,8 @@ pub trait WorkerBackend {
     fn run(&self, case: &Case, inputs: &Inputs) -> OpResult<Outputs>;
 }
 
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+/// The text of a caught panic.
+pub fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())

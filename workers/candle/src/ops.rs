@@ -27,11 +27,19 @@ pub fn unavailable(device: Device) -> Option<String> {
 }
 
 fn first_line(e: &candle_core::Error) -> String {
-    // candle may append a backtrace; keep the message.
+    // candle appends a backtrace when RUST_BACKTRACE is set ("stack backtrace:", or frames
+    // numbered "   0: ..."); keep the message.
     let text = e.to_string();
-    text.split("\nstack backtrace")
-        .next()
-        .unwrap_or("")
+    text.lines()
+        .take_while(|l| {
+            let t = l.trim_start();
+            let frame = t
+                .split_once(':')
+                .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            !t.starts_with("stack backtrace") && !(frame && l.starts_with(' '))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
         .trim()
         .to_string()
 }
@@ -162,5 +170,20 @@ impl TensorOps for CandleOps {
                     .ok_or_else(|| BackendError::new("candle: no gradient reached a parameter"))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn backtraces_are_cut_from_candle_messages() {
+        let e = candle_core::Error::Msg(
+            "no CUDA device\n   0: candle_core::error::Error::bt\n   1: main".into(),
+        );
+        assert_eq!(super::first_line(&e), "no CUDA device");
+        let e = candle_core::Error::Msg("a\nstack backtrace:\n   0: x".into());
+        assert_eq!(super::first_line(&e), "a");
+        let e = candle_core::Error::Msg("shape mismatch: lhs 2:3".into());
+        assert_eq!(super::first_line(&e), "shape mismatch: lhs 2:3");
     }
 }
