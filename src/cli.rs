@@ -78,6 +78,9 @@ pub enum Command {
     /// Join partial reports (from --partition K/N jobs) into one report and one table,
     /// identical to a single-job run, with the same outputs and gate as `run`.
     Merge(Box<MergeArgs>),
+    /// Render a saved JSON report again (table, Markdown, JUnit) and gate it with --check: e.g.
+    /// a report made on a GPU runner, gated where the snapshot lives.
+    Report(Box<ReportArgs>),
     /// Put reports from different machines or builds side by side: one table whose cells read
     /// A / B / ..., the environments, and every case that behaves differently.
     Compare {
@@ -142,6 +145,10 @@ pub struct OutputArgs {
     /// With --check: report cases that newly pass without failing the gate.
     #[arg(long, requires = "check")]
     pub allow_improvements: bool,
+    /// With --check: report cases that ran here but have no baseline (the snapshot recorded
+    /// them as skipped, e.g. CUDA cases accepted on a CPU runner) without failing the gate.
+    #[arg(long, requires = "check")]
+    pub allow_new: bool,
     /// Write the observed snapshot (the accepted-snapshot format) to PATH, e.g. to compare runs
     /// byte for byte. Refused when CI is set.
     #[arg(long, value_name = "PATH")]
@@ -214,6 +221,14 @@ pub struct RunArgs {
     /// With --record: how many times to run the matrix.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..), requires = "record")]
     pub repeats: u32,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    /// The JSON report (from `run --json` or `merge --json`).
+    pub report: PathBuf,
+    #[command(flatten)]
+    pub out: OutputArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -304,6 +319,11 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Run(args) => run_matrix(*args),
         Command::Merge(args) => merge(*args),
+        Command::Report(args) => {
+            let report = read_report(&args.report)?;
+            let code = emit(&report, &args.out, &PathBuf::from(&report.matrix))?;
+            exit_with(code, &report.matrix)
+        }
         Command::Compare {
             reports,
             label,
@@ -696,7 +716,7 @@ fn gate_check(
         Err(e @ snapshot::SnapshotError::Missing(_)) => (snapshot::Snapshot::new(), Some(e)),
         Err(e) => return Err(bad_input(e)),
     };
-    let verdict = gate::check(report, &accepted, out.allow_improvements);
+    let verdict = gate::check_with(report, &accepted, out.allow_improvements, out.allow_new);
     match &missing {
         // Every case would be listed as missing; say it once.
         Some(e) => print_out(&format!("gate FAILED: {e}\n"))?,

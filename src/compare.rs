@@ -46,20 +46,6 @@ fn letter(i: usize) -> String {
 
 fn environment_line(l: &Labeled) -> String {
     let e = &l.report.environment;
-    let libs: Vec<String> = if e.backends.is_empty() {
-        e.libraries
-            .iter()
-            .map(|(k, v)| format!("{k} {v}"))
-            .collect()
-    } else {
-        e.backends
-            .iter()
-            .map(|(b, libs)| {
-                let v: Vec<String> = libs.iter().map(|(k, v)| format!("{k} {v}")).collect();
-                format!("{b}: {}", v.join(", "))
-            })
-            .collect()
-    };
     let gpu = if e.gpus.is_empty() {
         "no GPU".to_string()
     } else {
@@ -70,7 +56,7 @@ fn environment_line(l: &Labeled) -> String {
         l.label,
         e.cpu_model,
         e.cpu_count,
-        libs.join("; ")
+        e.libraries_line()
     )
 }
 
@@ -119,9 +105,8 @@ pub fn compare(reports: &[Labeled], color: bool) -> Comparison {
                 let parts: Vec<String> = grids
                     .iter()
                     .map(|g| {
-                        g.cells
-                            .get(&(*a, *op, *b, *d, *dt))
-                            .map_or("·".to_string(), |v| v.text(" "))
+                        g.cell_text(&(*a, *op, *b, *d, *dt), " ")
+                            .unwrap_or_else(|| "·".to_string())
                     })
                     .collect();
                 row.push(Cell::new(parts.join(" / ")).set_alignment(CellAlignment::Center));

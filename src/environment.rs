@@ -92,6 +92,26 @@ fn gpus() -> Vec<String> {
 }
 
 impl Environment {
+    /// Every build's libraries in one line: `candle: candle 0.11.1; tch: libtorch 2.11.0, ...`
+    /// (the default builds' alone for reports that predate per-build versions).
+    pub fn libraries_line(&self) -> String {
+        let pairs = |m: &BTreeMap<String, String>| {
+            m.iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if self.backends.is_empty() {
+            pairs(&self.libraries)
+        } else {
+            self.backends
+                .iter()
+                .map(|(b, libs)| format!("{b}: {}", pairs(libs)))
+                .collect::<Vec<_>>()
+                .join("; ")
+        }
+    }
+
     /// The environment as one backend build sees it: its own libraries (and CUDA build) over
     /// the default ones.
     pub fn for_backend(&self, backend: crate::case::Backend) -> Environment {

@@ -16,6 +16,11 @@
 //!   maybe an error pattern and an environment condition), the expectation decides: a case that
 //!   breaks it is a regression (or an unexpected success, when a declared failure passes) even if
 //!   the snapshot agrees; a change from the snapshot that meets it is a note, not a failure.
+//! - **new here**: a case that ran, whose accepted entry records it as skipped (the snapshot
+//!   was made where its device or backend was absent, e.g. CUDA cases on a CPU runner): there is
+//!   no baseline to compare with, so it fails the gate unless `--allow-new`, and the `.snap.new`
+//!   carries the new entries beside every accepted one, so a GPU runner records its baseline
+//!   through the normal accept flow.
 //! - **not checked here**: a case skipped because its device or backend is absent; never a pass
 //!   and never an error.
 
@@ -38,6 +43,8 @@ pub enum ChangeKind {
     UnexpectedSuccess,
     Missing,
     Orphan,
+    /// Ran here, but the snapshot recorded it as skipped: no baseline for this environment.
+    New,
     /// The outcome differs from the snapshot, as a matrix expectation says it should: a note,
     /// never a failure.
     Expected,
@@ -50,6 +57,7 @@ impl ChangeKind {
             ChangeKind::UnexpectedSuccess => "unexpected success",
             ChangeKind::Missing => "missing from snapshot",
             ChangeKind::Orphan => "orphan snapshot entry",
+            ChangeKind::New => "new here (no baseline)",
             ChangeKind::Expected => "changed as expected",
         }
     }
@@ -72,6 +80,8 @@ pub struct Verdict {
     /// Checked cases that fail as the matrix expects (counted in `checked`).
     pub expected_failures: usize,
     pub allow_improvements: bool,
+    /// `--allow-new`: new cases are noted, not failures.
+    pub allow_new: bool,
 }
 
 impl Verdict {
@@ -80,6 +90,7 @@ impl Verdict {
         match c.kind {
             ChangeKind::Expected => false,
             ChangeKind::UnexpectedSuccess => !self.allow_improvements,
+            ChangeKind::New => !self.allow_new,
             _ => true,
         }
     }
@@ -229,8 +240,19 @@ fn expectation_change(c: &CaseReport, now: &Entry) -> Option<(ChangeKind, String
 /// outcome that differs from the snapshot but meets the expectation is reported as a note
 /// (`changed as expected`), not a failure; a `flaky` case's numbers are not compared.
 pub fn check(report: &Report, accepted: &Snapshot, allow_improvements: bool) -> Verdict {
+    check_with(report, accepted, allow_improvements, false)
+}
+
+/// [`check`], with `allow_new`: cases new here are noted instead of failing the gate.
+pub fn check_with(
+    report: &Report,
+    accepted: &Snapshot,
+    allow_improvements: bool,
+    allow_new: bool,
+) -> Verdict {
     let mut v = Verdict {
         allow_improvements,
+        allow_new,
         ..Verdict::default()
     };
     let produced: BTreeSet<&str> = report.cases.iter().map(|c| c.id.as_str()).collect();
@@ -255,12 +277,17 @@ pub fn check(report: &Report, accepted: &Snapshot, allow_improvements: bool) -> 
                     format!("now {}; no accepted entry", describe(&now)),
                 )),
                 Some(before) if before.outcome == OutcomeKind::Skipped => {
-                    // Accepted where this case could not run: there is no baseline.
-                    v.not_checked.push((
-                        c.id.clone(),
-                        "no baseline: skipped when the snapshot was recorded".into(),
-                    ));
-                    continue;
+                    // Accepted where this case could not run: it ran here, and nothing says
+                    // what it should give. Never a silent pass.
+                    let why = before.error_class.as_deref().unwrap_or("skipped");
+                    Some((
+                        ChangeKind::New,
+                        format!(
+                            "now {}; the snapshot has no baseline for it (recorded as skipped: \
+                             {why}); accept the .snap.new to record one, or pass --allow-new",
+                            describe(&now)
+                        ),
+                    ))
                 }
                 Some(before) => {
                     v.checked += 1;

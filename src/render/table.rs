@@ -8,7 +8,7 @@ use crate::judge::OutcomeKind;
 use crate::render::plural;
 use crate::report::{CaseReport, Report};
 use comfy_table::{presets, Cell, CellAlignment, Color, ContentArrangement, Table};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// The verdict of one table cell, aggregated over shapes.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +80,13 @@ impl CellVerdict {
             CellVerdict::Skipped => Color::DarkGrey,
         }
     }
+}
+
+/// A case that passed where its matrix rule declares a failure.
+fn unexpected_pass(c: &CaseReport) -> bool {
+    c.expected
+        .as_ref()
+        .is_some_and(|e| e.status == crate::expect::Status::UnexpectedPass)
 }
 
 fn expectation_mark(failed: &[&CaseReport]) -> Mark {
@@ -164,6 +171,8 @@ pub struct Grid {
     pub skipped: Vec<(Backend, Device, usize, Vec<String>)>,
     pub rows: Vec<(Adapter, Op)>,
     pub cells: BTreeMap<(Adapter, Op, Backend, Device, DType), CellVerdict>,
+    /// Cells where a case passed although a matrix rule declares a failure for it.
+    pub surprises: BTreeSet<(Adapter, Op, Backend, Device, DType)>,
 }
 
 impl Grid {
@@ -197,6 +206,11 @@ impl Grid {
         let mut rows: Vec<(Adapter, Op)> = report.cases.iter().map(|c| (c.adapter, c.op)).collect();
         rows.sort();
         rows.dedup();
+        let surprises = by_cell
+            .iter()
+            .filter(|(_, v)| v.iter().any(|c| unexpected_pass(c)))
+            .map(|(k, _)| *k)
+            .collect();
         let cells = by_cell.into_iter().map(|(k, v)| (k, verdict(&v))).collect();
         let labels = groups
             .keys()
@@ -208,7 +222,20 @@ impl Grid {
             skipped,
             rows,
             cells,
+            surprises,
         }
+    }
+
+    /// A cell's text (`sep` between its lines), marked where a declared failure passed; `None`
+    /// where the matrix has no such cell.
+    pub fn cell_text(&self, key: &(Adapter, Op, Backend, Device, DType), sep: &str) -> Option<String> {
+        let v = self.cells.get(key)?;
+        let mut t = v.text(sep);
+        if self.surprises.contains(key) {
+            t.push_str(sep);
+            t.push_str("(unexpected pass)");
+        }
+        Some(t)
     }
 
     /// `sep` separates a cell's lines: a line break in a terminal, a space in Markdown.
@@ -234,16 +261,17 @@ impl Grid {
             let mut row = vec![Cell::new(format!("{a} {op}"))];
             for (b, d, dtypes) in columns {
                 for dt in dtypes {
-                    let cell = match self.cells.get(&(*a, *op, *b, *d, *dt)) {
-                        Some(v) => {
-                            let c = Cell::new(v.text(sep)).set_alignment(CellAlignment::Center);
-                            if color {
-                                c.fg(v.color())
-                            } else {
-                                c
+                    let key = (*a, *op, *b, *d, *dt);
+                    let cell = match (self.cells.get(&key), self.cell_text(&key, sep)) {
+                        (Some(v), Some(text)) => {
+                            let c = Cell::new(text).set_alignment(CellAlignment::Center);
+                            match (color, self.surprises.contains(&key)) {
+                                (false, _) => c,
+                                (true, true) => c.fg(Color::Cyan),
+                                (true, false) => c.fg(v.color()),
                             }
                         }
-                        None => Cell::new(""),
+                        _ => Cell::new(""),
                     };
                     row.push(cell);
                 }
@@ -274,6 +302,10 @@ pub const LEGEND: &[(&str, &str)] = &[
     (
         "(flaky)",
         "the matrix marks a failing case as flaky: it has both passed and failed",
+    ),
+    (
+        "(unexpected pass)",
+        "a case passed where a matrix rule declares a failure (the rule is named below)",
     ),
     ("–", "skipped here (see below)"),
     ("blank", "not in the matrix"),
@@ -382,6 +414,20 @@ fn notes(report: &Report, grid: &Grid) -> Vec<String> {
             e.reason
         ));
     }
+    // Declared failures that passed: the rule to edit, as the gate would name it.
+    let mut surprised: BTreeMap<&str, (usize, &CaseExpectation)> = BTreeMap::new();
+    for c in report.cases.iter().filter(|c| unexpected_pass(c)) {
+        let e = c.expected.as_ref().expect("unexpected_pass has an expectation");
+        surprised.entry(e.rule.as_str()).or_insert((0, e)).0 += 1;
+    }
+    for (rule, (n, e)) in surprised {
+        out.push(format!(
+            "unexpected pass, {} ({rule}): the rule expects {}: {}; narrow or remove it",
+            plural(n, "case"),
+            e.outcome,
+            e.reason
+        ));
+    }
     for r in &report.inactive_expectations {
         out.push(format!(
             "inactive here ({}): {} expect {}: {}",
@@ -473,15 +519,10 @@ pub fn render_markdown(report: &Report, gate: Option<(&Verdict, &str)>) -> Strin
         out.push_str("\n### Support table\n\n");
     }
     let env = &report.environment;
-    let libs: Vec<String> = env
-        .libraries
-        .iter()
-        .map(|(k, v)| format!("{k} {v}"))
-        .collect();
     out.push_str(&format!(
         "peft-compat {} · {} · {} · {}\n\n",
         env.peft_compat,
-        libs.join(" · "),
+        env.libraries_line(),
         env.cpu_model,
         env.os
     ));
