@@ -22,16 +22,19 @@ fn h200(name: &str) -> Report {
 /// Both H200 reports, their cases judged again by today's default matrix.
 fn h200_now() -> Vec<Report> {
     let m = Matrix::load(Path::new("matrices/default.yaml"), None).unwrap();
-    ["default-tch-candle-cpu-tch-cuda.json", "default-candle-cuda.json"]
-        .into_iter()
-        .map(|n| {
-            let mut r = h200(n);
-            for c in &mut r.cases {
-                c.expected = None;
-            }
-            r.with_expectations(&m.expectations)
-        })
-        .collect()
+    [
+        "default-tch-candle-cpu-tch-cuda.json",
+        "default-candle-cuda.json",
+    ]
+    .into_iter()
+    .map(|n| {
+        let mut r = h200(n);
+        for c in &mut r.cases {
+            c.expected = None;
+        }
+        r.with_expectations(&m.expectations)
+    })
+    .collect()
 }
 
 /// A rule that is wrong on a GPU fails here, on a CPU runner: no H200 case breaks a rule of
@@ -58,7 +61,12 @@ fn the_h200_reports_meet_the_default_matrix_expectations() {
             .collect();
         for c in &candle_cuda {
             assert_eq!(c.outcome, OutcomeKind::Pass, "{}", c.id);
-            assert!(c.expected.is_none(), "{} is declared: {:?}", c.id, c.expected);
+            assert!(
+                c.expected.is_none(),
+                "{} is declared: {:?}",
+                c.id,
+                c.expected
+            );
         }
         // Gated against a snapshot of its own CPU part: the CUDA cases are new here (no
         // baseline), the rules hold, and with --allow-new the gate passes.
@@ -99,14 +107,16 @@ fn cpu_snapshot(r: &Report) -> snapshot::Snapshot {
 #[test]
 fn an_unexpected_pass_is_marked_without_the_gate() {
     let r = h200("default-candle-cuda.json");
-    assert!(r
-        .cases
-        .iter()
-        .any(|c| c.expected.as_ref().is_some_and(|e| e.status == Status::UnexpectedPass)));
+    assert!(r.cases.iter().any(|c| c
+        .expected
+        .as_ref()
+        .is_some_and(|e| e.status == Status::UnexpectedPass)));
     let t = table::render_text(&r, false, 40);
     assert!(t.contains("(unexpected pass)"), "{t}");
     assert!(
-        t.contains("unexpected pass, 16 cases (matrices/default.yaml:33): the rule expects mismatch"),
+        t.contains(
+            "unexpected pass, 16 cases (matrices/default.yaml:33): the rule expects mismatch"
+        ),
         "{t}"
     );
     let md = table::render_markdown(&r, None);
@@ -142,7 +152,11 @@ fn cuda_cases_without_a_baseline_are_new_not_silently_unchecked() {
     let cpu_json = write(dir.path(), "cpu.json", cpu.to_json());
 
     let v = gate::check(&gpu, &snapshot::read(&snap_path).unwrap(), false);
-    let new: Vec<_> = v.changes.iter().filter(|c| c.kind == ChangeKind::New).collect();
+    let new: Vec<_> = v
+        .changes
+        .iter()
+        .filter(|c| c.kind == ChangeKind::New)
+        .collect();
     assert_eq!(new.len(), 120, "{}", v.render("m"));
     assert!(new.iter().all(|c| c.id.starts_with("tch/cuda/")));
 
@@ -160,7 +174,8 @@ fn cuda_cases_without_a_baseline_are_new_not_silently_unchecked() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(
-        stdout.contains("FAIL tch/cuda/f32/lora/init/native/small: new here (no baseline): now pass"),
+        stdout
+            .contains("FAIL tch/cuda/f32/lora/init/native/small: new here (no baseline): now pass"),
         "{stdout}"
     );
     assert!(stdout.contains("--allow-new"), "{stdout}");
@@ -182,8 +197,14 @@ fn cuda_cases_without_a_baseline_are_new_not_silently_unchecked() {
     let out = gate(&gpu_json, &["--allow-new"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
-    assert!(stdout.contains("note tch/cuda/") && stdout.contains("gate passed"), "{stdout}");
-    assert!(pending.exists(), "the new baseline is still offered for acceptance");
+    assert!(
+        stdout.contains("note tch/cuda/") && stdout.contains("gate passed"),
+        "{stdout}"
+    );
+    assert!(
+        pending.exists(),
+        "the new baseline is still offered for acceptance"
+    );
     std::fs::remove_file(&pending).unwrap();
 
     let out = gate(&cpu_json, &[]);

@@ -228,7 +228,11 @@ impl Grid {
 
     /// A cell's text (`sep` between its lines), marked where a declared failure passed; `None`
     /// where the matrix has no such cell.
-    pub fn cell_text(&self, key: &(Adapter, Op, Backend, Device, DType), sep: &str) -> Option<String> {
+    pub fn cell_text(
+        &self,
+        key: &(Adapter, Op, Backend, Device, DType),
+        sep: &str,
+    ) -> Option<String> {
         let v = self.cells.get(key)?;
         let mut t = v.text(sep);
         if self.surprises.contains(key) {
@@ -417,7 +421,10 @@ fn notes(report: &Report, grid: &Grid) -> Vec<String> {
     // Declared failures that passed: the rule to edit, as the gate would name it.
     let mut surprised: BTreeMap<&str, (usize, &CaseExpectation)> = BTreeMap::new();
     for c in report.cases.iter().filter(|c| unexpected_pass(c)) {
-        let e = c.expected.as_ref().expect("unexpected_pass has an expectation");
+        let e = c
+            .expected
+            .as_ref()
+            .expect("unexpected_pass has an expectation");
         surprised.entry(e.rule.as_str()).or_insert((0, e)).0 += 1;
     }
     for (rule, (n, e)) in surprised {
@@ -479,7 +486,7 @@ pub fn render_text(report: &Report, color: bool, max_findings: usize) -> String 
         }
     }
     for (sym, meaning) in LEGEND {
-        out.push_str(&format!("  {sym:<10} {meaning}\n"));
+        out.push_str(&format!("  {sym:<17} {meaning}\n"));
     }
     for line in notes(report, &grid) {
         out.push_str(&line);

@@ -14,7 +14,7 @@ pub fn unavailable(device: Device) -> Option<String> {
         Device::Cuda(n) => {
             if !cfg!(feature = "cuda") {
                 Some(
-                    "candle built without CUDA support (build the candle worker with --features cuda)"
+                    "candle built without CUDA support (PEFT_COMPAT_CANDLE_CUDA=1 scripts/peft-compat builds it)"
                         .into(),
                 )
             } else {
@@ -36,7 +36,7 @@ fn first_line(e: &candle_core::Error) -> String {
             let frame = t
                 .split_once(':')
                 .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-            !t.starts_with("stack backtrace") && !(frame && l.starts_with(' '))
+            !(t.starts_with("stack backtrace") || (frame && l.starts_with(' ')))
         })
         .collect::<Vec<_>>()
         .join("\n")
