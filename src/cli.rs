@@ -366,7 +366,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                     .map(|&b| (b, crate::case::Device::Cpu))
                     .collect();
                 let workers = Workers::start(worker_paths(&worker), &pairs, 1, 1);
-                environment_of(&workers)
+                Environment::of_workers(&workers.info)
             };
             print_out(&format!(
                 "{}\n",
@@ -380,11 +380,6 @@ fn worker_paths(list: &[(crate::case::Backend, PathBuf)]) -> WorkerPaths {
     WorkerPaths {
         overrides: list.iter().cloned().collect(),
     }
-}
-
-/// The environment block, with the libraries the workers reported.
-fn environment_of(workers: &Workers) -> Environment {
-    Environment::of_workers(&workers.info)
 }
 
 /// Ctrl-C once: stop starting cases, keep what finished, print the partial table. Twice: leave now.
@@ -485,7 +480,7 @@ fn run_matrix(args: RunArgs) -> Result<(), Failure> {
     pairs.sort();
     pairs.dedup();
     let workers = Workers::start(worker_paths(&args.worker), &pairs, jobs, threads);
-    let env = environment_of(&workers);
+    let env = Environment::of_workers(&workers.info);
 
     let stop = Arc::new(AtomicBool::new(false));
     install_interrupt(Arc::clone(&stop));

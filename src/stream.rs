@@ -126,8 +126,7 @@ impl Writer {
             path: path.to_path_buf(),
             file,
         };
-        let text = std::fs::read(path).unwrap_or_default();
-        if text.last().is_some_and(|&b| b != b'\n') {
+        if !ends_with_newline(path) {
             w.line("")?;
         }
         Ok(w)
@@ -151,6 +150,21 @@ impl Writer {
                 source,
             })
     }
+}
+
+/// Whether the file's last byte is a newline (read alone: a stream can be long).
+fn ends_with_newline(path: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut last = [b'\n'];
+    File::open(path)
+        .and_then(|mut f| {
+            if f.seek(SeekFrom::End(0))? > 0 {
+                f.seek(SeekFrom::End(-1))?;
+                f.read_exact(&mut last)?;
+            }
+            Ok(())
+        })
+        .map_or(true, |_| last[0] == b'\n')
 }
 
 /// Read a stream back: its header and every complete case line.

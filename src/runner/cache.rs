@@ -121,9 +121,4 @@ impl Cache {
         down(&self.prepared, &key(case));
         down(&self.draws, &case.shape.name);
     }
-
-    /// Entries alive now (for tests of the memory bound).
-    pub fn live(&self) -> (usize, usize) {
-        (lock(&self.draws).len(), lock(&self.prepared).len())
-    }
 }
