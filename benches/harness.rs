@@ -13,7 +13,7 @@
 //!
 //! Ratios measured in one run are what to compare on a noisy machine; `--quick` skips 4 and 5.
 
-use peft_compat::case::{Adapter, DType, Op, Shape};
+use peft_compat::case::{Adapter, DType, Layer, Op, Profile, Shape};
 use peft_compat::inputs::Draws;
 use peft_compat::reference;
 use std::path::{Path, PathBuf};
@@ -268,9 +268,11 @@ fn main() {
         alpha: 16.0,
         bias: false,
         rslora: false,
+        kernel: 3,
+        image: 8,
     };
     let t0 = Instant::now();
-    let draws = Draws::generate(&shape, 1);
+    let draws = Draws::generate(&shape, Layer::Linear, Profile::Normal, 1);
     let inputs = draws.inputs(DType::F32, Adapter::Dora, Op::Merge);
     let prep = t0.elapsed();
     let t1 = Instant::now();

@@ -57,16 +57,41 @@ axis_enum!(
     DType { F32 => "f32", F16 => "f16", Bf16 => "bf16", F64 => "f64" }
 );
 axis_enum!(
-    /// Which PEFT adapter type is applied to the Linear layer.
-    Adapter { Lora => "lora", Dora => "dora" }
+    /// Which PEFT adapter (and init) is applied to the layer: `lora` and `dora` start from
+    /// random A (and B = 0 at init); `pissa` (SVD of W), `pissa_dora` (PiSSA with DoRA's
+    /// magnitude on top) and `olora` (QR of W) compute A, B and the residual weight from W.
+    Adapter { Lora => "lora", Dora => "dora", Pissa => "pissa", PissaDora => "pissa_dora", Olora => "olora" }
 );
 axis_enum!(
-    /// The operation under test; each has its own outputs (see `adapter::Outputs`).
-    Op { Init => "init", Forward => "forward", Backward => "backward", Merge => "merge", Unmerge => "unmerge" }
+    /// The operation under test; each has its own outputs (see `adapter::run`).
+    /// `init_noop`: the adapted layer at init against the base layer alone; `parity`: the
+    /// merged layer's forward against the unmerged one; `roundtrip`: merge then unmerge,
+    /// judged against the original weight.
+    Op {
+        Init => "init", Forward => "forward", Backward => "backward", Merge => "merge", Unmerge => "unmerge",
+        InitNoop => "init_noop", Parity => "parity", Roundtrip => "roundtrip"
+    }
 );
 axis_enum!(
     /// `native`: all in the case dtype (pre-#1653 PEFT). `upcast`: PEFT's fixed fp32 products.
-    Precision { Native => "native", Upcast => "upcast" }
+    /// `autocast`: PEFT's default since 0.12 (`autocast_adapter_dtype=True`): the adapter is
+    /// initialised in the base dtype (through the fixed path), then stored in fp32, and its
+    /// branch runs in fp32 on an fp32 copy of the input; the result is cast back.
+    Precision { Native => "native", Upcast => "upcast", Autocast => "autocast" }
+);
+axis_enum!(
+    /// The layer the adapter wraps. `embedding`: in_features = num_embeddings, out_features =
+    /// embedding_dim, batch = number of token ids. `conv2d`: in/out_features = channels, a
+    /// `kernel` x `kernel` kernel (stride 1, no padding) over `image` x `image` inputs.
+    Layer { Linear => "linear", Embedding => "embedding", Conv2d => "conv2d" }
+);
+axis_enum!(
+    /// How the base weight is drawn. `normal`: nn.Linear's init; `llm`: N(0, 0.02), the scale
+    /// of trained LLM projections; `zero_rows`: every fourth output row of W exactly zero
+    /// (PEFT #2049); `large`: entries ~300, whose fp16 sum of squares overflows while the norm
+    /// fits; `tiny`: entries ~1e-4, whose fp16 squares underflow. Inputs are scaled so that
+    /// outputs stay in range: what overflows is the computation, not the data.
+    Profile { Normal => "normal", Llm => "llm", ZeroRows => "zero_rows", Large => "large", Tiny => "tiny" }
 );
 
 impl Backend {
@@ -82,6 +107,26 @@ impl Backend {
     /// libtorch build, `tch@2.1.2` only that one.
     pub fn matches(self, pattern: Backend) -> bool {
         self == pattern || (pattern == Backend::Tch && self.family() == Backend::Tch)
+    }
+}
+
+impl Adapter {
+    /// DoRA's magnitude is part of the adapter.
+    pub fn is_dora(self) -> bool {
+        matches!(self, Adapter::Dora | Adapter::PissaDora)
+    }
+
+    /// The init computes A and B from the base weight (SVD or QR) and rewrites the weight.
+    pub fn is_data_init(self) -> bool {
+        matches!(self, Adapter::Pissa | Adapter::PissaDora | Adapter::Olora)
+    }
+}
+
+impl Op {
+    /// Whether the op compares two results of the same backend (the adapted layer and the base
+    /// layer, or the merged and the unmerged forward), besides each against the reference.
+    pub fn is_self_check(self) -> bool {
+        matches!(self, Op::InitNoop | Op::Parity)
     }
 }
 
@@ -189,10 +234,24 @@ pub struct Shape {
     pub bias: bool,
     #[serde(default)]
     pub rslora: bool,
+    /// Conv2d only: the kernel's side (stride 1, no padding).
+    #[serde(default = "three")]
+    pub kernel: usize,
+    /// Conv2d only: the input image's side.
+    #[serde(default = "eight")]
+    pub image: usize,
 }
 
 fn yes() -> bool {
     true
+}
+
+fn three() -> usize {
+    3
+}
+
+fn eight() -> usize {
+    8
 }
 
 impl Shape {
@@ -215,10 +274,12 @@ pub struct Case {
     pub adapter: Adapter,
     pub op: Op,
     pub precision: Precision,
+    pub layer: Layer,
+    pub profile: Profile,
     pub shape: Shape,
 }
 
-/// Where a case sits on the seven axes (the shape by name): what matrix patterns match against,
+/// Where a case sits on the nine axes (the shape by name): what matrix patterns match against,
 /// whether they hold a [`Case`] about to run or a case already reported.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Coords<'a> {
@@ -228,7 +289,29 @@ pub struct Coords<'a> {
     pub adapter: Adapter,
     pub op: Op,
     pub precision: Precision,
+    pub layer: Layer,
+    pub profile: Profile,
     pub shape: &'a str,
+}
+
+/// The stable id of a case from its coordinates:
+/// `backend/device/dtype/adapter/op/precision/shape`, then `/layer` unless it is `linear` and
+/// `/profile` unless it is `normal` (so the ids of linear, normal cases read as they always did;
+/// layer and profile names never coincide, so the suffixes cannot be confused).
+pub fn case_id(c: &Coords) -> String {
+    let mut id = format!(
+        "{}/{}/{}/{}/{}/{}/{}",
+        c.backend, c.device, c.dtype, c.adapter, c.op, c.precision, c.shape
+    );
+    if c.layer != Layer::Linear {
+        id.push('/');
+        id.push_str(c.layer.as_str());
+    }
+    if c.profile != Profile::Normal {
+        id.push('/');
+        id.push_str(c.profile.as_str());
+    }
+    id
 }
 
 impl Case {
@@ -240,22 +323,52 @@ impl Case {
             adapter: self.adapter,
             op: self.op,
             precision: self.precision,
+            layer: self.layer,
+            profile: self.profile,
             shape: &self.shape.name,
         }
     }
 
-    /// Stable identifier, `backend/device/dtype/adapter/op/precision/shape`; snapshots key on it.
+    /// Stable identifier (see [`case_id`]); snapshots key on it.
     pub fn id(&self) -> String {
-        format!(
-            "{}/{}/{}/{}/{}/{}/{}",
-            self.backend,
-            self.device,
-            self.dtype,
-            self.adapter,
-            self.op,
-            self.precision,
-            self.shape.name
-        )
+        case_id(&self.coords())
+    }
+
+    /// Why this combination is not a case at all (the matrix expansion drops it), or `None`.
+    /// PiSSA and OLoRA are Linear-only in PEFT, and once initialised they are LoRA (or DoRA)
+    /// adapters: their own question is the init, and whether the layer still computes W.
+    pub fn not_a_case(&self) -> Option<&'static str> {
+        if self.adapter.is_data_init() {
+            if self.layer != Layer::Linear {
+                return Some("PEFT initialises PiSSA and OLoRA on Linear layers only");
+            }
+            if !matches!(self.op, Op::Init | Op::InitNoop) {
+                return Some("after init a PiSSA/OLoRA adapter is a LoRA/DoRA adapter: its other ops are the lora/dora rows");
+            }
+        }
+        None
+    }
+
+    /// Why PEFT itself refuses this case by design (reported as a skip that says so, never as a
+    /// backend failure), or `None`.
+    pub fn refused_by_peft(&self) -> Option<&'static str> {
+        if self.adapter.is_data_init() && self.dtype == DType::F64 {
+            return Some(match self.adapter {
+                Adapter::Olora => "not applicable: PEFT refuses float64 for OLoRA init by design (olora_init: `TypeError: Unsupported data type for the base layer`)",
+                _ => "not applicable: PEFT refuses float64 for PiSSA init by design (pissa_init: `TypeError: Please initialize PiSSA under float32, float16, or bfloat16`)",
+            });
+        }
+        None
+    }
+
+    /// The dtype the adapter's tensors (A, B, magnitude) are kept in: fp32 under `autocast`
+    /// with a 16-bit base (PEFT's `_cast_adapter_dtype`), else the case dtype.
+    pub fn adapter_dtype(&self) -> DType {
+        if self.precision == Precision::Autocast && self.dtype.is_16bit() {
+            DType::F32
+        } else {
+            self.dtype
+        }
     }
 
     /// Where PEFT's fixed path casts to fp32, for this case; `None` when the upcast path is
@@ -265,19 +378,29 @@ impl Case {
     /// device are not looked at). Merge/unmerge: the delta weight in fp32 when the adapter is on
     /// CPU in fp16 or bf16 (`get_delta_weight`, #1017 and #1978).
     pub fn upcast_site(&self) -> Option<&'static str> {
-        match (self.adapter, self.op, self.dtype) {
-            (Adapter::Dora, Op::Init, DType::F16) => {
+        let init = matches!(self.op, Op::Init | Op::InitNoop);
+        let merges = matches!(
+            self.op,
+            Op::Merge | Op::Unmerge | Op::Parity | Op::Roundtrip
+        );
+        match (self.adapter, self.dtype) {
+            (a, DType::F16 | DType::Bf16) if a.is_data_init() && init => Some(
+                "PiSSA/OLoRA init casts the weight to fp32 for the SVD/QR and the residual, then casts back (PEFT always does)",
+            ),
+            (Adapter::Dora, DType::F16) if init => {
                 Some("DoRA init computes lora_B @ lora_A in fp32 and casts it back (PEFT #1653)")
             }
-            (_, Op::Merge | Op::Unmerge, DType::F16 | DType::Bf16) if self.device.is_cpu() => Some(
+            (_, DType::F16 | DType::Bf16) if merges && self.device.is_cpu() => Some(
                 "get_delta_weight computes scaling * (lora_B @ lora_A) in fp32 on CPU and casts it back (PEFT #1017, #1978)",
             ),
             _ => None,
         }
     }
 
-    /// Whether the fp32 products are actually taken in this case.
+    /// Whether the fp32 products are actually taken in this case. PEFT's autocast default
+    /// initialises through the fixed path too (the fix is in the code it runs), and keeps the
+    /// delta weight's fp32 product on CPU.
     pub fn upcasts(&self) -> bool {
-        self.precision == Precision::Upcast && self.upcast_site().is_some()
+        self.precision != Precision::Native && self.upcast_site().is_some()
     }
 }

@@ -40,9 +40,16 @@ pub fn estimate(case: &Case) -> Estimate {
         s.out_features as f64,
         s.rank as f64,
     );
-    let weight = o * i;
+    // A Conv2d's weight holds k*k values per (out, in) pair; its input b*in*image^2, and the
+    // reference's im2col b*positions*in*k*k.
+    let (kk, img) = match case.layer {
+        crate::case::Layer::Conv2d => ((s.kernel * s.kernel) as f64, (s.image * s.image) as f64),
+        _ => (1.0, 1.0),
+    };
+    let weight = o * i * kk;
+    let patches = b * img * i * kk;
     // x, W, bias, A, B, m, grad_output
-    let inputs = b * i + weight + o + r * i + o * r + o + b * o;
+    let inputs = b * i * img + weight + o + r * i * kk + o * r + o + b * o * img + patches;
     let dsize = case.dtype.size() as f64;
     let wide = dsize.max(4.0);
     let runner = 8.0 * (2.0 * inputs + 5.0 * weight + 2.0 * b * o) + dsize * inputs;
@@ -139,6 +146,8 @@ mod tests {
             adapter: Adapter::Dora,
             op: Op::Merge,
             precision: Precision::Native,
+            layer: Layer::Linear,
+            profile: Profile::Normal,
             shape: Shape {
                 name: "s".into(),
                 batch: 4,
@@ -148,6 +157,8 @@ mod tests {
                 alpha: 16.0,
                 bias: true,
                 rslora: false,
+                kernel: 3,
+                image: 8,
             },
         }
     }

@@ -2,7 +2,7 @@
 //! dtype. Both backends and the f64 reference receive exactly these bits, so any difference between
 //! them is the computation's, not the data's.
 
-use crate::case::{Adapter, DType, Op, Shape};
+use crate::case::{Adapter, DType, Layer, Op, Profile, Shape};
 use crate::reference;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -93,9 +93,14 @@ impl HostTensor {
     }
 }
 
-/// Everything a case feeds to a Linear layer with a LoRA/DoRA adapter, named as in PEFT.
+/// Everything a case feeds to a layer with a LoRA/DoRA adapter, named as in PEFT. Shapes are
+/// given for a Linear layer; an Embedding's are `input` [batch] (token ids, exact integers),
+/// `weight` [num_embeddings, embedding_dim], `lora_embedding_A` [rank, num_embeddings] and
+/// `lora_embedding_B` [embedding_dim, rank]; a Conv2d's are `input` [batch, in, image, image],
+/// `weight` [out, in, k, k], `lora_A` [rank, in, k, k] and `lora_B` [out, rank, 1, 1].
 #[derive(Debug, Clone)]
 pub struct Inputs {
+    pub layer: Layer,
     /// `input`: [batch, in_features]
     pub x: HostTensor,
     /// `base_layer.weight`: [out_features, in_features]
@@ -104,9 +109,11 @@ pub struct Inputs {
     pub bias: Option<HostTensor>,
     /// `lora_A.weight`: [rank, in_features]
     pub lora_a: HostTensor,
-    /// `lora_B.weight`: [out_features, rank]; zeros for `init`, as PEFT initialises it.
+    /// `lora_B.weight`: [out_features, rank]; zeros for `init` and `init_noop`, as PEFT
+    /// initialises it (an Embedding's A is the zero one instead). Zeros, and unused, for PiSSA
+    /// and OLoRA, whose init computes both from the weight.
     pub lora_b: HostTensor,
-    /// `lora_magnitude_vector`: [out_features]; DoRA only, absent for `init` (init computes it).
+    /// `lora_magnitude_vector`: [out_features]; DoRA only, absent where the init computes it.
     pub magnitude: Option<HostTensor>,
     /// `grad_output`: [batch, out_features], the upstream gradient for `backward`.
     pub grad_output: HostTensor,
@@ -114,9 +121,10 @@ pub struct Inputs {
     pub scaling: f64,
 }
 
-/// The raw f64 draws for one shape, shared by every dtype, adapter and op of that shape.
+/// The raw f64 draws for one shape, layer and profile, shared by every dtype, adapter and op.
 #[derive(Debug, Clone)]
 pub struct Draws {
+    layer: Layer,
     x: HostTensor,
     weight: HostTensor,
     bias: HostTensor,
@@ -154,28 +162,112 @@ fn normal(rng: &mut ChaCha8Rng, shape: Vec<usize>) -> HostTensor {
     )
 }
 
+/// The typical scale of a `profile`'s weight entries, or `None` for the layer's natural init.
+fn profile_scale(profile: Profile) -> Option<f64> {
+    match profile {
+        Profile::Normal | Profile::ZeroRows | Profile::Llm => None,
+        Profile::Large => Some(300.0),
+        Profile::Tiny => Some(1e-4),
+    }
+}
+
 impl Draws {
-    /// Distributions follow PEFT and torch.nn.Linear: weights and bias U(-1/sqrt(fan_in),
-    /// 1/sqrt(fan_in)) (kaiming_uniform with a = sqrt(5)); A the same; B as with
-    /// `init_lora_weights=False` (U(-1/sqrt(r), 1/sqrt(r))); x and the upstream gradient N(0, 1);
-    /// the magnitude is the row norm of the merged weight times U(0.8, 1.2), as after training.
-    pub fn generate(shape: &Shape, seed: u64) -> Draws {
-        let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, &shape.name));
+    /// Distributions follow PEFT and torch.nn: Linear and Conv2d weights and bias
+    /// U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a = sqrt(5)), an Embedding's
+    /// weight N(0, 1); A like the weight; B as with `init_lora_weights=False`
+    /// (U(-1/sqrt(r), 1/sqrt(r))); x and the upstream gradient N(0, 1), token ids uniform; the
+    /// magnitude is the DoRA norm of the merged weight times U(0.8, 1.2), as after training.
+    ///
+    /// Profiles then reshape the weight (see [`Profile`]): `llm` redraws it N(0, 0.02);
+    /// `large` and `tiny` redraw it U(-S, S) with S = 300 or 1e-4, scale A by the same factor
+    /// (so that dW keeps its share of W) and divide x by it (so that outputs keep their range);
+    /// `zero_rows` zeroes every fourth row in the sense of DoRA's norm (an output row or
+    /// channel, an embedding dimension). The linear, normal draws are the same as ever, so
+    /// older snapshots still hold.
+    pub fn generate(shape: &Shape, layer: Layer, profile: Profile, seed: u64) -> Draws {
+        let name = match (layer, profile) {
+            (Layer::Linear, Profile::Normal) => shape.name.clone(),
+            _ => format!("{}/{layer}/{profile}", shape.name),
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, &name));
         let (b, i, o, r) = (
             shape.batch,
             shape.in_features,
             shape.out_features,
             shape.rank,
         );
-        let w_bound = 1.0 / (i as f64).sqrt();
-        let x = normal(&mut rng, vec![b, i]);
-        let weight = uniform(&mut rng, vec![o, i], w_bound);
+        let (k, img) = (shape.kernel, shape.image);
+        let fan_in = match layer {
+            Layer::Conv2d => i * k * k,
+            _ => i,
+        };
+        let w_bound = 1.0 / (fan_in as f64).sqrt();
+        let (x_shape, w_shape, a_shape, b_shape, g_shape) = match layer {
+            Layer::Linear => (vec![b, i], vec![o, i], vec![r, i], vec![o, r], vec![b, o]),
+            Layer::Embedding => (vec![b], vec![i, o], vec![r, i], vec![o, r], vec![b, o]),
+            Layer::Conv2d => {
+                let out = img - k + 1;
+                (
+                    vec![b, i, img, img],
+                    vec![o, i, k, k],
+                    vec![r, i, k, k],
+                    vec![o, r, 1, 1],
+                    vec![b, o, out, out],
+                )
+            }
+        };
+        let mut x = match layer {
+            Layer::Embedding => HostTensor::new(
+                x_shape,
+                (0..b).map(|_| rng.random_range(0..i) as f64).collect(),
+            ),
+            _ => normal(&mut rng, x_shape),
+        };
+        let mut weight = match layer {
+            Layer::Embedding => normal(&mut rng, w_shape),
+            _ => uniform(&mut rng, w_shape, w_bound),
+        };
         let bias = uniform(&mut rng, vec![o], w_bound);
-        let lora_a = uniform(&mut rng, vec![r, i], w_bound);
-        let lora_b = uniform(&mut rng, vec![o, r], 1.0 / (r as f64).sqrt());
+        let mut lora_a = uniform(&mut rng, a_shape, w_bound);
+        let lora_b = uniform(&mut rng, b_shape, 1.0 / (r as f64).sqrt());
         let magnitude_factor = (0..o).map(|_| rng.random_range(0.8..1.2)).collect();
-        let grad_output = normal(&mut rng, vec![b, o]);
+        let grad_output = normal(&mut rng, g_shape);
+        let natural = match layer {
+            Layer::Embedding => 1.0,
+            _ => w_bound,
+        };
+        if profile == Profile::Llm {
+            weight = normal(&mut rng, weight.shape.clone());
+            weight.data.iter_mut().for_each(|v| *v *= 0.02);
+        }
+        if let Some(s) = profile_scale(profile) {
+            weight = uniform(&mut rng, weight.shape.clone(), s);
+            let f = s / natural;
+            lora_a.data.iter_mut().for_each(|v| *v *= f);
+            if layer != Layer::Embedding {
+                x.data.iter_mut().for_each(|v| *v /= f);
+            }
+        }
+        if profile == Profile::ZeroRows {
+            let cols = weight.data.len() / weight.rows();
+            match layer {
+                // DoRA's norm of an Embedding runs over each embedding dimension (a column).
+                Layer::Embedding => {
+                    for (idx, v) in weight.data.iter_mut().enumerate() {
+                        if (idx % cols) % 4 == 0 {
+                            *v = 0.0;
+                        }
+                    }
+                }
+                _ => {
+                    for row in weight.data.chunks_mut(cols).step_by(4) {
+                        row.iter_mut().for_each(|v| *v = 0.0);
+                    }
+                }
+            }
+        }
         Draws {
+            layer,
             x,
             weight,
             bias,
@@ -184,22 +276,29 @@ impl Draws {
             magnitude_factor,
             grad_output,
             scaling: shape.scaling(),
-            bias_on: shape.bias,
+            bias_on: shape.bias && layer != Layer::Embedding,
         }
     }
 
     /// The inputs of one case, every tensor rounded once into `dtype`.
     pub fn inputs(&self, dtype: DType, adapter: Adapter, op: Op) -> Inputs {
         let weight = self.weight.rounded(dtype);
-        let lora_a = self.lora_a.rounded(dtype);
-        let lora_b = if op == Op::Init {
-            HostTensor::zeros(self.lora_b.shape.clone())
+        let at_init = matches!(op, Op::Init | Op::InitNoop);
+        let zeros = |t: &HostTensor| HostTensor::zeros(t.shape.clone());
+        let (lora_a, lora_b) = if adapter.is_data_init() {
+            (zeros(&self.lora_a), zeros(&self.lora_b))
+        } else if at_init && self.layer == Layer::Embedding {
+            // PEFT zeroes an Embedding's A (lora_embedding_A) and draws its B.
+            (zeros(&self.lora_a), self.lora_b.rounded(dtype))
+        } else if at_init {
+            (self.lora_a.rounded(dtype), zeros(&self.lora_b))
         } else {
-            self.lora_b.rounded(dtype)
+            (self.lora_a.rounded(dtype), self.lora_b.rounded(dtype))
         };
-        let magnitude = (adapter == Adapter::Dora && op != Op::Init).then(|| {
-            // ||W + s B A|| row-wise from the rounded tensors, perturbed, then rounded.
-            let norm = reference::weight_norm(&weight, &lora_a, &lora_b, self.scaling);
+        let magnitude = (adapter.is_dora() && !at_init).then(|| {
+            // The DoRA norm of W + s B A from the rounded tensors, perturbed, then rounded.
+            let norm =
+                reference::layer_weight_norm(self.layer, &weight, &lora_a, &lora_b, self.scaling);
             let data = norm
                 .data
                 .iter()
@@ -209,7 +308,13 @@ impl Draws {
             HostTensor::new(norm.shape.clone(), data)
         });
         Inputs {
-            x: self.x.rounded(dtype),
+            layer: self.layer,
+            // Token ids are integers, exact in every dtype's transport (sent as f32).
+            x: if self.layer == Layer::Embedding {
+                self.x.clone()
+            } else {
+                self.x.rounded(dtype)
+            },
             weight,
             bias: self.bias_on.then(|| self.bias.rounded(dtype)),
             lora_a,
@@ -224,11 +329,15 @@ impl Draws {
 impl Inputs {
     /// `(name, tensor)` under PEFT's state-dict names, for dumps.
     pub fn named(&self) -> Vec<(&'static str, &HostTensor)> {
+        let (a, b) = match self.layer {
+            Layer::Embedding => ("lora_embedding_A", "lora_embedding_B"),
+            _ => ("lora_A.weight", "lora_B.weight"),
+        };
         let mut v = vec![
             ("input", &self.x),
             ("base_layer.weight", &self.weight),
-            ("lora_A.weight", &self.lora_a),
-            ("lora_B.weight", &self.lora_b),
+            (a, &self.lora_a),
+            (b, &self.lora_b),
             ("grad_output", &self.grad_output),
         ];
         if let Some(b) = &self.bias {
@@ -255,8 +364,28 @@ pub mod names {
     pub const MERGED: &str = "merged_weight";
     pub const UNMERGED: &str = "unmerged_weight";
     pub const MAGNITUDE: &str = "lora_magnitude_vector";
+    /// `init_noop`: the base layer's own output, beside the adapted layer's `result`.
+    pub const BASE_RESULT: &str = "base_result";
+    /// `parity`: the forward of the merged layer, beside the unmerged layer's `result`.
+    pub const MERGED_RESULT: &str = "merged_result";
+    /// PiSSA/OLoRA init: the residual weight written back into the base layer.
+    pub const RESIDUAL: &str = "base_layer.weight";
+    /// PiSSA/OLoRA init: scaling * lora_B @ lora_A, the part of W the adapter now holds (A and
+    /// B themselves are defined up to the sign of each singular/QR vector; their product is not).
+    pub const DELTA: &str = "delta_weight";
     /// Every output name (what a worker's reply may carry).
     pub const ALL: &[&str] = &[
-        RESULT, GRAD_A, GRAD_B, GRAD_M, GRAD_X, MERGED, UNMERGED, MAGNITUDE,
+        RESULT,
+        GRAD_A,
+        GRAD_B,
+        GRAD_M,
+        GRAD_X,
+        MERGED,
+        UNMERGED,
+        MAGNITUDE,
+        BASE_RESULT,
+        MERGED_RESULT,
+        RESIDUAL,
+        DELTA,
     ];
 }

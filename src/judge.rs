@@ -14,8 +14,11 @@
 //! - `u_acc`: 2^-24 for f16, bf16 and f32 (f32 accumulation), 2^-53 for f64. For 16-bit outputs
 //!   the term is negligible; for f32 outputs it is what lets a 4096-long dot product pass.
 //! - `C(op)`: the number of roundings an op chain is allowed, with margin: [`chain_constant`].
-//! - `kappa`: the op's conditioning, 1 except for `unmerge`, which recovers W by cancellation
-//!   from W + dW: kappa = max(|W + dW|, |W'|) / max|W| from the reference ([`crate::reference::conditioning`]).
+//! - `kappa`: the op's conditioning, 1 except for `unmerge` and `roundtrip`, which recover W by
+//!   cancellation from W + dW: kappa = max(|W + dW|, |W'|) / max|W| from the reference
+//!   ([`crate::reference::conditioning`]); and PiSSA's init, whose rank-r truncated SVD moves by
+//!   sigma_1 / (sigma_r - sigma_{r+1}) roundings per rounding of W (Wedin's bound; random
+//!   matrices have close singular values, so this is often 10-100).
 //!   A correct 16-bit round trip loses exactly that much; the figure is in the report.
 //! - `factor`: 1 unless the matrix's `tolerances` rules say otherwise.
 //!
@@ -24,7 +27,7 @@
 //! the tolerance until it passes would hide exactly what users need to see.
 
 use crate::case::{Case, DType, Op};
-use crate::inputs::{HostTensor, Outputs};
+use crate::inputs::{names, HostTensor, Outputs};
 use serde::{Deserialize, Serialize};
 
 /// Roundings allowed per op chain, with margin. Init, forward, merge and unmerge chain 4-6
@@ -32,10 +35,24 @@ use serde::{Deserialize, Serialize};
 /// chains twice as many.
 pub fn chain_constant(op: Op) -> f64 {
     match op {
-        Op::Init | Op::Forward | Op::Merge | Op::Unmerge => 8.0,
+        Op::Init
+        | Op::Forward
+        | Op::Merge
+        | Op::Unmerge
+        | Op::InitNoop
+        | Op::Parity
+        | Op::Roundtrip => 8.0,
         Op::Backward => 16.0,
     }
 }
+
+/// The pairs of a backend's own outputs that must agree, and the name of their gap:
+/// `init_noop`'s adapted layer against the base layer alone, `parity`'s unmerged forward
+/// against the merged layer's.
+pub const GAPS: &[(&str, &str, &str)] = &[
+    (names::RESULT, names::BASE_RESULT, "noop_gap"),
+    (names::RESULT, names::MERGED_RESULT, "parity_gap"),
+];
 
 /// Unit roundoff of the accumulator a good kernel uses for this dtype.
 pub fn accumulator_roundoff(dtype: DType) -> f64 {
@@ -104,9 +121,17 @@ pub struct OutputMetrics {
     /// L2 norm and L1 sum of the output's finite values: summary figures for snapshots.
     pub norm: f64,
     pub l1: f64,
-    /// Elements that are NaN or infinite where the reference is finite.
+    /// Elements that are NaN or infinite: a finding whatever the reference says.
     pub nonfinite: usize,
+    /// Of those, the elements where the f64 reference is not finite either: the formula itself
+    /// is undefined there (DoRA's 0/0 on a zero row, PEFT #2049), not the dtype's fault.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reference_nonfinite: usize,
     pub elements: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl OutputMetrics {
@@ -257,6 +282,7 @@ fn measure(
     let mut max_abs: f64 = 0.0;
     let mut scale: f64 = 0.0;
     let mut nonfinite = 0;
+    let mut reference_nonfinite = 0;
     if got.shape != want.shape {
         return OutputMetrics {
             name: name.to_string(),
@@ -268,15 +294,20 @@ fn measure(
             norm: f64::NAN,
             l1: f64::NAN,
             nonfinite: 0,
+            reference_nonfinite: 0,
             elements: got.data.len(),
         };
     }
     for (&g, &w) in got.data.iter().zip(&want.data) {
         if !w.is_finite() {
-            // The reference itself is undefined here (e.g. a zero-norm DoRA row): the output
-            // must be non-finite too; a finite value there is an error of unbounded size.
+            // The reference itself is undefined here (e.g. a zero-norm DoRA row): a finite
+            // value there is an error of unbounded size; a non-finite one is still a finding
+            // (the user gets NaN), counted apart so the report can say whose fault it is.
             if g.is_finite() {
                 max_abs = f64::INFINITY;
+            } else {
+                nonfinite += 1;
+                reference_nonfinite += 1;
             }
             continue;
         }
@@ -305,19 +336,35 @@ fn measure(
         norm,
         l1,
         nonfinite,
+        reference_nonfinite,
         elements: got.data.len(),
     }
 }
 
 /// Compare a backend's outputs with the reference's, output by output, and give the verdict.
+///
+/// Ops that compare two of the backend's own results (`init_noop`, `parity`) also get a gap
+/// output ([`GAPS`]): the first against the second, judged with the same tolerance. It is the
+/// number users ask about ("is the adapter a no-op at init?", "does merging change my
+/// outputs?"): 0 where the two agree bit for bit.
 pub fn judge(got: &Outputs, want: &Outputs, tol: Tolerance, dtype: DType) -> Outcome {
-    let outputs: Vec<OutputMetrics> = want
+    let find = |name: &str| got.iter().find(|(n, _)| *n == name).map(|(_, t)| t);
+    let mut outputs: Vec<OutputMetrics> = want
         .iter()
-        .map(|(name, w)| match got.iter().find(|(n, _)| n == name) {
-            Some((_, g)) => measure(name, g, w, tol.rel, dtype),
+        .map(|(name, w)| match find(name) {
+            Some(g) => measure(name, g, w, tol.rel, dtype),
             None => measure(name, &HostTensor::zeros(vec![0]), w, tol.rel, dtype),
         })
         .collect();
+    for (a, b, gap) in GAPS {
+        if let (Some(x), Some(y)) = (find(a), find(b)) {
+            let mut m = measure(gap, x, y, tol.rel, dtype);
+            // Non-finite values are the outputs' finding, already counted there.
+            m.nonfinite = 0;
+            m.reference_nonfinite = 0;
+            outputs.push(m);
+        }
+    }
     let worst = outputs
         .iter()
         .max_by(|a, b| a.ratio().total_cmp(&b.ratio()))
@@ -384,12 +431,11 @@ mod tests {
     }
 
     #[test]
-    fn reference_nan_must_be_matched() {
+    fn reference_nan_must_be_matched_and_is_still_a_finding() {
         let want = out(&[f64::NAN, 1.0]);
-        assert_eq!(
-            judge(&out(&[f64::NAN, 1.0]), &want, tol(1e-3), DType::F32).kind(),
-            OutcomeKind::Pass
-        );
+        let o = judge(&out(&[f64::NAN, 1.0]), &want, tol(1e-3), DType::F32);
+        assert_eq!(o.kind(), OutcomeKind::Nonfinite);
+        assert_eq!(o.metrics().unwrap().outputs[0].reference_nonfinite, 1);
         assert_eq!(
             judge(&out(&[0.0, 1.0]), &want, tol(1e-3), DType::F32).kind(),
             OutcomeKind::Mismatch
@@ -406,6 +452,8 @@ mod tests {
             adapter: Adapter::Lora,
             op: Op::Forward,
             precision: Precision::Native,
+            layer: Layer::Linear,
+            profile: Profile::Normal,
             shape: Shape {
                 name: "s".into(),
                 batch: 1,
@@ -415,6 +463,8 @@ mod tests {
                 alpha: 1.0,
                 bias: false,
                 rslora: false,
+                kernel: 3,
+                image: 8,
             },
         };
         let small = Tolerance::for_case(&case, 1.0, 1.0, None).rel;

@@ -10,9 +10,12 @@
 //!   dtype: [f32, f16, bf16, f64]
 //!   adapter: [lora, dora]
 //!   op: [init, forward, backward, merge, unmerge]
-//!   precision: [native, upcast]
+//!   precision: [native, upcast, autocast]
+//!   layer: [linear, embedding, conv2d]           # optional, default [linear]
+//!   profile: [normal, llm, zero_rows, large, tiny] # optional, default [normal]
 //! shapes:                    # one or more named layer geometries
 //!   small: {batch: 4, in_features: 64, out_features: 32, rank: 8, alpha: 16, bias: true, rslora: false}
+//!   # conv2d also reads `kernel` (default 3) and `image` (default 8)
 //! exclude:                   # drop every combination matching all the keys given
 //!   - {dtype: [f32, f64], precision: upcast}
 //! include:                   # add one combination (all six axes); shape optional = every shape
@@ -23,7 +26,9 @@
 //!   - {backend: candle, dtype: bf16, adapter: dora, shape: small, expect: mismatch, reason: "..."}
 //! ```
 
-use crate::case::{Adapter, Backend, Case, Coords, DType, Device, Op, Precision, Shape};
+use crate::case::{
+    Adapter, Backend, Case, Coords, DType, Device, Layer, Op, Precision, Profile, Shape,
+};
 use crate::expect::{Expectation, RawExpectation};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
@@ -97,6 +102,10 @@ pub struct Pattern {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precision: Option<OneOrMany<Precision>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<OneOrMany<Layer>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<OneOrMany<Profile>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shape: Option<OneOrMany<String>>,
 }
 
@@ -113,6 +122,8 @@ impl Pattern {
             && ok(&self.adapter, &c.adapter)
             && ok(&self.op, &c.op)
             && ok(&self.precision, &c.precision)
+            && ok(&self.layer, &c.layer)
+            && ok(&self.profile, &c.profile)
             && ok(&self.shape, c.shape)
     }
 }
@@ -138,6 +149,83 @@ struct Axes {
     adapter: Vec<Adapter>,
     op: Vec<Op>,
     precision: Vec<Precision>,
+    #[serde(default = "linear_only")]
+    layer: Vec<Layer>,
+    #[serde(default = "normal_only")]
+    profile: Vec<Profile>,
+}
+
+fn linear_only() -> Vec<Layer> {
+    vec![Layer::Linear]
+}
+
+fn normal_only() -> Vec<Profile> {
+    vec![Profile::Normal]
+}
+
+/// Lists of axis values whose every combination (with every shape) is a candidate case.
+struct Product<'a> {
+    backend: &'a [Backend],
+    device: &'a [Device],
+    dtype: &'a [DType],
+    adapter: &'a [Adapter],
+    op: &'a [Op],
+    precision: &'a [Precision],
+    layer: &'a [Layer],
+    profile: &'a [Profile],
+}
+
+impl Product<'_> {
+    fn len(&self) -> usize {
+        [
+            self.backend.len(),
+            self.device.len(),
+            self.dtype.len(),
+            self.adapter.len(),
+            self.op.len(),
+            self.precision.len(),
+            self.layer.len(),
+            self.profile.len(),
+        ]
+        .iter()
+        .try_fold(1usize, |acc, &n| acc.checked_mul(n))
+        .unwrap_or(usize::MAX)
+    }
+
+    /// Every combination for `shape`, in table order, without the ones that are not cases
+    /// ([`Case::not_a_case`]).
+    fn for_each(&self, shape: &Shape, mut f: impl FnMut(Case)) {
+        for &backend in self.backend {
+            for &device in self.device {
+                for &dtype in self.dtype {
+                    for &layer in self.layer {
+                        for &profile in self.profile {
+                            for &adapter in self.adapter {
+                                for &op in self.op {
+                                    for &precision in self.precision {
+                                        let case = Case {
+                                            backend,
+                                            device,
+                                            dtype,
+                                            adapter,
+                                            op,
+                                            precision,
+                                            layer,
+                                            profile,
+                                            shape: shape.clone(),
+                                        };
+                                        if case.not_a_case().is_none() {
+                                            f(case);
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -171,8 +259,9 @@ pub struct Matrix {
 
 const HELP_AXES: &str =
     "axes take: backend: tch, tch@2.1.2, candle; device: cpu, cuda, cuda:N; dtype: f32, f16, bf16, f64; \
-adapter: lora, dora; op: init, forward, backward, merge, unmerge; precision: native, upcast \
-(see matrices/default.yaml for a complete file)";
+adapter: lora, dora, pissa, pissa_dora, olora; op: init, forward, backward, merge, unmerge, init_noop, parity, \
+roundtrip; precision: native, upcast, autocast; layer: linear, embedding, conv2d; profile: normal, llm, zero_rows, \
+large, tiny (see matrices/default.yaml and matrices/failures.yaml for complete files)";
 
 /// 1-based line and column of the first occurrence of `needle` at or after line `from`.
 fn locate(src: &str, needle: &str, from: usize) -> (Option<usize>, Option<usize>) {
@@ -244,14 +333,14 @@ impl Matrix {
             {
                 HELP_AXES
             } else if message.starts_with("expectations") && (message.contains("unknown field") || message.contains("missing field")) {
-                "an expectation takes a case pattern (backend, device, dtype, adapter, op, precision, shape), \
+                "an expectation takes a case pattern (backend, device, dtype, adapter, op, precision, layer, profile, shape), \
                  expect (pass, mismatch, nonfinite, unsupported, crashed, timeout, fail, flaky), reason, and optionally \
                  error (a regular expression) and when (libtorch, tch, candle, cuda, cpu_flag, arch, gpu)"
             } else if message.starts_with("expectations") && message.contains("unknown variant") {
                 "expect takes: pass, mismatch, nonfinite, unsupported, crashed, timeout, fail (any failure), flaky (pass or fail)"
             } else if message.contains("unknown field") || message.contains("missing field") {
                 "top-level keys: seed, max_cases, axes, shapes, exclude, include, tolerances, expectations; \
-                 a shape takes batch, in_features, out_features, rank, alpha, bias, rslora"
+                 a shape takes batch, in_features, out_features, rank, alpha, bias, rslora, kernel, image"
             } else {
                 "check the YAML syntax near this position (indentation, a missing ':' or ']')"
             };
@@ -271,6 +360,8 @@ impl Matrix {
             ("adapter", axes.adapter.is_empty()),
             ("op", axes.op.is_empty()),
             ("precision", axes.precision.is_empty()),
+            ("layer", axes.layer.is_empty()),
+            ("profile", axes.profile.is_empty()),
         ] {
             if empty {
                 let (l, c) = locate(src, &format!("{name}:"), 1);
@@ -317,6 +408,18 @@ impl Matrix {
                         s.rank
                     ),
                     "a LoRA rank is at most the smaller layer dimension",
+                ));
+            }
+            if s.kernel == 0 || s.kernel > s.image {
+                let (l, c) = locate(src, &format!("{name}:"), 1);
+                return Err(fail(
+                    l,
+                    c,
+                    format!(
+                        "shape `{name}`: kernel {} must be between 1 and image {}",
+                        s.kernel, s.image
+                    ),
+                    "a conv2d kernel (stride 1, no padding) fits inside the image, e.g. kernel: 3, image: 8",
                 ));
             }
             if !s.alpha.is_finite() {
@@ -402,18 +505,17 @@ impl Matrix {
         }
 
         let limit = max_cases.or(raw.max_cases).unwrap_or(DEFAULT_MAX_CASES);
-        let full = [
-            axes.backend.len(),
-            axes.device.len(),
-            axes.dtype.len(),
-            axes.adapter.len(),
-            axes.op.len(),
-            axes.precision.len(),
-            shapes.len(),
-        ]
-        .iter()
-        .try_fold(1usize, |acc, &n| acc.checked_mul(n))
-        .unwrap_or(usize::MAX);
+        let product = Product {
+            backend: &axes.backend,
+            device: &axes.device,
+            dtype: &axes.dtype,
+            adapter: &axes.adapter,
+            op: &axes.op,
+            precision: &axes.precision,
+            layer: &axes.layer,
+            profile: &axes.profile,
+        };
+        let full = product.len().saturating_mul(shapes.len());
         let too_many = |count: usize, when: &str| {
             let (l, c) = locate(src, "axes:", 1);
             fail(
@@ -436,58 +538,31 @@ impl Matrix {
             }
         };
         for shape in &shapes {
-            for &backend in &axes.backend {
-                for &device in &axes.device {
-                    for &dtype in &axes.dtype {
-                        for &adapter in &axes.adapter {
-                            for &op in &axes.op {
-                                for &precision in &axes.precision {
-                                    let case = Case {
-                                        backend,
-                                        device,
-                                        dtype,
-                                        adapter,
-                                        op,
-                                        precision,
-                                        shape: shape.clone(),
-                                    };
-                                    if !raw.exclude.iter().any(|p| p.matches(&case.coords())) {
-                                        push(case, &mut cases);
-                                    }
-                                }
-                            }
-                        }
-                    }
+            product.for_each(shape, |case| {
+                if !raw.exclude.iter().any(|p| p.matches(&case.coords())) {
+                    push(case, &mut cases);
                 }
-            }
+            });
         }
         for p in &raw.include {
+            let included = Product {
+                backend: values(&p.backend),
+                device: values(&p.device),
+                dtype: values(&p.dtype),
+                adapter: values(&p.adapter),
+                op: values(&p.op),
+                precision: values(&p.precision),
+                layer: p.layer.as_ref().map_or(&axes.layer, OneOrMany::as_slice),
+                profile: p
+                    .profile
+                    .as_ref()
+                    .map_or(&axes.profile, OneOrMany::as_slice),
+            };
             for shape in shapes
                 .iter()
                 .filter(|s| p.shape.as_ref().is_none_or(|n| n.contains(&s.name)))
             {
-                for &backend in values(&p.backend) {
-                    for &device in values(&p.device) {
-                        for &dtype in values(&p.dtype) {
-                            for &adapter in values(&p.adapter) {
-                                for &op in values(&p.op) {
-                                    for &precision in values(&p.precision) {
-                                        let case = Case {
-                                            backend,
-                                            device,
-                                            dtype,
-                                            adapter,
-                                            op,
-                                            precision,
-                                            shape: shape.clone(),
-                                        };
-                                        push(case, &mut cases);
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
+                included.for_each(shape, |case| push(case, &mut cases));
             }
         }
         if cases.len() > limit {

@@ -3,8 +3,18 @@
 //! Written separately from `adapter/` on purpose (no tensor trait, no shared helpers), so that a
 //! mistake in the shared math cannot hide in both the backends and the yardstick. It takes the
 //! already rounded case inputs, so its distance to a backend's output is that backend's error.
+//!
+//! Embedding and Conv2d layers are restated as Linear layers ([`linear_view`]) and their outputs
+//! put back in the layer's own layout, so one set of formulas serves all three:
+//! - an Embedding of ids is a Linear layer on one-hot rows with weight W^T ([dim, num_emb]),
+//!   A = lora_embedding_A, B = lora_embedding_B: DoRA's norm per embedding dimension and PEFT's
+//!   transposes fall out of that;
+//! - a Conv2d (stride 1, no padding) is a Linear layer on the image's patches (im2col) with the
+//!   kernels flattened to rows; DoRA's norm over all but the output channel is then a row norm.
+//!
+//! PiSSA and OLoRA take the SVD and QR of the rounded weight in f64 (nalgebra).
 
-use crate::case::{Adapter, Op};
+use crate::case::{Adapter, Layer, Op};
 use crate::inputs::{names, HostTensor, Inputs, Outputs};
 
 /// `C = A B` for a row-major A: [n, k] given by its strides, with a real blocked GEMM
@@ -181,14 +191,287 @@ pub fn compute(adapter: Adapter, op: Op, inp: &Inputs) -> Outputs {
     compute_with_conditioning(adapter, op, inp).0
 }
 
+fn transpose(a: &HostTensor) -> HostTensor {
+    let (n, m) = (a.rows(), a.cols());
+    let mut out = vec![0.0; n * m];
+    for i in 0..n {
+        for j in 0..m {
+            out[j * n + i] = a.data[i * m + j];
+        }
+    }
+    HostTensor::new(vec![m, n], out)
+}
+
+/// The same values as a 2-D [shape[0], rest] matrix.
+fn flat2(a: &HostTensor) -> HostTensor {
+    let rows = a.shape[0];
+    HostTensor::new(vec![rows, a.data.len() / rows], a.data.clone())
+}
+
+fn reshaped(a: HostTensor, shape: &[usize]) -> HostTensor {
+    HostTensor::new(shape.to_vec(), a.data)
+}
+
+/// Conv2d geometry: (batch, in channels, image side, kernel side, output side).
+fn conv_dims(inp: &Inputs) -> (usize, usize, usize, usize, usize) {
+    let (b, c, h) = (inp.x.shape[0], inp.x.shape[1], inp.x.shape[2]);
+    let k = inp.weight.shape[2];
+    (b, c, h, k, h - k + 1)
+}
+
+/// The patches of a [b, c, h, h] image as rows [(n, oy, ox), (c, ky, kx)].
+fn im2col(inp: &Inputs) -> HostTensor {
+    let (b, c, h, k, o) = conv_dims(inp);
+    let cols = c * k * k;
+    let mut out = vec![0.0; b * o * o * cols];
+    for n in 0..b {
+        for oy in 0..o {
+            for ox in 0..o {
+                let row = (n * o + oy) * o + ox;
+                for ch in 0..c {
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            out[row * cols + (ch * k + ky) * k + kx] =
+                                inp.x.data[((n * c + ch) * h + oy + ky) * h + ox + kx];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    HostTensor::new(vec![b * o * o, cols], out)
+}
+
+/// The adjoint of [`im2col`]: patch gradients summed back into the image.
+fn col2im(inp: &Inputs, cols: &HostTensor) -> HostTensor {
+    let (b, c, h, k, o) = conv_dims(inp);
+    let width = c * k * k;
+    let mut out = vec![0.0; b * c * h * h];
+    for n in 0..b {
+        for oy in 0..o {
+            for ox in 0..o {
+                let row = (n * o + oy) * o + ox;
+                for ch in 0..c {
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            out[((n * c + ch) * h + oy + ky) * h + ox + kx] +=
+                                cols.data[row * width + (ch * k + ky) * k + kx];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    HostTensor::new(inp.x.shape.clone(), out)
+}
+
+/// [b, o, oy, ox] (channels first) <-> [(n, oy, ox), o] (one row per output position).
+fn channels_last(t: &HostTensor) -> HostTensor {
+    let (b, o, p) = (t.shape[0], t.shape[1], t.shape[2] * t.shape[3]);
+    let mut out = vec![0.0; t.data.len()];
+    for n in 0..b {
+        for ch in 0..o {
+            for q in 0..p {
+                out[(n * p + q) * o + ch] = t.data[(n * o + ch) * p + q];
+            }
+        }
+    }
+    HostTensor::new(vec![b * p, o], out)
+}
+
+fn channels_first(t: &HostTensor, like: &[usize]) -> HostTensor {
+    let (b, o, p) = (like[0], like[1], like[2] * like[3]);
+    let mut out = vec![0.0; t.data.len()];
+    for n in 0..b {
+        for ch in 0..o {
+            for q in 0..p {
+                out[(n * o + ch) * p + q] = t.data[(n * p + q) * o + ch];
+            }
+        }
+    }
+    HostTensor::new(like.to_vec(), out)
+}
+
+/// The layer's inputs restated as a Linear layer's (see the module doc).
+pub fn linear_view(inp: &Inputs) -> Inputs {
+    match inp.layer {
+        Layer::Linear => inp.clone(),
+        Layer::Embedding => {
+            let num = inp.weight.rows();
+            let mut onehot = vec![0.0; inp.x.data.len() * num];
+            for (row, &id) in inp.x.data.iter().enumerate() {
+                onehot[row * num + id as usize] = 1.0;
+            }
+            Inputs {
+                layer: Layer::Linear,
+                x: HostTensor::new(vec![inp.x.data.len(), num], onehot),
+                weight: transpose(&inp.weight),
+                ..inp.clone()
+            }
+        }
+        Layer::Conv2d => {
+            let g = &inp.grad_output;
+            let out_shape = [g.shape[0], g.shape[1], g.shape[2], g.shape[3]];
+            Inputs {
+                layer: Layer::Linear,
+                x: im2col(inp),
+                weight: flat2(&inp.weight),
+                lora_a: flat2(&inp.lora_a),
+                lora_b: flat2(&inp.lora_b),
+                grad_output: channels_last(&reshaped(g.clone(), &out_shape)),
+                ..inp.clone()
+            }
+        }
+    }
+}
+
+/// Outputs of the linear view put back in the layer's layout.
+fn layer_outputs(inp: &Inputs, outputs: Outputs) -> Outputs {
+    let weight_like = [
+        names::MERGED,
+        names::UNMERGED,
+        names::RESIDUAL,
+        names::DELTA,
+    ];
+    let result_like = [names::RESULT, names::BASE_RESULT, names::MERGED_RESULT];
+    match inp.layer {
+        Layer::Linear => outputs,
+        Layer::Embedding => outputs
+            .into_iter()
+            .filter(|(n, _)| *n != names::GRAD_X)
+            .map(|(n, t)| {
+                if weight_like.contains(&n) {
+                    (n, transpose(&t))
+                } else {
+                    (n, t)
+                }
+            })
+            .collect(),
+        Layer::Conv2d => outputs
+            .into_iter()
+            .map(|(n, t)| {
+                let t = if weight_like.contains(&n) {
+                    reshaped(t, &inp.weight.shape)
+                } else if result_like.contains(&n) {
+                    channels_first(&t, &inp.grad_output.shape)
+                } else if n == names::GRAD_A {
+                    reshaped(t, &inp.lora_a.shape)
+                } else if n == names::GRAD_B {
+                    reshaped(t, &inp.lora_b.shape)
+                } else if n == names::GRAD_X {
+                    col2im(inp, &t)
+                } else {
+                    t
+                };
+                (n, t)
+            })
+            .collect(),
+    }
+}
+
+/// DoRA's norm of W + s B A for any layer: per output row of a Linear layer, per embedding
+/// dimension of an Embedding, per output channel of a Conv2d.
+pub fn layer_weight_norm(
+    layer: Layer,
+    w: &HostTensor,
+    a: &HostTensor,
+    b: &HostTensor,
+    scaling: f64,
+) -> HostTensor {
+    match layer {
+        Layer::Linear => weight_norm(w, a, b, scaling),
+        Layer::Embedding => weight_norm(&transpose(w), a, b, scaling),
+        Layer::Conv2d => weight_norm(&flat2(w), &flat2(a), &flat2(b), scaling),
+    }
+}
+
+/// PiSSA's or OLoRA's init from the (rounded) weight, in f64: (A, B, W_res).
+/// PiSSA: W = U S Vh, A = diag(sqrt(S_r / s)) Vh_r, B = U_r diag(sqrt(S_r / s)).
+/// OLoRA: W = Q R, A = R[:r], B = Q[:, :r]. Both: W_res = W - s B A.
+///
+/// Also returns the init's conditioning: a rank-r truncated SVD moves by about
+/// u * sigma_1 / (sigma_r - sigma_{r+1}) per unit of rounding in W (Wedin's bound), so an SVD
+/// that is as good as its dtype allows lands that many roundings away from this one; QR's
+/// leading columns are backward stable, 1.
+pub fn data_init(
+    adapter: Adapter,
+    inp: &Inputs,
+    rank: usize,
+) -> (HostTensor, HostTensor, HostTensor, f64) {
+    let (o, i) = (inp.weight.rows(), inp.weight.cols());
+    let w = nalgebra::DMatrix::from_row_slice(o, i, &inp.weight.data);
+    let s = inp.scaling;
+    let mut kappa = 1.0;
+    let (a, b) = if adapter == Adapter::Olora {
+        let qr = w.qr();
+        let (q, r) = (qr.q(), qr.r());
+        (
+            r.rows(0, rank).into_owned(),
+            q.columns(0, rank).into_owned(),
+        )
+    } else {
+        let svd = w.svd(true, true);
+        let (u, vt) = (svd.u.expect("asked for U"), svd.v_t.expect("asked for V^T"));
+        let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
+        order.sort_by(|&x, &y| svd.singular_values[y].total_cmp(&svd.singular_values[x]));
+        let sigma = |k: usize| order.get(k).map_or(0.0, |&j| svd.singular_values[j]);
+        let gap = sigma(rank - 1) - sigma(rank);
+        if gap > 0.0 {
+            kappa = (sigma(0) / gap).max(1.0);
+        }
+        let mut a = nalgebra::DMatrix::zeros(rank, i);
+        let mut b = nalgebra::DMatrix::zeros(o, rank);
+        for (k, &j) in order.iter().take(rank).enumerate() {
+            let root = (svd.singular_values[j] / s).sqrt();
+            a.set_row(k, &(vt.row(j) * root));
+            b.set_column(k, &(u.column(j) * root));
+        }
+        (a, b)
+    };
+    let host = |m: &nalgebra::DMatrix<f64>| {
+        let mut data = Vec::with_capacity(m.len());
+        for row in m.row_iter() {
+            data.extend(row.iter());
+        }
+        HostTensor::new(vec![m.nrows(), m.ncols()], data)
+    };
+    let (a, b) = (host(&a), host(&b));
+    let residual = axpy(&inp.weight, -1.0, &delta_weight(&a, &b, s));
+    (a, b, residual, kappa)
+}
+
+/// The layer as its init leaves it: B = 0 (A = 0 for an Embedding) as given, or PiSSA/OLoRA's
+/// A, B and residual weight; DoRA's magnitude is the norm of what the init leaves.
+/// Also returns the init's conditioning (see [`data_init`]; 1 for LoRA and DoRA).
+fn initialised(adapter: Adapter, inp: &Inputs) -> (Inputs, f64) {
+    let mut out = inp.clone();
+    let mut kappa = 1.0;
+    if adapter.is_data_init() {
+        let (a, b, w, k) = data_init(adapter, inp, inp.lora_a.rows());
+        out.lora_a = a;
+        out.lora_b = b;
+        out.weight = w;
+        kappa = k;
+    }
+    if adapter.is_dora() {
+        out.magnitude = Some(weight_norm(
+            &out.weight,
+            &out.lora_a,
+            &out.lora_b,
+            out.scaling,
+        ));
+    }
+    (out, kappa)
+}
+
 /// How much unmerge's cancellation amplifies rounding: unmerge returns W through W + dW (and,
 /// for DoRA, W' = c (W + dW)), so a rounding of those costs max|W + dW| / max|W| times more,
 /// relative to W, than a rounding of W itself. 1 for every other op.
 pub fn conditioning(op: Op, inp: &Inputs) -> f64 {
-    if op != Op::Unmerge {
+    if !matches!(op, Op::Unmerge | Op::Roundtrip) {
         return 1.0;
     }
-    kappa(inp, &merge(inp))
+    kappa(&linear_view(inp), &merge(&linear_view(inp)))
 }
 
 fn kappa(inp: &Inputs, m: &Merged) -> f64 {
@@ -202,8 +485,63 @@ fn kappa(inp: &Inputs, m: &Merged) -> f64 {
 /// [`compute`] and [`conditioning`] together, sharing the weight-sized intermediates (on an
 /// LLM-sized layer those dominate the reference's time).
 pub fn compute_with_conditioning(adapter: Adapter, op: Op, inp: &Inputs) -> (Outputs, f64) {
-    let dora = adapter == Adapter::Dora;
+    let (outputs, kappa) = compute_linear(adapter, op, &linear_view(inp));
+    (layer_outputs(inp, outputs), kappa)
+}
+
+/// [`compute_with_conditioning`] on a Linear layer (or a layer's linear view).
+fn compute_linear(adapter: Adapter, op: Op, inp: &Inputs) -> (Outputs, f64) {
+    let dora = adapter.is_dora();
     let outputs = match op {
+        Op::Init if adapter.is_data_init() => {
+            let (init, k) = initialised(adapter, inp);
+            let mut out = vec![
+                (names::RESIDUAL, init.weight.clone()),
+                (
+                    names::DELTA,
+                    delta_weight(&init.lora_a, &init.lora_b, init.scaling),
+                ),
+            ];
+            if let Some(m) = init.magnitude {
+                out.push((names::MAGNITUDE, m));
+            }
+            return (out, k);
+        }
+        // The layer as its init leaves it, against the base layer alone (no adapter): equal in
+        // exact arithmetic, except where DoRA divides 0 by 0 (a zero row).
+        Op::InitNoop => {
+            let (init, _) = initialised(adapter, inp);
+            let c = init.magnitude.as_ref().map(|m| dora_factor(&init, m));
+            let base = Inputs {
+                lora_b: HostTensor::zeros(inp.lora_b.shape.clone()),
+                ..inp.clone()
+            };
+            vec![
+                (names::RESULT, forward(&init, &pieces(&init), c.as_deref())),
+                (names::BASE_RESULT, forward(&base, &pieces(&base), None)),
+            ]
+        }
+        // The unmerged layer's forward and the merged layer's (W' alone): equal in exact arithmetic.
+        Op::Parity => {
+            let c = inp.magnitude.as_ref().map(|m| dora_factor(inp, m));
+            let merged = Inputs {
+                weight: merge(inp).merged,
+                lora_b: HostTensor::zeros(inp.lora_b.shape.clone()),
+                ..inp.clone()
+            };
+            vec![
+                (names::RESULT, forward(inp, &pieces(inp), c.as_deref())),
+                (
+                    names::MERGED_RESULT,
+                    forward(&merged, &pieces(&merged), None),
+                ),
+            ]
+        }
+        // Merge then unmerge gives back the original weight, exactly, in f64's terms.
+        Op::Roundtrip => {
+            let k = kappa(inp, &merge(inp));
+            return (vec![(names::UNMERGED, inp.weight.clone())], k);
+        }
         // DoRA init computes the magnitude m = ||W + s B A|| (PEFT's `update_layer`); LoRA
         // init computes nothing, so its check is that the layer is a no-op at init (B = 0).
         Op::Init if dora => vec![(
@@ -309,6 +647,7 @@ mod tests {
     /// x (W+dW)^T = [7, 7]; y = c * that + b = [7, 14] + [0.5, -1] = [7.5, 13].
     fn paper() -> Inputs {
         Inputs {
+            layer: Layer::Linear,
             x: t(&[1, 3], &[1.0, 1.0, 1.0]),
             weight: t(&[2, 3], &[1.0, 2.0, 2.0, 0.0, 3.0, 4.0]),
             bias: Some(t(&[2], &[0.5, -1.0])),

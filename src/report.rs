@@ -8,8 +8,10 @@
 //!   `candle`}, `cpu_model`, `cpu_flags`, `cpu_count`, `cuda`, `gpus`, `os`, `arch`).
 //! - `summary`: case counts per outcome and `total`; `elapsed_s`.
 //! - `cases`: one object per case, in matrix order:
-//!   - `id`: `backend/device/dtype/adapter/op/precision/shape`, stable across runs;
-//!   - `backend`, `device`, `dtype`, `adapter`, `op`, `precision`, `shape`: the axes;
+//!   - `id`: `backend/device/dtype/adapter/op/precision/shape`, then `/layer` unless `linear`
+//!     and `/profile` unless `normal`; stable across runs;
+//!   - `backend`, `device`, `dtype`, `adapter`, `op`, `precision`, `layer`, `profile`, `shape`:
+//!     the axes;
 //!   - `outcome`: `pass`, `mismatch`, `nonfinite`, `unsupported`, `crashed`, `timeout` or
 //!     `skipped`;
 //!   - `error`: the backend's message (unsupported), the panic message or the dead worker's
@@ -33,7 +35,7 @@
 //! - `inactive_expectations` (when any): rules whose `when` does not hold here: `rule`,
 //!   `expect`, `reason`, `unmet` (each condition with what this environment has).
 
-use crate::case::{Adapter, Backend, Coords, DType, Device, Op, Precision};
+use crate::case::{Adapter, Backend, Coords, DType, Device, Layer, Op, Precision, Profile};
 use crate::environment::Environment;
 use crate::expect::{self, CaseExpectation, Expectation, InactiveRule};
 use crate::judge::{Metrics, OutcomeKind, Tolerance};
@@ -195,6 +197,12 @@ pub struct CaseReport {
     pub adapter: Adapter,
     pub op: Op,
     pub precision: Precision,
+    /// Absent in reports written before the layer axis: `linear`.
+    #[serde(default = "linear")]
+    pub layer: Layer,
+    /// Absent in reports written before the profile axis: `normal`.
+    #[serde(default = "normal")]
+    pub profile: Profile,
     pub shape: String,
     pub outcome: OutcomeKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -217,12 +225,39 @@ pub struct CaseReport {
     pub expected: Option<CaseExpectation>,
 }
 
+fn linear() -> Layer {
+    Layer::Linear
+}
+
+fn normal() -> Profile {
+    Profile::Normal
+}
+
 impl CaseReport {
     /// Why the case failed, in one line: the error's first line, or the worst output's error
     /// against its tolerance.
     pub fn failure_detail(&self) -> String {
         match (&self.error, &self.metrics) {
             (Some(e), _) => e.lines().next().unwrap_or("").to_string(),
+            (None, Some(m)) if m.outputs.iter().any(|o| o.nonfinite > 0) => {
+                let o = m
+                    .outputs
+                    .iter()
+                    .find(|o| o.nonfinite > 0)
+                    .expect("checked above");
+                let why = match o.reference_nonfinite {
+                    0 => " where the f64 reference is finite".to_string(),
+                    n if n == o.nonfinite => {
+                        " (the f64 reference is undefined there too: the formula divides by zero)"
+                            .to_string()
+                    }
+                    n => format!(" ({n} of them undefined in the f64 reference too)"),
+                };
+                format!(
+                    "{}: {} of {} values non-finite{why}",
+                    o.name, o.nonfinite, o.elements
+                )
+            }
             (None, Some(m)) => {
                 let worst = m.outputs.iter().find(|o| o.name == m.worst_output);
                 let units = worst.map_or(String::new(), |o| format!(" ({:.0} u)", o.err_units));
@@ -248,6 +283,8 @@ impl CaseReport {
             adapter: self.adapter,
             op: self.op,
             precision: self.precision,
+            layer: self.layer,
+            profile: self.profile,
             shape: &self.shape,
         }
     }
@@ -263,6 +300,8 @@ impl CaseReport {
             adapter: c.adapter,
             op: c.op,
             precision: c.precision,
+            layer: c.layer,
+            profile: c.profile,
             shape: c.shape.name.clone(),
             outcome: r.outcome.kind(),
             error: r.outcome.message().map(String::from),

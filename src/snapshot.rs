@@ -38,7 +38,8 @@ pub struct Entry {
 /// A whole snapshot: case id -> entry.
 pub type Snapshot = BTreeMap<String, Entry>;
 
-fn sig(x: f64, digits: usize) -> f64 {
+/// `x` rounded to `digits` significant digits.
+pub fn sig(x: f64, digits: usize) -> f64 {
     if !x.is_finite() || x == 0.0 {
         return x;
     }

@@ -243,6 +243,8 @@ mod tests {
             adapter: Adapter::Lora,
             op: Op::Init,
             precision: Precision::Native,
+            layer: Layer::Linear,
+            profile: Profile::Normal,
             shape: format!("s{index}"),
             outcome: OutcomeKind::Skipped,
             error: Some("why".into()),

@@ -5,7 +5,9 @@ mod support;
 
 use peft_compat::adapter;
 use peft_compat::backend::{BackendError, OpResult, TensorOps};
-use peft_compat::case::{Adapter, Backend, Case, DType, Device, Op, Precision, Shape};
+use peft_compat::case::{
+    Adapter, Backend, Case, DType, Device, Layer, Op, Precision, Profile, Shape,
+};
 use peft_compat::inputs::{names, Draws, HostTensor, Inputs, Outputs};
 use peft_compat::judge::OutcomeKind;
 use peft_compat::matrix::Matrix;
@@ -24,6 +26,8 @@ fn shape(name: &str, batch: usize, i: usize, o: usize, r: usize) -> Shape {
         alpha: 16.0,
         bias: true,
         rslora: false,
+        kernel: 3,
+        image: 8,
     }
 }
 
@@ -42,6 +46,8 @@ fn case(
         adapter,
         op,
         precision,
+        layer: Layer::Linear,
+        profile: Profile::Normal,
         shape: s.clone(),
     }
 }
@@ -73,6 +79,7 @@ fn get<'a>(o: &'a Outputs, name: &str) -> &'a HostTensor {
 fn shared_math_matches_the_paper_example_on_both_backends() {
     let t = |shape: &[usize], d: &[f64]| HostTensor::new(shape.to_vec(), d.to_vec());
     let inp = Inputs {
+        layer: Layer::Linear,
         x: t(&[1, 3], &[1.0, 1.0, 1.0]),
         weight: t(&[2, 3], &[1.0, 2.0, 2.0, 0.0, 3.0, 4.0]),
         bias: Some(t(&[2], &[0.5, -1.0])),
@@ -91,6 +98,8 @@ fn shared_math_matches_the_paper_example_on_both_backends() {
         alpha: 2.0,
         bias: true,
         rslora: false,
+        kernel: 3,
+        image: 8,
     };
     for backend in [Backend::Tch, Backend::Candle] {
         let run = |op| {
@@ -151,7 +160,7 @@ fn shared_math_matches_the_paper_example_on_both_backends() {
 #[test]
 fn backends_agree_with_each_other_and_the_reference_in_f32() {
     let s = shape("agree", 8, 256, 64, 8);
-    let draws = Draws::generate(&s, 7);
+    let draws = Draws::generate(&s, Layer::Linear, Profile::Normal, 7);
     for adapter in ADAPTERS {
         for op in OPS {
             let inp = draws.inputs(DType::F32, adapter, op);
@@ -262,6 +271,24 @@ impl<O: TensorOps> TensorOps for Faulty<'_, O> {
             Fault::OnePercentOff => self.inner.scale(&self.inner.row_norm(a)?, 0.99),
             _ => self.inner.row_norm(a),
         }
+    }
+    fn embedding(&self, ids: &O::Tensor, w: &O::Tensor) -> OpResult<O::Tensor> {
+        self.inner.embedding(ids, w)
+    }
+    fn conv2d(&self, x: &O::Tensor, w: &O::Tensor) -> OpResult<O::Tensor> {
+        self.inner.conv2d(x, w)
+    }
+    fn svd(&self, a: &O::Tensor) -> OpResult<(O::Tensor, O::Tensor, O::Tensor)> {
+        self.inner.svd(a)
+    }
+    fn qr(&self, a: &O::Tensor) -> OpResult<(O::Tensor, O::Tensor)> {
+        self.inner.qr(a)
+    }
+    fn narrow(&self, a: &O::Tensor, dim: usize, start: usize, len: usize) -> OpResult<O::Tensor> {
+        self.inner.narrow(a, dim, start, len)
+    }
+    fn sqrt(&self, a: &O::Tensor) -> OpResult<O::Tensor> {
+        self.inner.sqrt(a)
     }
     fn detach(&self, a: &O::Tensor) -> OpResult<O::Tensor> {
         self.inner.detach(a)
@@ -390,7 +417,7 @@ fn upcast_runs_fp32_products_where_peft_does() {
     assert!(fwd.upcast_site().is_none());
     // The upcast path must really take the fp32 branch: a backend that refuses 16-bit matmuls
     // fails the native DoRA init and, with fp16, passes the upcast one.
-    let draws = Draws::generate(&s, 1);
+    let draws = Draws::generate(&s, Layer::Linear, Profile::Normal, 1);
     let inp = draws.inputs(DType::F16, Adapter::Dora, Op::Init);
     let refuse_16 = |c: &Case| {
         let ops = peft_compat_worker_candle::ops::CandleOps::new(Device::Cpu).unwrap();
@@ -466,6 +493,30 @@ impl TensorOps for Refuse16<'_> {
     }
     fn row_norm(&self, a: &Self::Tensor) -> OpResult<Self::Tensor> {
         self.0.row_norm(a)
+    }
+    fn embedding(&self, ids: &Self::Tensor, w: &Self::Tensor) -> OpResult<Self::Tensor> {
+        self.0.embedding(ids, w)
+    }
+    fn conv2d(&self, x: &Self::Tensor, w: &Self::Tensor) -> OpResult<Self::Tensor> {
+        self.0.conv2d(x, w)
+    }
+    fn svd(&self, a: &Self::Tensor) -> OpResult<(Self::Tensor, Self::Tensor, Self::Tensor)> {
+        self.0.svd(a)
+    }
+    fn qr(&self, a: &Self::Tensor) -> OpResult<(Self::Tensor, Self::Tensor)> {
+        self.0.qr(a)
+    }
+    fn narrow(
+        &self,
+        a: &Self::Tensor,
+        dim: usize,
+        start: usize,
+        len: usize,
+    ) -> OpResult<Self::Tensor> {
+        self.0.narrow(a, dim, start, len)
+    }
+    fn sqrt(&self, a: &Self::Tensor) -> OpResult<Self::Tensor> {
+        self.0.sqrt(a)
     }
     fn detach(&self, a: &Self::Tensor) -> OpResult<Self::Tensor> {
         self.0.detach(a)
@@ -655,8 +706,11 @@ fn a_dump_reads_back_with_peft_names_and_metadata() {
     assert_eq!(w.dtype(), safetensors::Dtype::BF16);
     assert_eq!(w.shape(), &[16, 32]);
     // The dumped weight is exactly the bf16 input the backends received.
-    let inp =
-        Draws::generate(&m.cases[0].shape, 3).inputs(DType::Bf16, Adapter::Dora, Op::Backward);
+    let inp = Draws::generate(&m.cases[0].shape, Layer::Linear, Profile::Normal, 3).inputs(
+        DType::Bf16,
+        Adapter::Dora,
+        Op::Backward,
+    );
     assert_eq!(w.data(), inp.weight.to_le_bytes(DType::Bf16).as_slice());
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let meta = meta.metadata().clone().unwrap();

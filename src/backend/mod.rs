@@ -52,6 +52,24 @@ pub trait TensorOps {
     /// The L2 norm of each row of a 2-D tensor, [n, k] -> [n], the way the library's users
     /// write it (tch: `linalg_norm(dim=1)`; candle: `sqr().sum_keepdim(1).sqrt()`).
     fn row_norm(&self, a: &Self::Tensor) -> OpResult<Self::Tensor>;
+    /// Rows `ids` (a tensor of exact integer values, any float dtype) of `w`: `F.embedding`.
+    fn embedding(&self, ids: &Self::Tensor, w: &Self::Tensor) -> OpResult<Self::Tensor>;
+    /// 2-D convolution of x [b, c, h, w] with w [o, c, k, k], stride 1, no padding, no bias.
+    fn conv2d(&self, x: &Self::Tensor, w: &Self::Tensor) -> OpResult<Self::Tensor>;
+    /// Reduced SVD of a 2-D tensor: (U, S, Vh) with S descending, as `torch.linalg.svd(A,
+    /// full_matrices=False)`. A library without one says so (an `unsupported` outcome).
+    fn svd(&self, a: &Self::Tensor) -> OpResult<(Self::Tensor, Self::Tensor, Self::Tensor)>;
+    /// Reduced QR of a 2-D tensor: (Q, R), as `torch.linalg.qr(A)`.
+    fn qr(&self, a: &Self::Tensor) -> OpResult<(Self::Tensor, Self::Tensor)>;
+    /// `len` entries from `start` along `dim`.
+    fn narrow(
+        &self,
+        a: &Self::Tensor,
+        dim: usize,
+        start: usize,
+        len: usize,
+    ) -> OpResult<Self::Tensor>;
+    fn sqrt(&self, a: &Self::Tensor) -> OpResult<Self::Tensor>;
     /// A copy cut off from the autograd graph.
     fn detach(&self, a: &Self::Tensor) -> OpResult<Self::Tensor>;
     /// A leaf that gradients are taken with respect to.

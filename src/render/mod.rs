@@ -1,4 +1,5 @@
 pub mod junit;
+pub mod paths;
 pub mod table;
 
 /// `1 case`, `2 cases`.

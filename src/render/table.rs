@@ -99,7 +99,7 @@ fn expectation_mark(failed: &[&CaseReport]) -> Mark {
 }
 
 /// Worst first: a crash hides less than a mismatch.
-fn severity(k: OutcomeKind) -> u8 {
+pub(crate) fn severity(k: OutcomeKind) -> u8 {
     match k {
         OutcomeKind::Timeout => 6,
         OutcomeKind::Crashed => 5,
@@ -468,25 +468,43 @@ pub fn render_text(report: &Report, color: bool, max_findings: usize) -> String 
         }
         t.to_string()
     };
-    if !grid.columns.is_empty() {
-        let whole = render(&mut grid.table(color, "\n"));
-        let width = whole.lines().next().map_or(0, |l| l.chars().count());
-        if width <= MAX_WIDTH {
-            out.push_str(&whole);
-            out.push('\n');
-        } else {
-            // Too wide to read at a glance: one table per backend build, each with the rows.
-            let mut builds: Vec<Backend> = grid.columns.iter().map(|c| c.0).collect();
-            builds.dedup();
-            for b in builds {
-                let cols: Vec<_> = grid.columns.iter().filter(|c| c.0 == b).cloned().collect();
-                out.push_str(&render(&mut grid.table_of(&cols, color, "\n")));
-                out.push('\n');
+    if super::paths::is_extended(report) {
+        // Under 80 columns: split per build where a table is wider.
+        let style = |t: &mut Table| render(t);
+        for (title, table) in super::paths::support_tables(report, "\n", 80, &style) {
+            out.push_str(&format!("{title}\n{table}\n"));
+        }
+        for (sym, meaning) in super::paths::LEGEND {
+            out.push_str(&format!("  {sym:<17} {meaning}\n"));
+        }
+        let figures = super::paths::figure_tables(report, "\n", 80, &style);
+        if !figures.is_empty() {
+            out.push_str(&format!("\n{}\n", super::paths::FIGURES_NOTE));
+            for (title, table) in figures {
+                out.push_str(&format!("{title}\n{table}\n"));
             }
         }
-    }
-    for (sym, meaning) in LEGEND {
-        out.push_str(&format!("  {sym:<17} {meaning}\n"));
+    } else {
+        if !grid.columns.is_empty() {
+            let whole = render(&mut grid.table(color, "\n"));
+            let width = whole.lines().next().map_or(0, |l| l.chars().count());
+            if width <= MAX_WIDTH {
+                out.push_str(&whole);
+                out.push('\n');
+            } else {
+                // Too wide to read at a glance: one table per backend build, each with the rows.
+                let mut builds: Vec<Backend> = grid.columns.iter().map(|c| c.0).collect();
+                builds.dedup();
+                for b in builds {
+                    let cols: Vec<_> = grid.columns.iter().filter(|c| c.0 == b).cloned().collect();
+                    out.push_str(&render(&mut grid.table_of(&cols, color, "\n")));
+                    out.push('\n');
+                }
+            }
+        }
+        for (sym, meaning) in LEGEND {
+            out.push_str(&format!("  {sym:<17} {meaning}\n"));
+        }
     }
     for line in notes(report, &grid) {
         out.push_str(&line);
@@ -533,16 +551,34 @@ pub fn render_markdown(report: &Report, gate: Option<(&Verdict, &str)>) -> Strin
         env.cpu_model,
         env.os
     ));
-    if !grid.columns.is_empty() {
-        // Markdown table cells cannot hold line breaks.
-        let mut t = grid.table(false, " ");
+    let markdown = |t: &mut Table| {
         t.load_preset(presets::ASCII_MARKDOWN);
         t.force_no_tty();
-        out.push_str(&t.to_string());
-        out.push_str("\n\n");
-    }
-    for (sym, meaning) in LEGEND {
-        out.push_str(&format!("- `{sym}`: {meaning}\n"));
+        t.to_string()
+    };
+    if super::paths::is_extended(report) {
+        for (title, table) in super::paths::support_tables(report, " ", usize::MAX, &markdown) {
+            out.push_str(&format!("#### {title}\n\n{table}\n\n"));
+        }
+        for (sym, meaning) in super::paths::LEGEND {
+            out.push_str(&format!("- `{sym}`: {meaning}\n"));
+        }
+        let figures = super::paths::figure_tables(report, " ", usize::MAX, &markdown);
+        if !figures.is_empty() {
+            out.push_str(&format!("\n{}\n\n", super::paths::FIGURES_NOTE));
+            for (title, table) in figures {
+                out.push_str(&format!("#### {title}\n\n{table}\n\n"));
+            }
+        }
+    } else {
+        if !grid.columns.is_empty() {
+            // Markdown table cells cannot hold line breaks.
+            out.push_str(&markdown(&mut grid.table(false, " ")));
+            out.push_str("\n\n");
+        }
+        for (sym, meaning) in LEGEND {
+            out.push_str(&format!("- `{sym}`: {meaning}\n"));
+        }
     }
     for line in notes(report, &grid) {
         out.push_str(&format!("- {line}\n"));

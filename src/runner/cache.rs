@@ -1,11 +1,11 @@
 //! Inputs and references, shared by every case that needs them and dropped when none is left.
 //!
-//! Draws are made once per shape; inputs and the f64 reference once per (shape, dtype, adapter,
-//! op), so every backend and precision path of that key is judged against the very same numbers.
+//! Draws are made once per (shape, layer, profile); inputs and the f64 reference once per (shape,
+//! layer, profile, dtype, adapter, op), so every backend and precision path of that key is judged against the very same numbers.
 //! The runner dispatches cases grouped by key and counts down each key's remaining cases: when
 //! the last one finishes, the entry goes, so memory stays flat however long the matrix is.
 
-use crate::case::{Adapter, Case, DType, Op};
+use crate::case::{Adapter, Case, DType, Layer, Op, Profile};
 use crate::inputs::{Draws, Inputs, Outputs};
 use crate::reference;
 use std::collections::HashMap;
@@ -28,10 +28,15 @@ impl Prepared {
     }
 }
 
-type Key = (String, DType, Adapter, Op);
+type DrawKey = (String, Layer, Profile);
+type Key = (DrawKey, DType, Adapter, Op);
+
+fn draw_key(c: &Case) -> DrawKey {
+    (c.shape.name.clone(), c.layer, c.profile)
+}
 
 fn key(c: &Case) -> Key {
-    (c.shape.name.clone(), c.dtype, c.adapter, c.op)
+    (draw_key(c), c.dtype, c.adapter, c.op)
 }
 
 /// An entry computed once by whichever thread asks first, with the count of cases still to use it.
@@ -42,7 +47,7 @@ struct Slot<T> {
 
 pub struct Cache {
     seed: u64,
-    draws: Mutex<HashMap<String, Slot<Draws>>>,
+    draws: Mutex<HashMap<DrawKey, Slot<Draws>>>,
     prepared: Mutex<HashMap<Key, Slot<Prepared>>>,
 }
 
@@ -53,11 +58,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Cache {
     /// A cache for exactly `cases`: each will `get` once and `release` once.
     pub fn new<'a>(seed: u64, cases: impl IntoIterator<Item = &'a Case>) -> Cache {
-        let mut draws: HashMap<String, Slot<Draws>> = HashMap::new();
+        let mut draws: HashMap<DrawKey, Slot<Draws>> = HashMap::new();
         let mut prepared: HashMap<Key, Slot<Prepared>> = HashMap::new();
         for c in cases {
             draws
-                .entry(c.shape.name.clone())
+                .entry(draw_key(c))
                 .or_insert_with(|| Slot {
                     value: Arc::default(),
                     remaining: 0,
@@ -100,11 +105,18 @@ impl Cache {
     fn draws(&self, case: &Case) -> Arc<Draws> {
         let cell = Arc::clone(
             &lock(&self.draws)
-                .get(&case.shape.name)
+                .get(&draw_key(case))
                 .expect("the cache was made for this case")
                 .value,
         );
-        Arc::clone(cell.get_or_init(|| Arc::new(Draws::generate(&case.shape, self.seed))))
+        Arc::clone(cell.get_or_init(|| {
+            Arc::new(Draws::generate(
+                &case.shape,
+                case.layer,
+                case.profile,
+                self.seed,
+            ))
+        }))
     }
 
     /// `case` is done with its inputs: drop what no remaining case needs.
@@ -119,6 +131,6 @@ impl Cache {
             }
         }
         down(&self.prepared, &key(case));
-        down(&self.draws, &case.shape.name);
+        down(&self.draws, &draw_key(case));
     }
 }

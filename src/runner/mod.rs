@@ -132,8 +132,10 @@ pub fn run(
     let mut to_run = Vec::new();
     for &i in indices {
         let case = &matrix.cases[i];
-        let why = backends
-            .unavailable(case.backend, case.device)
+        let why = case
+            .refused_by_peft()
+            .map(String::from)
+            .or_else(|| backends.unavailable(case.backend, case.device))
             .or_else(|| guard::refuse(case, &opts.limits));
         match why {
             Some(reason) => {

@@ -40,14 +40,14 @@
 //! costs the case in flight (`crashed` with the status and the tail of its stderr, or `timeout`)
 //! and is replaced for the next one.
 
-use crate::case::{Adapter, Backend, Case, DType, Device, Op, Precision, Shape};
+use crate::case::{Adapter, Backend, Case, DType, Device, Layer, Op, Precision, Profile, Shape};
 use crate::inputs::{HostTensor, Inputs, Outputs};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, Write};
 
 /// Bumped on any change that an old peer would misread.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Every header line starts with this.
 pub const MAGIC: &str = "PCW1 ";
@@ -70,6 +70,8 @@ pub struct WireCase {
     pub adapter: Adapter,
     pub op: Op,
     pub precision: Precision,
+    pub layer: Layer,
+    pub profile: Profile,
     pub shape_name: String,
     pub batch: usize,
     pub in_features: usize,
@@ -78,6 +80,8 @@ pub struct WireCase {
     pub alpha: f64,
     pub bias: bool,
     pub rslora: bool,
+    pub kernel: usize,
+    pub image: usize,
 }
 
 impl WireCase {
@@ -90,6 +94,8 @@ impl WireCase {
             adapter: c.adapter,
             op: c.op,
             precision: c.precision,
+            layer: c.layer,
+            profile: c.profile,
             shape_name: s.name.clone(),
             batch: s.batch,
             in_features: s.in_features,
@@ -98,6 +104,8 @@ impl WireCase {
             alpha: s.alpha,
             bias: s.bias,
             rslora: s.rslora,
+            kernel: s.kernel,
+            image: s.image,
         }
     }
 
@@ -109,6 +117,8 @@ impl WireCase {
             adapter: self.adapter,
             op: self.op,
             precision: self.precision,
+            layer: self.layer,
+            profile: self.profile,
             shape: Shape {
                 name: self.shape_name.clone(),
                 batch: self.batch,
@@ -118,6 +128,8 @@ impl WireCase {
                 alpha: self.alpha,
                 bias: self.bias,
                 rslora: self.rslora,
+                kernel: self.kernel,
+                image: self.image,
             },
         }
     }
@@ -319,7 +331,15 @@ pub fn run_request(id: &str, case: &Case, inputs: &Inputs) -> (Request, Vec<Enco
     let payload: Vec<Encoded> = inputs
         .named()
         .into_iter()
-        .map(|(n, t)| encode(n, t, case.dtype))
+        .map(|(n, t)| {
+            // Token ids travel as f32 (exact up to 2^24); bf16 holds integers only up to 256.
+            let dtype = if n == "input" && case.layer == Layer::Embedding {
+                DType::F32
+            } else {
+                case.dtype
+            };
+            encode(n, t, dtype)
+        })
         .collect();
     let req = Request::Run {
         id: id.to_string(),
@@ -342,11 +362,21 @@ pub fn inputs_from(case: &Case, headers: &[TensorHeader], payload: &[u8]) -> io:
             .remove(n)
             .ok_or_else(|| bad(format!("the run request has no tensor `{n}`")))
     };
+    let embedding = case.layer == Layer::Embedding;
     Ok(Inputs {
+        layer: case.layer,
         x: take("input")?,
         weight: take("base_layer.weight")?,
-        lora_a: take("lora_A.weight")?,
-        lora_b: take("lora_B.weight")?,
+        lora_a: take(if embedding {
+            "lora_embedding_A"
+        } else {
+            "lora_A.weight"
+        })?,
+        lora_b: take(if embedding {
+            "lora_embedding_B"
+        } else {
+            "lora_B.weight"
+        })?,
         grad_output: take("grad_output")?,
         bias: take("base_layer.bias").ok(),
         magnitude: take("lora_magnitude_vector").ok(),

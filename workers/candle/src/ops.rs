@@ -150,6 +150,32 @@ impl TensorOps for CandleOps {
             .and_then(|t| t.sqrt())
             .map_err(err)
     }
+    fn embedding(&self, ids: &Tensor, w: &Tensor) -> OpResult<Tensor> {
+        // candle_nn::Embedding's forward: an index_select of the weight's rows (which must be
+        // contiguous: the adapter branch passes A^T).
+        ids.to_dtype(candle_core::DType::U32)
+            .and_then(|ids| w.contiguous()?.index_select(&ids, 0))
+            .map_err(err)
+    }
+    fn conv2d(&self, x: &Tensor, w: &Tensor) -> OpResult<Tensor> {
+        x.conv2d(w, 0, 1, 1, 1).map_err(err)
+    }
+    fn svd(&self, _a: &Tensor) -> OpResult<(Tensor, Tensor, Tensor)> {
+        Err(BackendError::new(format!(
+            "candle-core {CANDLE_VERSION} has no SVD (no linalg module): PiSSA's init cannot run on candle"
+        )))
+    }
+    fn qr(&self, _a: &Tensor) -> OpResult<(Tensor, Tensor)> {
+        Err(BackendError::new(format!(
+            "candle-core {CANDLE_VERSION} has no QR decomposition (no linalg module): OLoRA's init cannot run on candle"
+        )))
+    }
+    fn narrow(&self, a: &Tensor, dim: usize, start: usize, len: usize) -> OpResult<Tensor> {
+        a.narrow(dim, start, len).map_err(err)
+    }
+    fn sqrt(&self, a: &Tensor) -> OpResult<Tensor> {
+        a.sqrt().map_err(err)
+    }
     fn detach(&self, a: &Tensor) -> OpResult<Tensor> {
         Ok(a.detach())
     }

@@ -152,6 +152,32 @@ impl TensorOps for TchOps {
         a.f_linalg_norm(2.0, [1i64].as_slice(), false, None::<Kind>)
             .map_err(err)
     }
+    fn embedding(&self, ids: &Tensor, w: &Tensor) -> OpResult<Tensor> {
+        ids.f_to_kind(Kind::Int64)
+            .and_then(|ids| Tensor::f_embedding(w, &ids, -1, false, false))
+            .map_err(err)
+    }
+    fn conv2d(&self, x: &Tensor, w: &Tensor) -> OpResult<Tensor> {
+        x.f_conv2d(w, None::<Tensor>, [1i64, 1], [0i64, 0], [1i64, 1], 1)
+            .map_err(err)
+    }
+    fn svd(&self, a: &Tensor) -> OpResult<(Tensor, Tensor, Tensor)> {
+        // torch.svd(some=True) runs the same kernel as torch.linalg.svd(full_matrices=False)
+        // ("linalg_svd_cpu" / "svd_cuda_gesvdj"); tch's linalg_svd always passes a `driver`,
+        // which libtorch refuses on CPU. It returns V, not Vh.
+        let (u, s, v) = a.f_svd(true, true).map_err(err)?;
+        Ok((u, s, v.f_tr().map_err(err)?))
+    }
+    fn qr(&self, a: &Tensor) -> OpResult<(Tensor, Tensor)> {
+        Tensor::f_linalg_qr(a, "reduced").map_err(err)
+    }
+    fn narrow(&self, a: &Tensor, dim: usize, start: usize, len: usize) -> OpResult<Tensor> {
+        a.f_narrow(dim as i64, start as i64, len as i64)
+            .map_err(err)
+    }
+    fn sqrt(&self, a: &Tensor) -> OpResult<Tensor> {
+        a.f_sqrt().map_err(err)
+    }
     fn detach(&self, a: &Tensor) -> OpResult<Tensor> {
         a.f_detach().map_err(err)
     }

@@ -1,0 +1,293 @@
+//! The three-path tables: what a matrix with PEFT's autocast default, Embedding/Conv2d layers or
+//! weight profiles shows. One table per (layer, profile); each cell gives one symbol per
+//! precision path, in the order native, upcast, autocast, so the paths read side by side.
+//! Then the figures: the gaps `init_noop`, `parity` and `roundtrip` measure, as numbers.
+
+use super::table::{backend_label, severity};
+use crate::case::{Adapter, Backend, DType, Device, Layer, Op, Precision, Profile};
+use crate::judge::OutcomeKind;
+use crate::report::{CaseReport, Report};
+use comfy_table::{Cell, CellAlignment, ContentArrangement, Table};
+use std::collections::BTreeMap;
+
+/// Whether the report needs the three-path tables instead of the two-path grid.
+pub fn is_extended(report: &Report) -> bool {
+    report.cases.iter().any(|c| {
+        c.precision == Precision::Autocast
+            || c.layer != Layer::Linear
+            || c.profile != Profile::Normal
+    })
+}
+
+pub const LEGEND: &[(&str, &str)] = &[
+    (
+        "✓ ✗ ...",
+        "one symbol per precision path, in the order native upcast autocast",
+    ),
+    ("✓", "every case of the path passes"),
+    (
+        "U M N C T",
+        "the worst failure: unsupported, mismatch, nonfinite, crashed, timeout",
+    ),
+    (
+        "u m n c t",
+        "the same, every failure expected by the matrix (the reason is listed below)",
+    ),
+    ("–", "skipped here (see below)"),
+    ("·", "this path is not in the matrix for the cell"),
+    (
+        "!",
+        "a case passed where a matrix rule declares a failure (the rule is named below)",
+    ),
+];
+
+const PATHS: [Precision; 3] = [Precision::Native, Precision::Upcast, Precision::Autocast];
+
+/// The symbol of one path of one cell.
+fn symbol(cases: &[&CaseReport]) -> String {
+    if cases.is_empty() {
+        return "·".into();
+    }
+    let ran: Vec<&&CaseReport> = cases
+        .iter()
+        .filter(|c| c.outcome != OutcomeKind::Skipped)
+        .collect();
+    if ran.is_empty() {
+        return "–".into();
+    }
+    let failed: Vec<&&CaseReport> = ran
+        .iter()
+        .copied()
+        .filter(|c| !c.outcome.is_pass())
+        .collect();
+    let mut s = match failed
+        .iter()
+        .map(|c| c.outcome)
+        .max_by_key(|k| severity(*k))
+    {
+        None => "✓".to_string(),
+        Some(worst) => {
+            let letter = match worst {
+                OutcomeKind::Unsupported => 'U',
+                OutcomeKind::Mismatch => 'M',
+                OutcomeKind::Nonfinite => 'N',
+                OutcomeKind::Crashed => 'C',
+                _ => 'T',
+            };
+            if failed.iter().all(|c| c.expected_failure().is_some()) {
+                letter.to_ascii_lowercase().to_string()
+            } else {
+                letter.to_string()
+            }
+        }
+    };
+    if cases.iter().any(|c| {
+        c.expected
+            .as_ref()
+            .is_some_and(|e| e.status == crate::expect::Status::UnexpectedPass)
+    }) {
+        s.push('!');
+    }
+    s
+}
+
+type Column = (Backend, Device, DType);
+
+/// A titled table of some cases: rows (adapter, op), columns (build, device, dtype).
+struct Group<'a> {
+    title: String,
+    rows: Vec<(Adapter, Op)>,
+    columns: Vec<Column>,
+    cells: BTreeMap<(Adapter, Op, Column), Vec<&'a CaseReport>>,
+}
+
+fn groups<'a>(
+    report: &'a Report,
+    keep: impl Fn(&CaseReport) -> bool,
+    label: impl Fn(Layer, Profile) -> String,
+) -> Vec<Group<'a>> {
+    let mut by: BTreeMap<(Layer, Profile), Vec<&CaseReport>> = BTreeMap::new();
+    for c in report.cases.iter().filter(|c| keep(c)) {
+        by.entry((c.layer, c.profile)).or_default().push(c);
+    }
+    by.into_iter()
+        .map(|((layer, profile), cases)| {
+            let mut rows: Vec<(Adapter, Op)> = cases.iter().map(|c| (c.adapter, c.op)).collect();
+            rows.sort();
+            rows.dedup();
+            // A column shows when some case of it ran here; wholly skipped builds and devices are
+            // listed under the tables.
+            let mut columns: Vec<Column> = cases
+                .iter()
+                .filter(|c| c.outcome != OutcomeKind::Skipped)
+                .map(|c| (c.backend, c.device, c.dtype))
+                .collect();
+            columns.sort();
+            columns.dedup();
+            let mut cells: BTreeMap<(Adapter, Op, Column), Vec<&CaseReport>> = BTreeMap::new();
+            for c in cases {
+                cells
+                    .entry((c.adapter, c.op, (c.backend, c.device, c.dtype)))
+                    .or_default()
+                    .push(c);
+            }
+            Group {
+                title: label(layer, profile),
+                rows,
+                columns,
+                cells,
+            }
+        })
+        .collect()
+}
+
+fn header(report: &Report, cols: &[Column], sep: &str) -> Vec<Cell> {
+    let mut h = vec![Cell::new("adapter / op")];
+    for (b, d, dt) in cols {
+        h.push(
+            Cell::new(format!("{}{sep}{d} {dt}", backend_label(report, *b)))
+                .set_alignment(CellAlignment::Center),
+        );
+    }
+    h
+}
+
+/// Split `cols` into runs of one backend build each when all of them are wider than `width`.
+fn splits(cols: &[Column], too_wide: bool) -> Vec<Vec<Column>> {
+    if !too_wide {
+        return vec![cols.to_vec()];
+    }
+    let mut out: Vec<Vec<Column>> = Vec::new();
+    for c in cols {
+        match out.last_mut() {
+            Some(last) if last[0].0 == c.0 => last.push(*c),
+            _ => out.push(vec![*c]),
+        }
+    }
+    out
+}
+
+/// Render tables with `style` (a preset and tty settings), each under its title; split per
+/// build where wider than `max_width`.
+fn render_groups(
+    report: &Report,
+    groups: &[Group],
+    sep: &str,
+    max_width: usize,
+    cell: &dyn Fn(&[&CaseReport]) -> String,
+    style: &dyn Fn(&mut Table) -> String,
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for g in groups.iter().filter(|g| !g.columns.is_empty()) {
+        let build = |cols: &[Column]| {
+            let mut t = Table::new();
+            t.set_content_arrangement(ContentArrangement::Disabled);
+            t.set_header(header(report, cols, sep));
+            for (a, op) in &g.rows {
+                let mut row = vec![Cell::new(format!("{a} {op}"))];
+                for col in cols {
+                    let text = g
+                        .cells
+                        .get(&(*a, *op, *col))
+                        .map_or(String::new(), |v| cell(v));
+                    row.push(Cell::new(text).set_alignment(CellAlignment::Center));
+                }
+                t.add_row(row);
+            }
+            style(&mut t)
+        };
+        let whole = build(&g.columns);
+        let width = whole.lines().next().map_or(0, |l| l.chars().count());
+        for cols in splits(&g.columns, width > max_width) {
+            let text = if cols.len() == g.columns.len() {
+                whole.clone()
+            } else {
+                build(&cols)
+            };
+            out.push((g.title.clone(), text));
+        }
+    }
+    out
+}
+
+fn by_path(cases: &[&CaseReport], f: impl Fn(&[&CaseReport]) -> String) -> String {
+    PATHS
+        .iter()
+        .map(|p| {
+            let v: Vec<&CaseReport> = cases
+                .iter()
+                .filter(|c| c.precision == *p)
+                .copied()
+                .collect();
+            f(&v)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn title(layer: Layer, profile: Profile) -> String {
+    format!("layer {layer}, profile {profile}")
+}
+
+/// The support tables, titled: (title, rendered table).
+pub fn support_tables(
+    report: &Report,
+    sep: &str,
+    max_width: usize,
+    style: &dyn Fn(&mut Table) -> String,
+) -> Vec<(String, String)> {
+    let g = groups(report, |_| true, title);
+    render_groups(report, &g, sep, max_width, &|v| by_path(v, symbol), style)
+}
+
+/// The number a self-check op measures: `init_noop`'s and `parity`'s gap, `roundtrip`'s error
+/// against the original weight (relative to the output's scale); the largest over shapes.
+fn figure(cases: &[&CaseReport]) -> String {
+    if cases.is_empty() {
+        return "·".into();
+    }
+    let mut worst: Option<f64> = None;
+    for c in cases {
+        let name = match c.op {
+            Op::InitNoop => "noop_gap",
+            Op::Parity => "parity_gap",
+            _ => crate::inputs::names::UNMERGED,
+        };
+        let Some(o) = c
+            .metrics
+            .as_ref()
+            .and_then(|m| m.outputs.iter().find(|o| o.name == name))
+        else {
+            return "–".into();
+        };
+        if o.nonfinite > 0 {
+            return "nan".into();
+        }
+        worst = Some(worst.map_or(o.max_rel_err, |w: f64| w.max(o.max_rel_err)));
+    }
+    match worst {
+        Some(0.0) => "0".into(),
+        Some(v) => format!("{v:.0e}"),
+        None => "–".into(),
+    }
+}
+
+/// The figures tables (profile `normal`, one per layer): each cell gives native, upcast and
+/// autocast's figure, `–` where the case did not run or failed without figures, `·` where the
+/// path is not in the matrix.
+pub fn figure_tables(
+    report: &Report,
+    sep: &str,
+    max_width: usize,
+    style: &dyn Fn(&mut Table) -> String,
+) -> Vec<(String, String)> {
+    let keep = |c: &CaseReport| {
+        matches!(c.op, Op::InitNoop | Op::Parity | Op::Roundtrip) && c.profile == Profile::Normal
+    };
+    let g = groups(report, keep, |layer, _| format!("figures, layer {layer}"));
+    render_groups(report, &g, sep, max_width, &|v| by_path(v, figure), style)
+}
+
+pub const FIGURES_NOTE: &str = "figures: max relative gap, native upcast autocast: init_noop = adapted layer at init vs \
+the base layer alone (0 = an exact no-op), parity = unmerged vs merged forward, roundtrip = weight after merge and \
+unmerge vs the original (profile normal; every case's figures are in --json)";
