@@ -389,3 +389,103 @@ pub mod names {
         DELTA,
     ];
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> Shape {
+        Shape {
+            name: "s".into(),
+            batch: 4,
+            in_features: 64,
+            out_features: 32,
+            rank: 8,
+            alpha: 16.0,
+            bias: true,
+            rslora: false,
+            kernel: 3,
+            image: 8,
+        }
+    }
+
+    fn weight(layer: Layer, profile: Profile) -> HostTensor {
+        Draws::generate(&shape(), layer, profile, 1)
+            .inputs(DType::F32, Adapter::Dora, Op::Forward)
+            .weight
+    }
+
+    /// Every fourth row in DoRA's sense is exactly zero: output rows of a Linear layer and
+    /// output channels of a Conv2d, embedding dimensions (columns) of an Embedding.
+    #[test]
+    fn zero_rows_zero_the_rows_dora_normalises() {
+        let w = weight(Layer::Linear, Profile::ZeroRows);
+        for (i, row) in w.data.chunks(64).enumerate() {
+            assert_eq!(row.iter().all(|v| *v == 0.0), i % 4 == 0, "row {i}");
+        }
+        let w = weight(Layer::Conv2d, Profile::ZeroRows);
+        assert_eq!(w.shape, vec![32, 64, 3, 3]);
+        for (i, ch) in w.data.chunks(64 * 9).enumerate() {
+            assert_eq!(ch.iter().all(|v| *v == 0.0), i % 4 == 0, "channel {i}");
+        }
+        let w = weight(Layer::Embedding, Profile::ZeroRows);
+        assert_eq!(w.shape, vec![64, 32]);
+        for j in 0..32 {
+            let col_zero = (0..64).all(|i| w.data[i * 32 + j] == 0.0);
+            assert_eq!(col_zero, j % 4 == 0, "dimension {j}");
+        }
+    }
+
+    /// `large`: entries up to 300, whose 64 squares sum past fp16's 65504 while the row norm
+    /// (~1400) fits; `tiny`: entries up to 1e-4, whose squares (< 1e-8) are below fp16's
+    /// smallest subnormal (6e-8); `llm`: N(0, 0.02). x is scaled inversely, so the outputs keep
+    /// the normal profile's range.
+    #[test]
+    fn profiles_have_the_advertised_scale() {
+        let large = weight(Layer::Linear, Profile::Large);
+        let m = large.max_abs();
+        assert!(m > 250.0 && m <= 300.0, "{m}");
+        let sq: f64 = large.data[..64].iter().map(|v| v * v).sum();
+        assert!(sq > 65504.0 && sq.sqrt() < 65504.0, "{sq}");
+        let tiny = weight(Layer::Linear, Profile::Tiny);
+        let m = tiny.max_abs();
+        assert!(m > 0.5e-4 && m <= 1e-4, "{m}");
+        assert!(tiny.data.iter().all(|v| v * v < 6e-8));
+        let llm = weight(Layer::Linear, Profile::Llm);
+        let var = llm.data.iter().map(|v| v * v).sum::<f64>() / llm.data.len() as f64;
+        assert!((var.sqrt() - 0.02).abs() < 0.002, "{}", var.sqrt());
+        // Outputs keep their range: x W^T is about as large under every profile.
+        let out = |p: Profile| {
+            let i = Draws::generate(&shape(), Layer::Linear, p, 1).inputs(
+                DType::F64,
+                Adapter::Lora,
+                Op::Forward,
+            );
+            crate::reference::compute(Adapter::Lora, Op::Forward, &i)[0]
+                .1
+                .max_abs()
+        };
+        let normal = out(Profile::Normal);
+        for p in [Profile::Large, Profile::Tiny] {
+            let r = out(p) / normal;
+            assert!((0.2..5.0).contains(&r), "{p}: {r}");
+        }
+    }
+
+    /// Each (layer, profile) draws from its own stream (the linear, normal draws are those of
+    /// earlier versions: the default matrix's snapshot gate holds them).
+    #[test]
+    fn profiles_draw_their_own_inputs() {
+        let a = Draws::generate(&shape(), Layer::Linear, Profile::Normal, 1).inputs(
+            DType::F32,
+            Adapter::Lora,
+            Op::Forward,
+        );
+        let b = Draws::generate(&shape(), Layer::Linear, Profile::ZeroRows, 1).inputs(
+            DType::F32,
+            Adapter::Lora,
+            Op::Forward,
+        );
+        assert_ne!(a.x, b.x);
+    }
+}

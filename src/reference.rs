@@ -725,4 +725,175 @@ mod tests {
         close(get(&o, names::GRAD_A), &[2.0, 2.0, 2.0]);
         close(get(&o, names::GRAD_X), &[3.0, 5.0, 6.0]);
     }
+
+    fn linear(w: &[usize], wd: &[f64], x: &[usize], xd: &[f64], r: usize, s: f64) -> Inputs {
+        Inputs {
+            layer: Layer::Linear,
+            x: t(x, xd),
+            weight: t(w, wd),
+            bias: None,
+            lora_a: HostTensor::zeros(vec![r, w[1]]),
+            lora_b: HostTensor::zeros(vec![w[0], r]),
+            magnitude: None,
+            grad_output: HostTensor::zeros(vec![x[0], w[0]]),
+            scaling: s,
+        }
+    }
+
+    /// W = [[3,0,0],[0,1,0]]: singular values 3 and 1, U = I, Vh = the first two unit rows.
+    /// Rank 1, s = 2: A = sqrt(3/2) e1, B = sqrt(3/2) e1, s B A = [[3,0,0],[0,0,0]], so the
+    /// residual is [[0,0,0],[0,1,0]]; PiSSA+DoRA's magnitude is ||W|| = [3, 1]; the SVD's
+    /// conditioning is 3 / (3 - 1).
+    #[test]
+    fn pissa_by_hand() {
+        let inp = linear(
+            &[2, 3],
+            &[3.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+            &[1, 3],
+            &[1.0, 1.0, 1.0],
+            1,
+            2.0,
+        );
+        let (o, kappa) = compute_with_conditioning(Adapter::Pissa, Op::Init, &inp);
+        close(get(&o, names::RESIDUAL), &[0.0, 0.0, 0.0, 0.0, 1.0, 0.0]);
+        close(get(&o, names::DELTA), &[3.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        assert!((kappa - 1.5).abs() < 1e-12);
+        let o = compute(Adapter::PissaDora, Op::Init, &inp);
+        close(get(&o, names::MAGNITUDE), &[3.0, 1.0]);
+        // At init the layer still computes x W^T = [3, 1].
+        let o = compute(Adapter::Pissa, Op::InitNoop, &inp);
+        close(get(&o, names::RESULT), &[3.0, 1.0]);
+        close(get(&o, names::BASE_RESULT), &[3.0, 1.0]);
+    }
+
+    /// W = [[2,1],[0,3]] is already R (Q = I, up to signs that cancel in B A). Rank 1, s = 2:
+    /// A = [2, 1], B = [1, 0]^T, s B A = [[4,2],[0,0]], residual [[-2,-1],[0,3]].
+    #[test]
+    fn olora_by_hand() {
+        let inp = linear(&[2, 2], &[2.0, 1.0, 0.0, 3.0], &[1, 2], &[1.0, 0.0], 1, 2.0);
+        let (o, kappa) = compute_with_conditioning(Adapter::Olora, Op::Init, &inp);
+        close(get(&o, names::DELTA), &[4.0, 2.0, 0.0, 0.0]);
+        close(get(&o, names::RESIDUAL), &[-2.0, -1.0, 0.0, 3.0]);
+        assert_eq!(kappa, 1.0);
+    }
+
+    /// An Embedding of 3 tokens in 2 dimensions, ids [2, 0], r = 1, s = 1.
+    /// W = [[1,2],[3,4],[5,6]], A (lora_embedding_A) = [[1,0,1]], B = [[1],[0]].
+    /// LoRA: W[ids] = [[5,6],[1,2]], A^T[ids] B^T = [[1,0],[1,0]], y = [[6,6],[2,2]].
+    /// DoRA's norm runs per embedding dimension over W^T + B A = [[2,3,6],[2,4,6]]: [7, sqrt(56)];
+    /// m = [14, sqrt(56)] gives c = [2, 1] and y = c * [[6,6],[2,2]] = [[12,6],[4,2]];
+    /// merged: c (as a row) * (W + (B A)^T) = [[2,2],[3,4],[6,6]] * [2, 1] = [[4,2],[6,4],[12,6]].
+    #[test]
+    fn embedding_by_hand() {
+        let inp = Inputs {
+            layer: Layer::Embedding,
+            x: t(&[2], &[2.0, 0.0]),
+            weight: t(&[3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+            bias: None,
+            lora_a: t(&[1, 3], &[1.0, 0.0, 1.0]),
+            lora_b: t(&[2, 1], &[1.0, 0.0]),
+            magnitude: None,
+            grad_output: t(&[2, 2], &[1.0, 1.0, 1.0, 1.0]),
+            scaling: 1.0,
+        };
+        close(
+            get(&compute(Adapter::Lora, Op::Forward, &inp), names::RESULT),
+            &[6.0, 6.0, 2.0, 2.0],
+        );
+        let norm = layer_weight_norm(Layer::Embedding, &inp.weight, &inp.lora_a, &inp.lora_b, 1.0);
+        close(&norm.data, &[7.0, 56f64.sqrt()]);
+        let dora = Inputs {
+            magnitude: Some(t(&[2], &[14.0, 56f64.sqrt()])),
+            ..inp.clone()
+        };
+        close(
+            get(&compute(Adapter::Dora, Op::Forward, &dora), names::RESULT),
+            &[12.0, 6.0, 4.0, 2.0],
+        );
+        close(
+            get(&compute(Adapter::Dora, Op::Merge, &dora), names::MERGED),
+            &[4.0, 2.0, 6.0, 4.0, 12.0, 6.0],
+        );
+        close(
+            get(
+                &compute(Adapter::Dora, Op::Roundtrip, &dora),
+                names::UNMERGED,
+            ),
+            &inp.weight.data,
+        );
+        // No gradient reaches token ids.
+        let b = compute(Adapter::Lora, Op::Backward, &inp);
+        assert!(b.iter().all(|(n, _)| *n != names::GRAD_X));
+        // A is [1, 3] as given: dA = s * (g B)^T scattered to the ids' columns = [[1, 0, 1]].
+        close(get(&b, names::GRAD_A), &[1.0, 0.0, 1.0]);
+    }
+
+    /// A Conv2d with one 2x2 kernel on one 2x2 image (one output position), r = 1, s = 1.
+    /// x = [[1,2],[3,4]], W = [[1,0],[0,1]], b = 0.5: conv = 1 + 4 = 5, base = 5.5.
+    /// A = [[0,1],[0,0]] -> conv(x, A) = 2; B = 3 -> branch 6; LoRA y = 11.5.
+    /// DoRA's norm over the channel's kernel W + B A = [[1,3],[0,1]]: sqrt(11); m = 2 sqrt(11)
+    /// gives c = 2 and y = 2 * (5 + 6) + 0.5 = 22.5. dy/dx for g = 1 (LoRA) is the merged
+    /// kernel [[1,3],[0,1]].
+    #[test]
+    fn conv2d_by_hand() {
+        let inp = Inputs {
+            layer: Layer::Conv2d,
+            x: t(&[1, 1, 2, 2], &[1.0, 2.0, 3.0, 4.0]),
+            weight: t(&[1, 1, 2, 2], &[1.0, 0.0, 0.0, 1.0]),
+            bias: Some(t(&[1], &[0.5])),
+            lora_a: t(&[1, 1, 2, 2], &[0.0, 1.0, 0.0, 0.0]),
+            lora_b: t(&[1, 1, 1, 1], &[3.0]),
+            magnitude: None,
+            grad_output: t(&[1, 1, 1, 1], &[1.0]),
+            scaling: 1.0,
+        };
+        let f = compute(Adapter::Lora, Op::Forward, &inp);
+        assert_eq!(f[0].1.shape, vec![1, 1, 1, 1]);
+        close(get(&f, names::RESULT), &[11.5]);
+        let b = compute(Adapter::Lora, Op::Backward, &inp);
+        close(get(&b, names::GRAD_X), &[1.0, 3.0, 0.0, 1.0]);
+        assert_eq!(
+            b.iter().find(|(n, _)| *n == names::GRAD_A).unwrap().1.shape,
+            vec![1, 1, 2, 2]
+        );
+        let dora = Inputs {
+            magnitude: Some(t(&[1], &[2.0 * 11f64.sqrt()])),
+            ..inp.clone()
+        };
+        close(
+            get(&compute(Adapter::Dora, Op::Forward, &dora), names::RESULT),
+            &[22.5],
+        );
+        // merged kernel = c * (W + B A) = 2 * [[1,3],[0,1]]
+        let m = compute(Adapter::Dora, Op::Merge, &dora);
+        assert_eq!(m[0].1.shape, vec![1, 1, 2, 2]);
+        close(get(&m, names::MERGED), &[2.0, 6.0, 0.0, 2.0]);
+    }
+
+    /// init_noop: the adapted layer at init equals the base layer (B = 0), except that DoRA
+    /// divides 0 by 0 on an all-zero row (PEFT #2049). parity: merged and unmerged forward
+    /// agree; roundtrip: the original weight.
+    #[test]
+    fn self_checks_by_hand() {
+        let mut inp = paper();
+        inp.lora_b = t(&[2, 1], &[0.0, 0.0]);
+        inp.magnitude = None;
+        for adapter in [Adapter::Lora, Adapter::Dora] {
+            let o = compute(adapter, Op::InitNoop, &inp);
+            close(get(&o, names::RESULT), &[5.5, 6.0]);
+            close(get(&o, names::BASE_RESULT), &[5.5, 6.0]);
+        }
+        let mut zero = inp.clone();
+        zero.weight = t(&[2, 3], &[0.0, 0.0, 0.0, 0.0, 3.0, 4.0]);
+        let o = compute(Adapter::Dora, Op::InitNoop, &zero);
+        let r = get(&o, names::RESULT);
+        assert!(r[0].is_nan() && r[1] == 6.0, "{r:?}");
+        let o = compute(Adapter::Dora, Op::Parity, &paper());
+        close(get(&o, names::RESULT), &[7.5, 13.0]);
+        close(get(&o, names::MERGED_RESULT), &[7.5, 13.0]);
+        let (o, kappa) = compute_with_conditioning(Adapter::Dora, Op::Roundtrip, &paper());
+        close(get(&o, names::UNMERGED), &paper().weight.data);
+        // max(|W + dW|, |W'|) / max|W| = 8 / 4
+        assert_eq!(kappa, 2.0);
+    }
 }

@@ -152,7 +152,7 @@ fn header(report: &Report, cols: &[Column], sep: &str) -> Vec<Cell> {
     h
 }
 
-/// Split `cols` into runs of one backend build each when all of them are wider than `width`.
+/// Split `cols` into runs of one (build, device) each when `too_wide`.
 fn splits(cols: &[Column], too_wide: bool) -> Vec<Vec<Column>> {
     if !too_wide {
         return vec![cols.to_vec()];
@@ -160,7 +160,7 @@ fn splits(cols: &[Column], too_wide: bool) -> Vec<Vec<Column>> {
     let mut out: Vec<Vec<Column>> = Vec::new();
     for c in cols {
         match out.last_mut() {
-            Some(last) if last[0].0 == c.0 => last.push(*c),
+            Some(last) if (last[0].0, last[0].1) == (c.0, c.1) => last.push(*c),
             _ => out.push(vec![*c]),
         }
     }
@@ -196,15 +196,23 @@ fn render_groups(
             }
             style(&mut t)
         };
-        let whole = build(&g.columns);
-        let width = whole.lines().next().map_or(0, |l| l.chars().count());
-        for cols in splits(&g.columns, width > max_width) {
-            let text = if cols.len() == g.columns.len() {
-                whole.clone()
+        let width = |t: &str| t.lines().next().map_or(0, |l| l.chars().count());
+        // Whole, else one table per build, else halves of a build's columns until they fit.
+        let mut pending = vec![g.columns.clone()];
+        while let Some(cols) = pending.pop() {
+            let text = build(&cols);
+            if width(&text) <= max_width || cols.len() == 1 {
+                out.push((g.title.clone(), text));
+                continue;
+            }
+            let parts = splits(&cols, true);
+            let parts = if parts.len() > 1 {
+                parts
             } else {
-                build(&cols)
+                let (a, b) = cols.split_at(cols.len() / 2);
+                vec![a.to_vec(), b.to_vec()]
             };
-            out.push((g.title.clone(), text));
+            pending.extend(parts.into_iter().rev());
         }
     }
     out
