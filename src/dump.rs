@@ -1,19 +1,26 @@
 //! `--dump DIR`: one safetensors file per case, so a case can be replayed elsewhere (e.g. in
 //! Python with torch and PEFT).
 //!
-//! Tensor names follow PEFT's state dict for one `lora.Linear`: `base_layer.weight`,
-//! `base_layer.bias`, `lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector` (DoRA), plus
-//! `input` and `grad_output`, all in the case dtype, exactly the bits the backends received.
-//! Outputs carry an `output.` prefix (`output.result`, `output.grad.lora_A.weight`,
-//! `output.grad.lora_B.weight`, `output.grad.lora_magnitude_vector`, `output.grad.input`,
-//! `output.merged_weight`, `output.unmerged_weight`, `output.lora_magnitude_vector`) in the case
-//! dtype, and the f64 reference of each under a `reference.` prefix. Metadata (all strings):
-//! `backend`, `device`, `dtype`, `adapter`, `op`, `precision`, `layer`, `shape`, `rank`, `alpha`,
-//! `scaling`, `rslora`, `id`, `outcome`, and `error` when the case failed to run.
+//! Tensor names follow PEFT's state dict for one layer: `base_layer.weight`, `base_layer.bias`,
+//! `lora_A.weight`, `lora_B.weight` (an Embedding's `lora_embedding_A`, `lora_embedding_B`),
+//! `lora_magnitude_vector` (DoRA; PEFT stores a Conv2d's as [1, out, 1, 1]), plus `input` and
+//! `grad_output`, in the case dtype, exactly the bits the backends received (an Embedding's
+//! `input` holds token ids, as f32). PiSSA and OLoRA dumps carry zeros for A and B: their init
+//! computes both from the weight. Outputs carry an `output.` prefix (`output.result`,
+//! `output.grad.lora_A.weight`, `output.grad.lora_B.weight`, `output.grad.lora_magnitude_vector`,
+//! `output.grad.input`, `output.merged_weight`, `output.unmerged_weight`,
+//! `output.lora_magnitude_vector`, `output.base_result` (init_noop), `output.merged_result`
+//! (parity), `output.base_layer.weight` and `output.delta_weight` (PiSSA/OLoRA init)) in the
+//! narrowest of the case dtype and f32 that holds them (autocast's adapter is fp32), and the f64
+//! reference of each under a `reference.` prefix. Metadata (all strings): `backend`, `device`,
+//! `dtype`, `adapter`, `op`, `precision`, `layer` (`Linear`, `Embedding`, `Conv2d`), `profile`,
+//! `shape`, `rank`, `alpha`, `scaling`, `rslora`, `kernel`, `image`, `id`, `outcome`, and
+//! `error` when the case failed to run.
 
-use crate::case::DType;
+use crate::case::{DType, Layer};
 use crate::inputs::{HostTensor, Inputs, Outputs};
 use crate::runner::CaseResult;
+use crate::worker::protocol::lossless_dtype;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use std::collections::HashMap;
@@ -59,13 +66,24 @@ pub fn write(
     let case = &result.case;
     let path = dir.join(file_name(&case.id()));
     let dtype = case.dtype;
+    let ids = case.layer == Layer::Embedding;
     let mut entries: Vec<(String, DType, &HostTensor)> = inputs
         .named()
         .into_iter()
-        .map(|(n, t)| (n.to_string(), dtype, t))
+        .map(|(n, t)| {
+            let d = if ids && n == "input" {
+                DType::F32
+            } else {
+                dtype
+            };
+            (n.to_string(), d, t)
+        })
         .collect();
     if let Some(outs) = outputs {
-        entries.extend(outs.iter().map(|(n, t)| (format!("output.{n}"), dtype, t)));
+        entries.extend(
+            outs.iter()
+                .map(|(n, t)| (format!("output.{n}"), lossless_dtype(t, dtype), t)),
+        );
     }
     entries.extend(
         reference
@@ -96,8 +114,19 @@ pub fn write(
         ("adapter", case.adapter.to_string()),
         ("op", case.op.to_string()),
         ("precision", case.precision.to_string()),
-        ("layer", "Linear".to_string()),
+        (
+            "layer",
+            match case.layer {
+                Layer::Linear => "Linear",
+                Layer::Embedding => "Embedding",
+                Layer::Conv2d => "Conv2d",
+            }
+            .to_string(),
+        ),
+        ("profile", case.profile.to_string()),
         ("shape", shape.name.clone()),
+        ("kernel", shape.kernel.to_string()),
+        ("image", shape.image.to_string()),
         ("rank", shape.rank.to_string()),
         ("alpha", shape.alpha.to_string()),
         ("scaling", inputs.scaling.to_string()),

@@ -22,8 +22,10 @@
 //!   for its library's intra-op pool (set before the first op).
 //! - `probe` {`device`}: can this backend run on `cpu`, `cuda` or `cuda:N` here?
 //! - `run` {`id`, `case`, `tensors`}: run one case on the given inputs (PEFT's state-dict names:
-//!   `input`, `base_layer.weight`, `base_layer.bias`, `lora_A.weight`, `lora_B.weight`,
-//!   `lora_magnitude_vector`, `grad_output`).
+//!   `input`, `base_layer.weight`, `base_layer.bias`, `lora_A.weight`, `lora_B.weight` (an
+//!   Embedding's `lora_embedding_A`, `lora_embedding_B`), `lora_magnitude_vector`,
+//!   `grad_output`). `case` carries the axes (including `layer` and `profile`, since version 2)
+//!   and the shape (with `kernel` and `image`). An Embedding's `input` (token ids) travels as f32.
 //!
 //! Replies (`type`):
 //! - `hello` {`protocol`, `backend`, `libraries` (name -> version), `cuda`}: a worker whose
