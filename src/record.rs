@@ -25,18 +25,20 @@ use crate::render::plural;
 use crate::report::{CaseReport, Report};
 use std::collections::{BTreeMap, HashMap};
 
-/// The seven axis names, in the order rules are written.
-const AXES: [&str; 7] = [
+/// The nine axis names, in the order rules are written.
+const AXES: [&str; 9] = [
     "backend",
     "device",
     "dtype",
     "adapter",
     "op",
     "precision",
+    "layer",
+    "profile",
     "shape",
 ];
 
-fn axis_values(c: &CaseReport) -> [String; 7] {
+fn axis_values(c: &CaseReport) -> [String; 9] {
     [
         c.backend.to_string(),
         c.device.to_string(),
@@ -44,15 +46,21 @@ fn axis_values(c: &CaseReport) -> [String; 7] {
         c.adapter.to_string(),
         c.op.to_string(),
         c.precision.to_string(),
+        c.layer.to_string(),
+        c.profile.to_string(),
         c.shape.clone(),
     ]
 }
+
+/// Axes a rule leaves out when every case of the recording has the same value on them
+/// (`layer` and `profile` of a matrix that has only the defaults): the rule reads as before.
+const OPTIONAL_AXES: [&str; 2] = ["layer", "profile"];
 
 /// One recorded rule: a product of axis value sets, and what it expects.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecordedRule {
     /// Per axis (in [`AXES`] order), the values the rule covers.
-    pub axes: [Vec<String>; 7],
+    pub axes: [Vec<String>; 9],
     pub expect: Expected,
     pub error: Option<String>,
     /// A reason a person wrote (carried over from the matrix), or the evidence, `TODO(review)`.
@@ -68,6 +76,8 @@ pub struct Recorded {
     pub rules: Vec<RecordedRule>,
     /// Rules of the matrix that do not apply here, kept verbatim.
     pub kept: Vec<RawExpectation>,
+    /// Of [`OPTIONAL_AXES`], those with one value in the whole recording: left out of rules.
+    pub omitted: Vec<&'static str>,
     /// Cases that ran in every run.
     pub ran: usize,
     /// Of those, cases whose outcome, error text and every error figure were bit-identical in
@@ -216,7 +226,7 @@ pub fn record(matrix: &Matrix, runs: &[Report]) -> Recorded {
         }
     }
     // Ranks of axis values in matrix order, so merged lists read as the matrix does.
-    let mut rank: [HashMap<String, usize>; 7] = Default::default();
+    let mut rank: [HashMap<String, usize>; 9] = Default::default();
     for (i, obs) in per_case.iter().enumerate() {
         for (a, v) in axis_values(obs[0]).into_iter().enumerate() {
             rank[a].entry(v).or_insert(i);
@@ -290,7 +300,14 @@ pub fn record(matrix: &Matrix, runs: &[Report]) -> Recorded {
             values.sort_by_key(|v| rank[a].get(v).copied().unwrap_or(usize::MAX));
         }
     }
+    let omitted = AXES
+        .iter()
+        .zip(&rank)
+        .filter(|(name, values)| OPTIONAL_AXES.contains(name) && values.len() == 1)
+        .map(|(name, _)| *name)
+        .collect();
     Recorded {
+        omitted,
         runs: runs.len(),
         rules,
         kept: matrix
@@ -377,6 +394,8 @@ fn pattern_axes(raw: &RawExpectation) -> Vec<(&'static str, Vec<String>)> {
         ("adapter", strs(&p.adapter)),
         ("op", strs(&p.op)),
         ("precision", strs(&p.precision)),
+        ("layer", strs(&p.layer)),
+        ("profile", strs(&p.profile)),
         ("shape", strs(&p.shape)),
     ]
     .into_iter()
@@ -419,8 +438,12 @@ impl Recorded {
         out.push_str("expectations:\n");
         for r in &self.rules {
             out.push_str(&format!("  # {}\n", plural(r.cases.len(), "case")));
-            let axes: Vec<(&str, Vec<String>)> =
-                AXES.iter().copied().zip(r.axes.iter().cloned()).collect();
+            let axes: Vec<(&str, Vec<String>)> = AXES
+                .iter()
+                .copied()
+                .zip(r.axes.iter().cloned())
+                .filter(|(name, _)| !self.omitted.contains(name))
+                .collect();
             push_rule(
                 &mut out,
                 &axes,

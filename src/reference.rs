@@ -219,11 +219,11 @@ fn conv_dims(inp: &Inputs) -> (usize, usize, usize, usize, usize) {
     (b, c, h, k, h - k + 1)
 }
 
-/// The patches of a [b, c, h, h] image as rows [(n, oy, ox), (c, ky, kx)].
-fn im2col(inp: &Inputs) -> HostTensor {
+/// Every (patch index, image index) pair of a stride-1, unpadded convolution: patch rows
+/// [(n, oy, ox)], columns [(c, ky, kx)], over a [b, c, h, h] image.
+fn for_each_patch_value(inp: &Inputs, mut f: impl FnMut(usize, usize)) {
     let (b, c, h, k, o) = conv_dims(inp);
     let cols = c * k * k;
-    let mut out = vec![0.0; b * o * o * cols];
     for n in 0..b {
         for oy in 0..o {
             for ox in 0..o {
@@ -231,37 +231,30 @@ fn im2col(inp: &Inputs) -> HostTensor {
                 for ch in 0..c {
                     for ky in 0..k {
                         for kx in 0..k {
-                            out[row * cols + (ch * k + ky) * k + kx] =
-                                inp.x.data[((n * c + ch) * h + oy + ky) * h + ox + kx];
+                            f(
+                                row * cols + (ch * k + ky) * k + kx,
+                                ((n * c + ch) * h + oy + ky) * h + ox + kx,
+                            );
                         }
                     }
                 }
             }
         }
     }
-    HostTensor::new(vec![b * o * o, cols], out)
+}
+
+/// The patches of a [b, c, h, h] image as rows [(n, oy, ox), (c, ky, kx)].
+fn im2col(inp: &Inputs) -> HostTensor {
+    let (b, c, _, k, o) = conv_dims(inp);
+    let mut out = vec![0.0; b * o * o * c * k * k];
+    for_each_patch_value(inp, |p, i| out[p] = inp.x.data[i]);
+    HostTensor::new(vec![b * o * o, c * k * k], out)
 }
 
 /// The adjoint of [`im2col`]: patch gradients summed back into the image.
 fn col2im(inp: &Inputs, cols: &HostTensor) -> HostTensor {
-    let (b, c, h, k, o) = conv_dims(inp);
-    let width = c * k * k;
-    let mut out = vec![0.0; b * c * h * h];
-    for n in 0..b {
-        for oy in 0..o {
-            for ox in 0..o {
-                let row = (n * o + oy) * o + ox;
-                for ch in 0..c {
-                    for ky in 0..k {
-                        for kx in 0..k {
-                            out[((n * c + ch) * h + oy + ky) * h + ox + kx] +=
-                                cols.data[row * width + (ch * k + ky) * k + kx];
-                        }
-                    }
-                }
-            }
-        }
-    }
+    let mut out = vec![0.0; inp.x.data.len()];
+    for_each_patch_value(inp, |p, i| out[i] += cols.data[p]);
     HostTensor::new(inp.x.shape.clone(), out)
 }
 

@@ -637,27 +637,38 @@ fn exclude_include_and_tolerance_rules_apply() {
     assert_eq!(m.tolerance_for(c), (2.0, Some(0.5)));
 }
 
+/// Between them, the two committed matrices cover every value of every axis: the default
+/// matrix every backend build, and failures.yaml every adapter, op, path, layer and profile.
 #[test]
-fn the_default_matrix_parses_and_covers_every_axis_value() {
-    let m = Matrix::load(Path::new("matrices/default.yaml"), None).unwrap();
-    let has = |f: &dyn Fn(&Case) -> bool| m.cases.iter().any(f);
+fn the_committed_matrices_parse_and_cover_every_axis_value() {
+    let d = Matrix::load(Path::new("matrices/default.yaml"), None).unwrap();
+    let f = Matrix::load(Path::new("matrices/failures.yaml"), None).unwrap();
+    let has = |m: &Matrix, p: &dyn Fn(&Case) -> bool| m.cases.iter().any(p);
     for b in Backend::ALL {
-        assert!(has(&|c| c.backend == *b));
+        assert!(has(&d, &|c| c.backend == *b), "{b}");
     }
-    for d in [Device::Cpu, Device::Cuda(0)] {
-        assert!(has(&|c| c.device == d));
-    }
-    for d in DType::ALL {
-        assert!(has(&|c| c.dtype == *d));
+    for m in [&d, &f] {
+        for dev in [Device::Cpu, Device::Cuda(0)] {
+            assert!(has(m, &|c| c.device == dev));
+        }
+        for dt in DType::ALL {
+            assert!(has(m, &|c| c.dtype == *dt));
+        }
     }
     for o in Op::ALL {
-        assert!(has(&|c| c.op == *o));
+        assert!(has(&f, &|c| c.op == *o), "{o}");
     }
     for p in Precision::ALL {
-        assert!(has(&|c| c.precision == *p));
+        assert!(has(&f, &|c| c.precision == *p), "{p}");
     }
     for a in Adapter::ALL {
-        assert!(has(&|c| c.adapter == *a));
+        assert!(has(&f, &|c| c.adapter == *a), "{a}");
+    }
+    for l in Layer::ALL {
+        assert!(has(&f, &|c| c.layer == *l), "{l}");
+    }
+    for p in Profile::ALL {
+        assert!(has(&f, &|c| c.profile == *p), "{p}");
     }
 }
 

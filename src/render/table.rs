@@ -117,17 +117,25 @@ fn verdict(cases: &[&CaseReport]) -> CellVerdict {
         ran.clone().filter(|c| c.precision == p).copied().collect()
     };
     let (native, upcast) = (path(Precision::Native), path(Precision::Upcast));
-    if native.is_empty() && upcast.is_empty() {
+    // Autocast cases (only `compare` puts them in this two-path grid): a cell whose autocast
+    // cases fail is never shown as working.
+    let autocast = path(Precision::Autocast);
+    if native.is_empty() && upcast.is_empty() && autocast.is_empty() {
         return CellVerdict::Skipped;
     }
     let all_pass = |v: &[&CaseReport]| !v.is_empty() && v.iter().all(|c| c.outcome.is_pass());
-    if all_pass(&native) {
+    let autocast_ok = autocast.iter().all(|c| c.outcome.is_pass());
+    if all_pass(&native) && autocast_ok {
         return CellVerdict::Native;
     }
-    if all_pass(&upcast) {
+    if all_pass(&upcast) && autocast_ok {
         return CellVerdict::UpcastOnly;
     }
-    let judged = if native.is_empty() { &upcast } else { &native };
+    let judged = match (native.is_empty(), upcast.is_empty()) {
+        (false, _) if !all_pass(&native) => &native,
+        (_, false) if !all_pass(&upcast) => &upcast,
+        _ => &autocast,
+    };
     let failed: Vec<&CaseReport> = judged
         .iter()
         .filter(|c| !c.outcome.is_pass())
