@@ -132,10 +132,11 @@ pub fn run(
     let mut to_run = Vec::new();
     for &i in indices {
         let case = &matrix.cases[i];
-        let why = case
-            .refused_by_peft()
-            .map(String::from)
-            .or_else(|| backends.unavailable(case.backend, case.device))
+        // Where the device or backend is absent, that is why (and whole groups skip for one
+        // reason); PEFT's own refusals (f64 PiSSA/OLoRA) and the resource guard come next.
+        let why = backends
+            .unavailable(case.backend, case.device)
+            .or_else(|| case.refused_by_peft().map(String::from))
             .or_else(|| guard::refuse(case, &opts.limits));
         match why {
             Some(reason) => {
