@@ -7,7 +7,7 @@ use super::table::{backend_label, severity};
 use crate::case::{Adapter, Backend, DType, Device, Layer, Op, Precision, Profile};
 use crate::judge::OutcomeKind;
 use crate::report::{CaseReport, Report};
-use comfy_table::{Cell, CellAlignment, ContentArrangement, Table};
+use comfy_table::{Cell, CellAlignment, Color, ContentArrangement, Table};
 use std::collections::BTreeMap;
 
 /// Whether the report needs the three-path tables instead of the two-path grid.
@@ -175,6 +175,7 @@ fn render_groups(
     sep: &str,
     max_width: usize,
     cell: &dyn Fn(&[&CaseReport]) -> String,
+    paint: Option<&dyn Fn(&str) -> Color>,
     style: &dyn Fn(&mut Table) -> String,
 ) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -190,7 +191,11 @@ fn render_groups(
                         .cells
                         .get(&(*a, *op, *col))
                         .map_or(String::new(), |v| cell(v));
-                    row.push(Cell::new(text).set_alignment(CellAlignment::Center));
+                    let c = match paint {
+                        Some(p) if !text.is_empty() => Cell::new(&text).fg(p(&text)),
+                        _ => Cell::new(&text),
+                    };
+                    row.push(c.set_alignment(CellAlignment::Center));
                 }
                 t.add_row(row);
             }
@@ -237,15 +242,42 @@ fn title(layer: Layer, profile: Profile) -> String {
     format!("layer {layer}, profile {profile}")
 }
 
-/// The support tables, titled: (title, rendered table).
+/// A support cell's colour, as the two-path table colours its verdicts: an unexpected failure
+/// red, expected ones magenta, a declared failure that passed cyan, all passing green, nothing
+/// run grey.
+fn paint(text: &str) -> Color {
+    if text.contains('!') {
+        Color::Cyan
+    } else if text.chars().any(|c| "UMNCT".contains(c)) {
+        Color::Red
+    } else if text.chars().any(|c| "umnct".contains(c)) {
+        Color::Magenta
+    } else if text.contains('✓') {
+        Color::Green
+    } else {
+        Color::DarkGrey
+    }
+}
+
+/// The support tables, titled: (title, rendered table); coloured cells with `color`.
 pub fn support_tables(
     report: &Report,
     sep: &str,
     max_width: usize,
+    color: bool,
     style: &dyn Fn(&mut Table) -> String,
 ) -> Vec<(String, String)> {
     let g = groups(report, |_| true, title);
-    render_groups(report, &g, sep, max_width, &|v| by_path(v, symbol), style)
+    let paint: Option<&dyn Fn(&str) -> Color> = if color { Some(&paint) } else { None };
+    render_groups(
+        report,
+        &g,
+        sep,
+        max_width,
+        &|v| by_path(v, symbol),
+        paint,
+        style,
+    )
 }
 
 /// The number a self-check op measures: `init_noop`'s and `parity`'s gap, `roundtrip`'s error
@@ -293,7 +325,15 @@ pub fn figure_tables(
         matches!(c.op, Op::InitNoop | Op::Parity | Op::Roundtrip) && c.profile == Profile::Normal
     };
     let g = groups(report, keep, |layer, _| format!("figures, layer {layer}"));
-    render_groups(report, &g, sep, max_width, &|v| by_path(v, figure), style)
+    render_groups(
+        report,
+        &g,
+        sep,
+        max_width,
+        &|v| by_path(v, figure),
+        None,
+        style,
+    )
 }
 
 pub const FIGURES_NOTE: &str = "figures: max relative gap, native upcast autocast: init_noop = adapted layer at init vs \

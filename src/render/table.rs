@@ -479,7 +479,7 @@ pub fn render_text(report: &Report, color: bool, max_findings: usize) -> String 
     if super::paths::is_extended(report) {
         // Under 80 columns: split per build where a table is wider.
         let style = |t: &mut Table| render(t);
-        for (title, table) in super::paths::support_tables(report, "\n", 80, &style) {
+        for (title, table) in super::paths::support_tables(report, "\n", 80, color, &style) {
             out.push_str(&format!("{title}\n{table}\n"));
         }
         for (sym, meaning) in super::paths::LEGEND {
@@ -565,7 +565,9 @@ pub fn render_markdown(report: &Report, gate: Option<(&Verdict, &str)>) -> Strin
         t.to_string()
     };
     if super::paths::is_extended(report) {
-        for (title, table) in super::paths::support_tables(report, " ", usize::MAX, &markdown) {
+        for (title, table) in
+            super::paths::support_tables(report, " ", usize::MAX, false, &markdown)
+        {
             out.push_str(&format!("#### {title}\n\n{table}\n\n"));
         }
         for (sym, meaning) in super::paths::LEGEND {
