@@ -569,6 +569,21 @@ impl Matrix {
             return Err(too_many(cases.len(), ""));
         }
         if cases.is_empty() {
+            // PiSSA/OLoRA combinations that are not cases at all (`Case::not_a_case`) can empty
+            // a matrix before any exclude rule does: say so, not "the exclude rules".
+            let data_init_only = axes.adapter.iter().all(|a| a.is_data_init());
+            let no_init = !axes.op.iter().any(|o| matches!(o, Op::Init | Op::InitNoop));
+            let no_linear = !axes.layer.contains(&Layer::Linear);
+            if data_init_only && (no_init || no_linear) {
+                let (l, c) = locate(src, "adapter:", 1);
+                return Err(fail(
+                    l,
+                    c,
+                    "no combination of the axes is a case".into(),
+                    "pissa, pissa_dora and olora run `init` and `init_noop` on `linear` layers only (once \
+                     initialised they are LoRA/DoRA adapters): add those values, or lora/dora",
+                ));
+            }
             let (l, c) = locate(src, "exclude:", 1);
             return Err(fail(
                 l,

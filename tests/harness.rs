@@ -554,6 +554,41 @@ fn an_unknown_axis_value_names_file_line_column_value_and_valid_values() {
     );
 }
 
+/// The new axes' values are validated like the old ones, and PiSSA/OLoRA combinations that are
+/// not cases are left out, with an error that says why when nothing is left.
+#[test]
+fn new_axis_values_are_validated_and_pissa_only_runs_its_init() {
+    let msg = matrix_error(&SMALL_MATRIX.replace(
+        "precision: [native]",
+        "precision: [native]\n  layer: [linear, lstm]",
+    ));
+    assert!(msg.contains("m.yaml:9:"), "{msg}");
+    assert!(msg.contains("linear, embedding, conv2d"), "{msg}");
+    let msg = matrix_error(&SMALL_MATRIX.replace("adapter: [lora, dora]", "adapter: [pissa]"));
+    assert!(msg.contains("m.yaml:6:"), "{msg}");
+    assert!(
+        msg.contains("no combination of the axes is a case") && msg.contains("`init_noop`"),
+        "{msg}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let body = SMALL_MATRIX
+        .replace("adapter: [lora, dora]", "adapter: [lora, olora]")
+        .replace("op: [forward, merge]", "op: [init, forward]")
+        .replace(
+            "precision: [native]",
+            "precision: [native]\n  layer: [linear, conv2d]",
+        );
+    let m = Matrix::load(&write_matrix(dir.path(), &body), None).unwrap();
+    // 2 backends x 2 dtypes x (lora: 2 layers x 2 ops + olora: linear init only)
+    assert_eq!(m.cases.len(), 2 * 2 * (4 + 1));
+    assert!(m
+        .cases
+        .iter()
+        .filter(|c| c.adapter == Adapter::Olora)
+        .all(|c| c.op == Op::Init && c.layer == Layer::Linear));
+    assert!(m.cases.iter().any(|c| c.id().ends_with("/conv2d")));
+}
+
 #[test]
 fn a_yaml_syntax_error_names_the_position() {
     let msg = matrix_error(&SMALL_MATRIX.replace("op: [forward, merge]", "op: [forward, merge"));
