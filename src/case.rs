@@ -122,14 +122,6 @@ impl Adapter {
     }
 }
 
-impl Op {
-    /// Whether the op compares two results of the same backend (the adapted layer and the base
-    /// layer, or the merged and the unmerged forward), besides each against the reference.
-    pub fn is_self_check(self) -> bool {
-        matches!(self, Op::InitNoop | Op::Parity)
-    }
-}
-
 impl DType {
     /// Unit roundoff: half the distance from 1 to the next representable number.
     pub fn unit_roundoff(self) -> f64 {

@@ -50,9 +50,14 @@ pub fn chain_constant(op: Op) -> f64 {
 /// `init_noop`'s adapted layer against the base layer alone, `parity`'s unmerged forward
 /// against the merged layer's.
 pub const GAPS: &[(&str, &str, &str)] = &[
-    (names::RESULT, names::BASE_RESULT, "noop_gap"),
-    (names::RESULT, names::MERGED_RESULT, "parity_gap"),
+    (names::RESULT, names::BASE_RESULT, NOOP_GAP),
+    (names::RESULT, names::MERGED_RESULT, PARITY_GAP),
 ];
+
+/// The name of `init_noop`'s gap output.
+pub const NOOP_GAP: &str = "noop_gap";
+/// The name of `parity`'s gap output.
+pub const PARITY_GAP: &str = "parity_gap";
 
 /// Unit roundoff of the accumulator a good kernel uses for this dtype.
 pub fn accumulator_roundoff(dtype: DType) -> f64 {

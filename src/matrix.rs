@@ -176,53 +176,62 @@ struct Product<'a> {
 }
 
 impl Product<'_> {
-    fn len(&self) -> usize {
+    /// Each axis's number of values, outermost (slowest-varying) first, in table order.
+    fn sizes(&self) -> [usize; 8] {
         [
             self.backend.len(),
             self.device.len(),
             self.dtype.len(),
+            self.layer.len(),
+            self.profile.len(),
             self.adapter.len(),
             self.op.len(),
             self.precision.len(),
-            self.layer.len(),
-            self.profile.len(),
         ]
-        .iter()
-        .try_fold(1usize, |acc, &n| acc.checked_mul(n))
-        .unwrap_or(usize::MAX)
     }
 
-    /// Every combination for `shape`, in table order, without the ones that are not cases
-    /// ([`Case::not_a_case`]).
+    fn len(&self) -> usize {
+        self.sizes()
+            .iter()
+            .try_fold(1usize, |acc, &n| acc.checked_mul(n))
+            .unwrap_or(usize::MAX)
+    }
+
+    /// Every combination for `shape`, in table order (the last axis varies fastest), without
+    /// the ones that are not cases ([`Case::not_a_case`]).
     fn for_each(&self, shape: &Shape, mut f: impl FnMut(Case)) {
-        for &backend in self.backend {
-            for &device in self.device {
-                for &dtype in self.dtype {
-                    for &layer in self.layer {
-                        for &profile in self.profile {
-                            for &adapter in self.adapter {
-                                for &op in self.op {
-                                    for &precision in self.precision {
-                                        let case = Case {
-                                            backend,
-                                            device,
-                                            dtype,
-                                            adapter,
-                                            op,
-                                            precision,
-                                            layer,
-                                            profile,
-                                            shape: shape.clone(),
-                                        };
-                                        if case.not_a_case().is_none() {
-                                            f(case);
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                    }
+        let sizes = self.sizes();
+        if sizes.contains(&0) {
+            return;
+        }
+        let mut at = [0usize; 8];
+        loop {
+            let case = Case {
+                backend: self.backend[at[0]],
+                device: self.device[at[1]],
+                dtype: self.dtype[at[2]],
+                layer: self.layer[at[3]],
+                profile: self.profile[at[4]],
+                adapter: self.adapter[at[5]],
+                op: self.op[at[6]],
+                precision: self.precision[at[7]],
+                shape: shape.clone(),
+            };
+            if case.not_a_case().is_none() {
+                f(case);
+            }
+            // Advance like an odometer; done when the outermost axis rolls over.
+            let mut axis = sizes.len();
+            loop {
+                if axis == 0 {
+                    return;
                 }
+                axis -= 1;
+                at[axis] += 1;
+                if at[axis] < sizes[axis] {
+                    break;
+                }
+                at[axis] = 0;
             }
         }
     }

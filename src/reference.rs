@@ -16,6 +16,7 @@
 
 use crate::case::{Adapter, Layer, Op};
 use crate::inputs::{names, HostTensor, Inputs, Outputs};
+use std::borrow::Cow;
 
 /// `C = A B` for a row-major A: [n, k] given by its strides, with a real blocked GEMM
 /// (matrixmultiply's dgemm: plain f64 arithmetic, no lower precision anywhere).
@@ -161,6 +162,11 @@ fn dora_factor(inp: &Inputs, m: &HostTensor) -> Vec<f64> {
     m.data.iter().zip(&n.data).map(|(m, n)| m / n).collect()
 }
 
+/// The base layer alone with weight `w`: x w^T + b.
+fn base_layer(inp: &Inputs, w: &HostTensor) -> HostTensor {
+    add_bias(matmul_nt(&inp.x, w), inp.bias.as_ref())
+}
+
 /// Forward pieces: base = x W^T, h = x A^T, lora = h B^T.
 struct Pieces {
     base: HostTensor,
@@ -285,10 +291,11 @@ fn channels_first(t: &HostTensor, like: &[usize]) -> HostTensor {
     HostTensor::new(like.to_vec(), out)
 }
 
-/// The layer's inputs restated as a Linear layer's (see the module doc).
-pub fn linear_view(inp: &Inputs) -> Inputs {
-    match inp.layer {
-        Layer::Linear => inp.clone(),
+/// The layer's inputs restated as a Linear layer's (see the module doc); a Linear layer's as
+/// they are (no copy: on an LLM-sized layer the weight is hundreds of MB).
+pub fn linear_view(inp: &Inputs) -> Cow<'_, Inputs> {
+    Cow::Owned(match inp.layer {
+        Layer::Linear => return Cow::Borrowed(inp),
         Layer::Embedding => {
             let num = inp.weight.rows();
             let mut onehot = vec![0.0; inp.x.data.len() * num];
@@ -315,7 +322,7 @@ pub fn linear_view(inp: &Inputs) -> Inputs {
                 ..inp.clone()
             }
         }
-    }
+    })
 }
 
 /// Outputs of the linear view put back in the layer's layout.
@@ -464,7 +471,8 @@ pub fn conditioning(op: Op, inp: &Inputs) -> f64 {
     if !matches!(op, Op::Unmerge | Op::Roundtrip) {
         return 1.0;
     }
-    kappa(&linear_view(inp), &merge(&linear_view(inp)))
+    let lin = linear_view(inp);
+    kappa(&lin, &merge(&lin))
 }
 
 fn kappa(inp: &Inputs, m: &Merged) -> f64 {
@@ -505,29 +513,17 @@ fn compute_linear(adapter: Adapter, op: Op, inp: &Inputs) -> (Outputs, f64) {
         Op::InitNoop => {
             let (init, _) = initialised(adapter, inp);
             let c = init.magnitude.as_ref().map(|m| dora_factor(&init, m));
-            let base = Inputs {
-                lora_b: HostTensor::zeros(inp.lora_b.shape.clone()),
-                ..inp.clone()
-            };
             vec![
                 (names::RESULT, forward(&init, &pieces(&init), c.as_deref())),
-                (names::BASE_RESULT, forward(&base, &pieces(&base), None)),
+                (names::BASE_RESULT, base_layer(inp, &inp.weight)),
             ]
         }
         // The unmerged layer's forward and the merged layer's (W' alone): equal in exact arithmetic.
         Op::Parity => {
             let c = inp.magnitude.as_ref().map(|m| dora_factor(inp, m));
-            let merged = Inputs {
-                weight: merge(inp).merged,
-                lora_b: HostTensor::zeros(inp.lora_b.shape.clone()),
-                ..inp.clone()
-            };
             vec![
                 (names::RESULT, forward(inp, &pieces(inp), c.as_deref())),
-                (
-                    names::MERGED_RESULT,
-                    forward(&merged, &pieces(&merged), None),
-                ),
+                (names::MERGED_RESULT, base_layer(inp, &merge(inp).merged)),
             ]
         }
         // Merge then unmerge gives back the original weight, exactly, in f64's terms.

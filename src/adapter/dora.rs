@@ -37,14 +37,6 @@ pub fn init_magnitude<O: TensorOps>(
     weight_norm(ops, l, &l.weight, &lora_weight, l.scaling)
 }
 
-/// The shape the per-row factor takes to broadcast over the layer's output.
-fn output_shape(l: &Layer<impl Sized>) -> Vec<usize> {
-    match l.kind {
-        Kind::Conv2d => vec![1, l.norm_len, 1, 1],
-        _ => vec![1, l.norm_len],
-    }
-}
-
 /// Forward with dropout off. With c = m / ||W + s B A|| (detached), in the adapter dtype:
 /// Linear and Conv2d: y = base + (c - 1) * (base - b) + c * s * lora_B(lora_A(x)), where
 /// base - b is recovered from the base layer's result exactly as PEFT does; Embedding:
@@ -60,20 +52,17 @@ pub fn forward<O: TensorOps>(
     let lora_weight = ops.detach(&lora::product(ops, l, false)?)?;
     let w = ops.cast(&l.weight, adt)?;
     let norm = ops.detach(&weight_norm(ops, l, &w, &lora_weight, l.scaling)?)?;
-    let c = ops.reshape(&ops.div(m, &norm)?, &output_shape(l))?;
+    let c = ops.reshape(&ops.div(m, &norm)?, &lora::channel_shape(l))?;
     let result = lora::base(ops, l, x)?;
-    let branch = lora::branch(ops, l, &lora::adapter_input(ops, l, x)?)?;
+    let xa = lora::cast_input(ops, l, x)?;
+    let branch = lora::branch(ops, l, xa.as_ref().unwrap_or(x))?;
     let branch = ops.scale(&ops.mul(&c, &branch)?, l.scaling)?;
     let y = match l.kind {
         Kind::Embedding => ops.add(&ops.mul(&c, &ops.cast(&result, adt)?)?, &branch)?,
         _ => {
-            let without_bias = match (&l.bias, l.kind) {
-                (None, _) => None,
-                (Some(b), Kind::Conv2d) => {
-                    Some(ops.sub(&result, &ops.reshape(b, &[1, l.norm_len, 1, 1])?)?)
-                }
-                (Some(b), _) => Some(ops.sub(&result, b)?),
-            };
+            let without_bias = lora::channel_bias(ops, l)?
+                .map(|b| ops.sub(&result, &b))
+                .transpose()?;
             let base = ops.cast(without_bias.as_ref().unwrap_or(&result), adt)?;
             let rescale = ops.mul(&ops.add_scalar(&c, -1.0)?, &base)?;
             ops.add(&ops.cast(&result, adt)?, &ops.add(&rescale, &branch)?)?
@@ -91,7 +80,7 @@ pub fn merge_factor<O: TensorOps>(
     m: &O::Tensor,
     dw: &O::Tensor,
 ) -> OpResult<(O::Tensor, O::Tensor)> {
-    let sum = ops.add(&ops.cast(&l.weight, l.adapter_dtype)?, dw)?;
+    let sum = lora::merged_sum(ops, l, dw)?;
     let norm = ops.detach(&ops.row_norm(&lora::view(ops, l, &sum)?)?)?;
     let shape = match l.kind {
         Kind::Linear => vec![l.norm_len, 1],

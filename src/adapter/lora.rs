@@ -91,12 +91,27 @@ pub fn view<O: TensorOps>(ops: &O, l: &Layer<O::Tensor>, w: &O::Tensor) -> OpRes
     }
 }
 
-/// The bias (if any) shaped to broadcast over the layer's output.
+/// The shape a per-channel vector (the bias, DoRA's factor) takes to broadcast over the layer's
+/// output: [1, n, 1, 1] for a Conv2d (channels first), [1, n] otherwise.
+pub fn channel_shape<T>(l: &Layer<T>) -> Vec<usize> {
+    match l.kind {
+        Kind::Conv2d => vec![1, l.norm_len, 1, 1],
+        _ => vec![1, l.norm_len],
+    }
+}
+
+/// The bias, if any, shaped to broadcast over the layer's output.
+pub fn channel_bias<O: TensorOps>(ops: &O, l: &Layer<O::Tensor>) -> OpResult<Option<O::Tensor>> {
+    l.bias
+        .as_ref()
+        .map(|b| ops.reshape(b, &channel_shape(l)))
+        .transpose()
+}
+
 fn add_bias<O: TensorOps>(ops: &O, l: &Layer<O::Tensor>, y: O::Tensor) -> OpResult<O::Tensor> {
-    match (&l.bias, l.kind) {
-        (None, _) => Ok(y),
-        (Some(b), Kind::Conv2d) => ops.add(&y, &ops.reshape(b, &[1, l.norm_len, 1, 1])?),
-        (Some(b), _) => ops.add(&y, b),
+    match channel_bias(ops, l)? {
+        Some(b) => ops.add(&y, &b),
+        None => Ok(y),
     }
 }
 
@@ -120,16 +135,16 @@ pub fn base<O: TensorOps>(ops: &O, l: &Layer<O::Tensor>, x: &O::Tensor) -> OpRes
     base_with(ops, l, &l.weight, x)
 }
 
-/// The input as the adapter branch sees it: cast to the adapter dtype (PEFT's
-/// `_cast_input_dtype`); token ids as they are.
-pub fn adapter_input<O: TensorOps>(
+/// The input cast to the adapter dtype, as the adapter branch sees it (PEFT's
+/// `_cast_input_dtype`); `None` for token ids, which the branch takes as they are.
+pub fn cast_input<O: TensorOps>(
     ops: &O,
     l: &Layer<O::Tensor>,
     x: &O::Tensor,
-) -> OpResult<O::Tensor> {
+) -> OpResult<Option<O::Tensor>> {
     match l.kind {
-        Kind::Embedding => ops.reshape(x, &[l.batch]),
-        _ => ops.cast(x, l.adapter_dtype),
+        Kind::Embedding => Ok(None),
+        _ => ops.cast(x, l.adapter_dtype).map(Some),
     }
 }
 
@@ -152,15 +167,24 @@ pub fn branch<O: TensorOps>(ops: &O, l: &Layer<O::Tensor>, x: &O::Tensor) -> OpR
 /// y = base(x) + s * lora_B(lora_A(x)), the sum in the adapter dtype, cast back.
 pub fn forward<O: TensorOps>(ops: &O, l: &Layer<O::Tensor>, x: &O::Tensor) -> OpResult<O::Tensor> {
     let y = base(ops, l, x)?;
-    let lora = ops.scale(&branch(ops, l, &adapter_input(ops, l, x)?)?, l.scaling)?;
+    let xa = cast_input(ops, l, x)?;
+    let lora = ops.scale(&branch(ops, l, xa.as_ref().unwrap_or(x))?, l.scaling)?;
     let y = ops.add(&ops.cast(&y, l.adapter_dtype)?, &lora)?;
     ops.cast(&y, l.dtype)
 }
 
+/// W + dW in the adapter dtype (fp32 under autocast), before any rounding to the base dtype.
+pub fn merged_sum<O: TensorOps>(
+    ops: &O,
+    l: &Layer<O::Tensor>,
+    dw: &O::Tensor,
+) -> OpResult<O::Tensor> {
+    ops.add(&ops.cast(&l.weight, l.adapter_dtype)?, dw)
+}
+
 /// W' = W + dW, rounded once in the base dtype (PEFT's in-place `weight.data += delta_weight`).
 pub fn merge<O: TensorOps>(ops: &O, l: &Layer<O::Tensor>, dw: &O::Tensor) -> OpResult<O::Tensor> {
-    let w = ops.add(&ops.cast(&l.weight, l.adapter_dtype)?, dw)?;
-    ops.cast(&w, l.dtype)
+    ops.cast(&merged_sum(ops, l, dw)?, l.dtype)
 }
 
 /// W = W' - dW with dW first rounded to the base dtype (`weight.data -= delta_weight.to(orig_dtype)`).

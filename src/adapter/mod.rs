@@ -26,8 +26,6 @@ pub struct Layer<T> {
     /// How many rows DoRA normalises: out_features, or embedding_dim for an Embedding.
     pub norm_len: usize,
     pub rank: usize,
-    /// Rows of the input (token ids of an Embedding).
-    pub batch: usize,
 }
 
 /// Run one case's operation on `ops` and read its outputs back, named as in `inputs::names`.
@@ -52,7 +50,6 @@ pub fn run<O: TensorOps>(ops: &O, case: &Case, inp: &Inputs) -> OpResult<Outputs
         weight_shape: inp.weight.shape.clone(),
         norm_len,
         rank: case.shape.rank,
-        batch: inp.x.shape[0],
     };
     // Token ids travel as f32 (exact); the backend's `embedding` reads them as integers.
     let x = up(

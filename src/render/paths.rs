@@ -152,11 +152,8 @@ fn header(report: &Report, cols: &[Column], sep: &str) -> Vec<Cell> {
     h
 }
 
-/// Split `cols` into runs of one (build, device) each when `too_wide`.
-fn splits(cols: &[Column], too_wide: bool) -> Vec<Vec<Column>> {
-    if !too_wide {
-        return vec![cols.to_vec()];
-    }
+/// `cols` in runs of one (build, device) each.
+fn per_build(cols: &[Column]) -> Vec<Vec<Column>> {
     let mut out: Vec<Vec<Column>> = Vec::new();
     for c in cols {
         match out.last_mut() {
@@ -210,7 +207,7 @@ fn render_groups(
                 out.push((g.title.clone(), text));
                 continue;
             }
-            let parts = splits(&cols, true);
+            let parts = per_build(&cols);
             let parts = if parts.len() > 1 {
                 parts
             } else {
@@ -260,7 +257,7 @@ fn paint(text: &str) -> Color {
 }
 
 /// The support tables, titled: (title, rendered table); coloured cells with `color`.
-pub fn support_tables(
+fn support_tables(
     report: &Report,
     sep: &str,
     max_width: usize,
@@ -289,8 +286,8 @@ fn figure(cases: &[&CaseReport]) -> String {
     let mut worst: Option<f64> = None;
     for c in cases {
         let name = match c.op {
-            Op::InitNoop => "noop_gap",
-            Op::Parity => "parity_gap",
+            Op::InitNoop => crate::judge::NOOP_GAP,
+            Op::Parity => crate::judge::PARITY_GAP,
             _ => crate::inputs::names::UNMERGED,
         };
         let Some(o) = c
@@ -315,7 +312,7 @@ fn figure(cases: &[&CaseReport]) -> String {
 /// The figures tables (profile `normal`, one per layer): each cell gives native, upcast and
 /// autocast's figure, `–` where the case did not run or failed without figures, `·` where the
 /// path is not in the matrix.
-pub fn figure_tables(
+fn figure_tables(
     report: &Report,
     sep: &str,
     max_width: usize,
@@ -334,6 +331,51 @@ pub fn figure_tables(
         None,
         style,
     )
+}
+
+/// The support tables, the legend and the figures, for a terminal (tables within 80 columns,
+/// `sep` a line break) or in Markdown (no width limit: cells cannot hold line breaks);
+/// `style` applies the table preset.
+pub fn render(
+    report: &Report,
+    markdown: bool,
+    color: bool,
+    style: &dyn Fn(&mut Table) -> String,
+) -> String {
+    let (sep, max_width) = if markdown {
+        (" ", usize::MAX)
+    } else {
+        ("\n", 80)
+    };
+    let titled = |title: &str, table: &str| {
+        if markdown {
+            format!("#### {title}\n\n{table}\n\n")
+        } else {
+            format!("{title}\n{table}\n")
+        }
+    };
+    let mut out = String::new();
+    for (title, table) in support_tables(report, sep, max_width, color, style) {
+        out.push_str(&titled(&title, &table));
+    }
+    for (sym, meaning) in LEGEND {
+        out.push_str(&if markdown {
+            format!("- `{sym}`: {meaning}\n")
+        } else {
+            format!("  {sym:<17} {meaning}\n")
+        });
+    }
+    let figures = figure_tables(report, sep, max_width, style);
+    if !figures.is_empty() {
+        out.push_str(&format!("\n{FIGURES_NOTE}\n"));
+        if markdown {
+            out.push('\n');
+        }
+        for (title, table) in figures {
+            out.push_str(&titled(&title, &table));
+        }
+    }
+    out
 }
 
 pub const FIGURES_NOTE: &str = "figures: max relative gap, native upcast autocast: init_noop = adapted layer at init vs \

@@ -477,21 +477,7 @@ pub fn render_text(report: &Report, color: bool, max_findings: usize) -> String 
         t.to_string()
     };
     if super::paths::is_extended(report) {
-        // Under 80 columns: split per build where a table is wider.
-        let style = |t: &mut Table| render(t);
-        for (title, table) in super::paths::support_tables(report, "\n", 80, color, &style) {
-            out.push_str(&format!("{title}\n{table}\n"));
-        }
-        for (sym, meaning) in super::paths::LEGEND {
-            out.push_str(&format!("  {sym:<17} {meaning}\n"));
-        }
-        let figures = super::paths::figure_tables(report, "\n", 80, &style);
-        if !figures.is_empty() {
-            out.push_str(&format!("\n{}\n", super::paths::FIGURES_NOTE));
-            for (title, table) in figures {
-                out.push_str(&format!("{title}\n{table}\n"));
-            }
-        }
+        out.push_str(&super::paths::render(report, false, color, &|t| render(t)));
     } else {
         if !grid.columns.is_empty() {
             let whole = render(&mut grid.table(color, "\n"));
@@ -565,21 +551,7 @@ pub fn render_markdown(report: &Report, gate: Option<(&Verdict, &str)>) -> Strin
         t.to_string()
     };
     if super::paths::is_extended(report) {
-        for (title, table) in
-            super::paths::support_tables(report, " ", usize::MAX, false, &markdown)
-        {
-            out.push_str(&format!("#### {title}\n\n{table}\n\n"));
-        }
-        for (sym, meaning) in super::paths::LEGEND {
-            out.push_str(&format!("- `{sym}`: {meaning}\n"));
-        }
-        let figures = super::paths::figure_tables(report, " ", usize::MAX, &markdown);
-        if !figures.is_empty() {
-            out.push_str(&format!("\n{}\n\n", super::paths::FIGURES_NOTE));
-            for (title, table) in figures {
-                out.push_str(&format!("#### {title}\n\n{table}\n\n"));
-            }
-        }
+        out.push_str(&super::paths::render(report, true, false, &markdown));
     } else {
         if !grid.columns.is_empty() {
             // Markdown table cells cannot hold line breaks.
