@@ -14,8 +14,8 @@
 //! Ratios measured in one run are what to compare on a noisy machine; `--quick` skips 4 and 5.
 
 use peft_compat::case::{Adapter, DType, Layer, Op, Profile, Shape};
-use peft_compat::inputs::Draws;
-use peft_compat::reference;
+use peft_compat::truth::draws::Draws;
+use peft_compat::truth::reference;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

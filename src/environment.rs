@@ -26,6 +26,14 @@ pub const RELEVANT_CPU_FLAGS: &[&str] = &[
     "sve",
 ];
 
+/// What a backend build says about itself in the worker protocol's `hello`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerInfo {
+    pub backend: String,
+    pub libraries: BTreeMap<String, String>,
+    pub cuda: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Environment {
     pub peft_compat: String,
@@ -130,9 +138,7 @@ impl Environment {
 
     /// This machine, with what the backend workers said in `hello`: the default builds'
     /// libraries in `libraries`, every build's in `backends`.
-    pub fn of_workers(
-        info: &BTreeMap<crate::case::Backend, crate::worker::client::WorkerInfo>,
-    ) -> Environment {
+    pub fn of_workers(info: &BTreeMap<crate::case::Backend, WorkerInfo>) -> Environment {
         use crate::case::Backend;
         let mut libraries = BTreeMap::new();
         let mut cuda = None;

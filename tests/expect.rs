@@ -3,17 +3,21 @@
 
 mod support;
 
-use peft_compat::backend::{BackendError, OpResult};
 use peft_compat::case::Case;
 use peft_compat::environment::Environment;
-use peft_compat::expect::{self, Status};
-use peft_compat::gate::{self, ChangeKind};
-use peft_compat::inputs::{Inputs, Outputs};
-use peft_compat::matrix::Matrix;
-use peft_compat::record;
-use peft_compat::render::table;
+use peft_compat::render as table;
+use peft_compat::render::gate::text as gate_text;
+use peft_compat::report::CaseReport;
 use peft_compat::report::Report;
-use peft_compat::snapshot;
+use peft_compat::report::Status;
+use peft_compat::spec::rules as expect;
+use peft_compat::spec::Matrix;
+use peft_compat::verdict;
+use peft_compat::verdict::gate::{self, ChangeKind};
+use peft_compat::verdict::record;
+use peft_compat::verdict::snapshot;
+use peft_compat::worker::io::{Inputs, Outputs};
+use peft_compat::worker::ops::{BackendError, OpResult};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -71,7 +75,13 @@ fn report_with(
     env: &Environment,
 ) -> Report {
     let results = support::run_in_process(m, exec);
-    Report::new("m.yaml", m.seed, env.clone(), &results, 0.0).with_expectations(&m.expectations)
+    verdict::assemble(
+        "m.yaml",
+        m,
+        env.clone(),
+        results.iter().map(CaseReport::from_result).collect(),
+        0.0,
+    )
 }
 
 fn env_with_libtorch(version: &str) -> Environment {
@@ -206,11 +216,11 @@ fn a_declared_failure_passes_the_gate_where_its_condition_holds_and_only_there()
     assert_eq!(e.status, Status::Met);
     assert!(e.rule.ends_with("m.yaml:12"));
     let v = gate::check(&old, &accepted, false);
-    assert!(v.passed(), "{}", v.render("m.yaml"));
+    assert!(v.passed(), "{}", gate_text(&v, "m.yaml"));
     assert_eq!(v.expected_failures, 1);
     assert_eq!(v.changes.len(), 1);
     assert_eq!(v.changes[0].kind, ChangeKind::Expected);
-    let text = v.render("m.yaml");
+    let text = gate_text(&v, "m.yaml");
     assert!(
         text.contains(&format!("note {TCH16}: changed as expected: pass"))
             && text.contains("no CPU fp16 matmul before libtorch 2.2"),
@@ -324,7 +334,7 @@ fn a_flaky_case_passes_the_gate_either_way_and_is_marked() {
     let bad = report_with(&m, &refusing(&[TCH16]), &env);
     for (accepted, now) in [(&good, &bad), (&bad, &good), (&good, &good)] {
         let v = gate::check(now, &snapshot::from_report(accepted), false);
-        assert!(v.passed(), "{}", v.render("m.yaml"));
+        assert!(v.passed(), "{}", gate_text(&v, "m.yaml"));
     }
     let t = table::render_text(&bad, false, 40);
     assert!(
@@ -405,7 +415,7 @@ fn record_writes_reviewable_rules_that_the_gate_then_holds() {
     assert_eq!(m2.expectations.len(), 3);
     let again = report_with(&m2, &exec, &env);
     let v = gate::check(&again, &snapshot::from_report(&runs[2]), false);
-    assert!(v.passed(), "{}", v.render("m.yaml"));
+    assert!(v.passed(), "{}", gate_text(&v, "m.yaml"));
     // The flaky case failed this time: a declared failure too.
     assert_eq!(v.expected_failures, 3);
     // A reason a person wrote survives re-recording.

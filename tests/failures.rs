@@ -4,12 +4,14 @@
 
 mod support;
 
-use peft_compat::gate;
-use peft_compat::judge::OutcomeKind;
-use peft_compat::matrix::Matrix;
-use peft_compat::render::table;
+use peft_compat::outcome::OutcomeKind;
+use peft_compat::render as table;
+use peft_compat::render::gate::text as gate_text;
 use peft_compat::report::{CaseReport, Report};
-use peft_compat::snapshot;
+use peft_compat::spec::Matrix;
+use peft_compat::verdict;
+use peft_compat::verdict::gate;
+use peft_compat::verdict::snapshot;
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -21,7 +23,13 @@ fn report() -> &'static Report {
     REPORT.get_or_init(|| {
         let m = Matrix::load(Path::new(MATRIX), None).unwrap();
         let (results, env) = support::run_workers_env(&m, 2, &Default::default());
-        Report::new(MATRIX, m.seed, env, &results, 0.0).with_expectations(&m.expectations)
+        verdict::assemble(
+            MATRIX,
+            &m,
+            env,
+            results.iter().map(CaseReport::from_result).collect(),
+            0.0,
+        )
     })
 }
 
@@ -46,7 +54,7 @@ fn figure(id: &str, output: &str) -> f64 {
 fn the_failures_matrix_passes_its_own_gate() {
     let snap = snapshot::read(Path::new("snapshots/failures.snap")).unwrap();
     let v = gate::check(report(), &snap, false);
-    assert!(v.passed(), "{}", v.render(MATRIX));
+    assert!(v.passed(), "{}", gate_text(&v, MATRIX));
     assert!(v.checked > 2000, "{}", v.checked);
 }
 

@@ -3,18 +3,27 @@
 
 mod support;
 
-use peft_compat::gate::{self, ChangeKind};
-use peft_compat::judge::OutcomeKind;
-use peft_compat::matrix::Matrix;
+use peft_compat::outcome::OutcomeKind;
+use peft_compat::render::gate::text as gate_text;
+use peft_compat::report::CaseReport;
 use peft_compat::report::Report;
+use peft_compat::spec::Matrix;
+use peft_compat::verdict;
+use peft_compat::verdict::gate::{self, ChangeKind};
 
-use peft_compat::snapshot::{self, Snapshot};
+use peft_compat::verdict::snapshot::{self, Snapshot};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn report_of(m: &Matrix, name: &str) -> Report {
     let (results, env) = support::run_workers_env(m, 2, &Default::default());
-    Report::new(name, m.seed, env, &results, 0.0).with_expectations(&m.expectations)
+    verdict::assemble(
+        name,
+        m,
+        env,
+        results.iter().map(CaseReport::from_result).collect(),
+        0.0,
+    )
 }
 
 fn run_default_cpu() -> Report {
@@ -68,7 +77,7 @@ fn only_change(v: &gate::Verdict) -> &gate::Change {
 fn an_unchanged_run_passes_and_absent_devices_are_not_checked() {
     let r = small_report();
     let v = gate::check(&r, &accepted(&r), false);
-    assert!(v.passed(), "{}", v.render("m.yaml"));
+    assert!(v.passed(), "{}", gate_text(&v, "m.yaml"));
     assert_eq!(exit(&v), 0);
     assert_eq!(v.checked, 8);
     assert_eq!(
@@ -76,7 +85,7 @@ fn an_unchanged_run_passes_and_absent_devices_are_not_checked() {
         8,
         "cuda cases are not checked here, not passed"
     );
-    assert!(v.render("m.yaml").contains("not checked here: 8 cases"));
+    assert!(gate_text(&v, "m.yaml").contains("not checked here: 8 cases"));
 }
 
 #[test]
@@ -98,9 +107,7 @@ fn a_pass_that_becomes_unsupported_is_a_regression() {
         "{}",
         ch.detail
     );
-    assert!(v
-        .render("m.yaml")
-        .contains(&format!("FAIL {ID}: regression")));
+    assert!(gate_text(&v, "m.yaml").contains(&format!("FAIL {ID}: regression")));
 }
 
 fn scale_error(r: &mut Report, factor: f64) {
@@ -130,7 +137,7 @@ fn an_error_that_doubles_and_more_fails_but_drift_within_the_rule_does_not() {
     assert!(
         v.passed(),
         "1.5x is within the drift rule: {}",
-        v.render("m.yaml")
+        gate_text(&v, "m.yaml")
     );
 }
 
@@ -147,7 +154,7 @@ fn a_new_pass_is_an_unexpected_success_unless_allowed() {
         "{}",
         ch.detail
     );
-    let text = v.render("m.yaml");
+    let text = gate_text(&v, "m.yaml");
     assert!(
         text.contains("cargo insta review") && text.contains("peft-compat run m.yaml --check"),
         "{text}"
@@ -157,9 +164,7 @@ fn a_new_pass_is_an_unexpected_success_unless_allowed() {
     let allowed = gate::check(&r, &snap, true);
     assert!(allowed.passed());
     assert_eq!(exit(&allowed), 0);
-    assert!(allowed
-        .render("m.yaml")
-        .contains(&format!("note {ID}: unexpected success")));
+    assert!(gate_text(&allowed, "m.yaml").contains(&format!("note {ID}: unexpected success")));
 }
 
 #[test]
@@ -171,9 +176,7 @@ fn missing_and_orphan_entries_fail() {
     assert_eq!(exit(&v), 1);
     let ch = only_change(&v);
     assert_eq!(ch.kind, ChangeKind::Missing);
-    assert!(v
-        .render("m.yaml")
-        .contains(&format!("FAIL {ID}: missing from snapshot")));
+    assert!(gate_text(&v, "m.yaml").contains(&format!("FAIL {ID}: missing from snapshot")));
     let mut snap = accepted(&r);
     let e = snap[ID].clone();
     snap.insert("tch/cpu/f16/dora/forward/native/gone".into(), e);
@@ -214,7 +217,7 @@ fn the_default_matrix_passes_its_own_gate() {
     let r = run_default_cpu();
     let snap = snapshot::read(Path::new("snapshots/default.snap")).unwrap();
     let v = gate::check(&r, &snap, false);
-    assert!(v.passed(), "{}", v.render("matrices/default.yaml"));
+    assert!(v.passed(), "{}", gate_text(&v, "matrices/default.yaml"));
     let old_ran = r
         .cases
         .iter()

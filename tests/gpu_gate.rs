@@ -2,13 +2,15 @@
 //! (tests/evidence/h200-2026-11-28, from ../shared/evidence) held to the default matrix's
 //! expectations, and CUDA cases that ran against a snapshot recorded without a GPU.
 
-use peft_compat::expect::Status;
-use peft_compat::gate::{self, ChangeKind};
-use peft_compat::judge::OutcomeKind;
-use peft_compat::matrix::Matrix;
-use peft_compat::render::table;
+use peft_compat::outcome::OutcomeKind;
+use peft_compat::render as table;
+use peft_compat::render::gate::text as gate_text;
 use peft_compat::report::Report;
-use peft_compat::snapshot;
+use peft_compat::report::Status;
+use peft_compat::spec::Matrix;
+use peft_compat::verdict;
+use peft_compat::verdict::gate::{self, ChangeKind};
+use peft_compat::verdict::snapshot;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -32,7 +34,8 @@ fn h200_now() -> Vec<Report> {
         for c in &mut r.cases {
             c.expected = None;
         }
-        r.with_expectations(&m.expectations)
+        verdict::expectations::annotate(&mut r, &m.expectations);
+        r
     })
     .collect()
 }
@@ -71,8 +74,15 @@ fn the_h200_reports_meet_the_default_matrix_expectations() {
         // Gated against a snapshot of its own CPU part: the CUDA cases are new here (no
         // baseline), the rules hold, and with --allow-new the gate passes.
         let snap = cpu_snapshot(&r);
-        let v = gate::check_with(&r, &snap, false, true);
-        assert!(v.passed(), "{}", v.render("matrices/default.yaml"));
+        let v = gate::check_with(
+            &r,
+            &snap,
+            gate::GatePolicy {
+                allow_improvements: false,
+                allow_new: true,
+            },
+        );
+        assert!(v.passed(), "{}", gate_text(&v, "matrices/default.yaml"));
     }
     let r = &h200_now()[1];
     assert_eq!(
@@ -88,7 +98,7 @@ fn the_h200_reports_meet_the_default_matrix_expectations() {
 fn cpu_only(r: &Report) -> Report {
     let mut cpu = r.clone();
     for c in &mut cpu.cases {
-        if c.device.to_string().starts_with("cuda") {
+        if c.point.device.to_string().starts_with("cuda") {
             c.outcome = OutcomeKind::Skipped;
             c.error = Some("no CUDA device (libtorch: torch.cuda.is_available() is false)".into());
             c.metrics = None;
@@ -157,7 +167,7 @@ fn cuda_cases_without_a_baseline_are_new_not_silently_unchecked() {
         .iter()
         .filter(|c| c.kind == ChangeKind::New)
         .collect();
-    assert_eq!(new.len(), 120, "{}", v.render("m"));
+    assert_eq!(new.len(), 120, "{}", gate_text(&v, "m"));
     assert!(new.iter().all(|c| c.id.starts_with("tch/cuda/")));
 
     let gate = |report: &Path, extra: &[&str]| {

@@ -3,16 +3,18 @@
 
 mod support;
 
-use peft_compat::adapter;
-use peft_compat::backend::{BackendError, OpResult, TensorOps};
 use peft_compat::case::{
-    Adapter, Backend, Case, DType, Device, Layer, Op, Precision, Profile, Shape,
+    Adapter, Backend, Case, DType, Device, Layer, Op, Point, Precision, Profile, Shape,
 };
-use peft_compat::inputs::{names, Draws, HostTensor, Inputs, Outputs};
-use peft_compat::judge::OutcomeKind;
-use peft_compat::matrix::Matrix;
-use peft_compat::reference;
-use peft_compat::runner::{self, RunOptions};
+use peft_compat::exec::{self, RunOptions};
+use peft_compat::outcome::OutcomeKind;
+use peft_compat::spec::Matrix;
+use peft_compat::truth::draws::Draws;
+use peft_compat::truth::reference;
+use peft_compat::worker::adapter;
+use peft_compat::worker::io::{names, Inputs, Outputs};
+use peft_compat::worker::ops::{BackendError, OpResult, TensorOps};
+use peft_compat::worker::tensor::HostTensor;
 use std::path::Path;
 use std::process::Command;
 
@@ -40,14 +42,16 @@ fn case(
     s: &Shape,
 ) -> Case {
     Case {
-        backend,
-        device: Device::Cpu,
-        dtype,
-        adapter,
-        op,
-        precision,
-        layer: Layer::Linear,
-        profile: Profile::Normal,
+        point: Point {
+            backend,
+            device: Device::Cpu,
+            dtype,
+            adapter,
+            op,
+            precision,
+            layer: Layer::Linear,
+            profile: Profile::Normal,
+        },
         shape: s.clone(),
     }
 }
@@ -320,11 +324,11 @@ shapes:
   s: {batch: 4, in_features: 32, out_features: 16, rank: 4, alpha: 8}
 ";
 
-fn run_faulty(fault: Fault) -> Vec<runner::CaseResult> {
+fn run_faulty(fault: Fault) -> Vec<exec::CaseResult> {
     let dir = tempfile::tempdir().unwrap();
     let m = Matrix::load(&write_matrix(dir.path(), SMALL_MATRIX), None).unwrap();
     let exec = move |c: &Case, inp: &Inputs| -> OpResult<Outputs> {
-        let ops = peft_compat_worker_candle::ops::CandleOps::new(c.device)?;
+        let ops = peft_compat_worker_candle::ops::CandleOps::new(c.point.device)?;
         adapter::run(&Faulty { inner: &ops, fault }, c, inp)
     };
     support::run_in_process(&m, &exec)
@@ -401,7 +405,7 @@ fn upcast_runs_fp32_products_where_peft_does() {
     );
     assert!(merge.upcasts());
     let mut cuda_merge = merge.clone();
-    cuda_merge.device = Device::Cuda(0);
+    cuda_merge.point.device = Device::Cuda(0);
     assert!(
         !cuda_merge.upcasts(),
         "get_delta_weight upcasts on CPU only"
@@ -584,8 +588,8 @@ fn new_axis_values_are_validated_and_pissa_only_runs_its_init() {
     assert!(m
         .cases
         .iter()
-        .filter(|c| c.adapter == Adapter::Olora)
-        .all(|c| c.op == Op::Init && c.layer == Layer::Linear));
+        .filter(|c| c.point.adapter == Adapter::Olora)
+        .all(|c| c.point.op == Op::Init && c.point.layer == Layer::Linear));
     assert!(m.cases.iter().any(|c| c.id().ends_with("/conv2d")));
 }
 
@@ -680,30 +684,30 @@ fn the_committed_matrices_parse_and_cover_every_axis_value() {
     let f = Matrix::load(Path::new("matrices/failures.yaml"), None).unwrap();
     let has = |m: &Matrix, p: &dyn Fn(&Case) -> bool| m.cases.iter().any(p);
     for b in Backend::ALL {
-        assert!(has(&d, &|c| c.backend == *b), "{b}");
+        assert!(has(&d, &|c| c.point.backend == *b), "{b}");
     }
     for m in [&d, &f] {
         for dev in [Device::Cpu, Device::Cuda(0)] {
-            assert!(has(m, &|c| c.device == dev));
+            assert!(has(m, &|c| c.point.device == dev));
         }
         for dt in DType::ALL {
-            assert!(has(m, &|c| c.dtype == *dt));
+            assert!(has(m, &|c| c.point.dtype == *dt));
         }
     }
     for o in Op::ALL {
-        assert!(has(&f, &|c| c.op == *o), "{o}");
+        assert!(has(&f, &|c| c.point.op == *o), "{o}");
     }
     for p in Precision::ALL {
-        assert!(has(&f, &|c| c.precision == *p), "{p}");
+        assert!(has(&f, &|c| c.point.precision == *p), "{p}");
     }
     for a in Adapter::ALL {
-        assert!(has(&f, &|c| c.adapter == *a), "{a}");
+        assert!(has(&f, &|c| c.point.adapter == *a), "{a}");
     }
     for l in Layer::ALL {
-        assert!(has(&f, &|c| c.layer == *l), "{l}");
+        assert!(has(&f, &|c| c.point.layer == *l), "{l}");
     }
     for p in Profile::ALL {
-        assert!(has(&f, &|c| c.profile == *p), "{p}");
+        assert!(has(&f, &|c| c.point.profile == *p), "{p}");
     }
 }
 

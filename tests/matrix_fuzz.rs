@@ -3,7 +3,7 @@
 //! matrix mutated line by line and character by character (5,000 cases each by default;
 //! PROPTEST_CASES changes it).
 
-use peft_compat::matrix::Matrix;
+use peft_compat::spec::Matrix;
 use proptest::prelude::*;
 use std::path::Path;
 

@@ -69,7 +69,7 @@ fn pissa_embedding_and_conv2d_dumps_replay_in_peft() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let file = dir.path().join(peft_compat::dump::file_name(id));
+        let file = dir.path().join(peft_compat::exec::dump::file_name(id));
         assert!(Path::new(&file).exists(), "{}", file.display());
         let out = Command::new(py)
             .arg("scripts/replay.py")

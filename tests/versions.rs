@@ -4,15 +4,17 @@
 
 mod support;
 
-use peft_compat::backend::{BackendError, OpResult};
 use peft_compat::case::{Backend, Case};
-use peft_compat::compare::{self, Labeled};
 use peft_compat::environment::Environment;
-use peft_compat::expect::Status;
-use peft_compat::inputs::{Inputs, Outputs};
-use peft_compat::matrix::Matrix;
-use peft_compat::render::table;
+use peft_compat::render as table;
+use peft_compat::report::CaseReport;
 use peft_compat::report::Report;
+use peft_compat::report::Status;
+use peft_compat::spec::Matrix;
+use peft_compat::verdict;
+use peft_compat::verdict::compare::{self, Labeled};
+use peft_compat::worker::io::{Inputs, Outputs};
+use peft_compat::worker::ops::{BackendError, OpResult};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
@@ -66,11 +68,11 @@ fn two_builds_env() -> Environment {
 /// except where PEFT's fp32 product (DoRA init, upcast) avoids them.
 fn old_and_new(c: &Case, inp: &Inputs) -> OpResult<Outputs> {
     let mut c = c.clone();
-    if c.backend == Backend::Tch212 {
-        if c.dtype == peft_compat::case::DType::F16 && !c.upcasts() {
+    if c.point.backend == Backend::Tch212 {
+        if c.point.dtype == peft_compat::case::DType::F16 && !c.upcasts() {
             return Err(BackendError::new(OLD_TORCH_ERROR));
         }
-        c.backend = Backend::Tch;
+        c.point.backend = Backend::Tch;
     }
     support::run_on_backend(&c, inp)
 }
@@ -100,7 +102,7 @@ fn the_version_axis_parses_names_cases_and_reports_bad_values() {
     assert!(e.contains("bad.yaml:3:"), "{e}");
     assert!(e.contains("tch@2.3.0") && e.contains("tch@2.1.2"), "{e}");
     assert_eq!(
-        peft_compat::runner::WorkerPaths::file_name(Backend::Tch212),
+        peft_compat::exec::WorkerPaths::file_name(Backend::Tch212),
         "peft-compat-worker-tch-2.1.2"
     );
 }
@@ -112,18 +114,23 @@ fn expectations_hold_each_case_to_its_own_libtorch() {
         Backend::Tch212 => None,
         _ => support::unavailable(b, d),
     };
-    let backends = peft_compat::runner::InProcess {
+    let backends = peft_compat::exec::InProcess {
         run: &old_and_new,
         unavailable: &unavailable,
     };
-    let results = peft_compat::runner::run_in_process(
+    let results = peft_compat::exec::run_in_process(
         &m,
-        &peft_compat::runner::RunOptions::default(),
+        &peft_compat::exec::RunOptions::default(),
         &backends,
         &mut |_| {},
     );
-    let r = Report::new("m.yaml", m.seed, two_builds_env(), &results, 0.0)
-        .with_expectations(&m.expectations);
+    let r = verdict::assemble(
+        "m.yaml",
+        &m,
+        two_builds_env(),
+        results.iter().map(CaseReport::from_result).collect(),
+        0.0,
+    );
     let get = |id: &str| r.cases.iter().find(|c| c.id == id).unwrap();
     let old = get("tch@2.1.2/cpu/f16/dora/forward/native/s");
     assert_eq!(old.outcome.as_str(), "unsupported");
@@ -155,7 +162,8 @@ fn expectations_hold_each_case_to_its_own_libtorch() {
     // JUnit and snapshots carry the version in the id.
     let junit = peft_compat::render::junit::render(&r, None);
     assert!(junit.contains("tch@2.1.2/cpu/f16/dora/forward/native/s"));
-    let snap = peft_compat::snapshot::to_text(&peft_compat::snapshot::from_report(&r));
+    let snap =
+        peft_compat::verdict::snapshot::to_text(&peft_compat::verdict::snapshot::from_report(&r));
     assert!(snap.contains("tch@2.1.2/cpu/f16/dora/forward/native/s"));
 }
 
@@ -243,7 +251,7 @@ fn compare_puts_environments_side_by_side_and_lists_what_differs() {
         0.0,
     );
     let refuse = |c: &Case, inp: &Inputs| -> OpResult<Outputs> {
-        if c.dtype == peft_compat::case::DType::F16 && !c.upcasts() {
+        if c.point.dtype == peft_compat::case::DType::F16 && !c.upcasts() {
             Err(BackendError::new(format!("{OLD_TORCH_ERROR} (at 0x7f3a)")))
         } else {
             support::run_on_backend(c, inp)
@@ -260,20 +268,18 @@ fn compare_puts_environments_side_by_side_and_lists_what_differs() {
         0.0,
     );
 
-    let c = compare::compare(
-        &[
-            Labeled {
-                label: "new".into(),
-                report: new.clone(),
-            },
-            Labeled {
-                label: "old".into(),
-                report: old.clone(),
-            },
-        ],
-        false,
-    );
-    let text = c.render_text(60);
+    let reports = [
+        Labeled {
+            label: "new".into(),
+            report: new.clone(),
+        },
+        Labeled {
+            label: "old".into(),
+            report: old.clone(),
+        },
+    ];
+    let c = compare::compare(&reports);
+    let text = peft_compat::render::compare::text(&reports, &c, false, 60);
     assert!(text.starts_with("cells read A / B:"), "{text}");
     assert!(
         text.contains("A = new (") && text.contains("B = old (an old CPU"),

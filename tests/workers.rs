@@ -422,3 +422,31 @@ fn a_missing_worker_skips_its_cases_with_the_fix() {
             .contains("does not exist (--worker)"));
     }
 }
+
+/// One place decides what a non-fatal problem does: a results stream that cannot be written is
+/// a warning, the run and every other output go on, and the exit code is 3.
+#[test]
+fn an_unwritable_results_stream_is_a_warning_and_exit_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = write(
+        dir.path(),
+        "m.yaml",
+        "seed: 1\naxes: {backend: [candle], device: [cpu], dtype: [f32], adapter: [lora], op: [forward], precision: [native]}\nshapes: {s: {batch: 2, in_features: 8, out_features: 4, rank: 2, alpha: 4}}\n",
+    );
+    let report = dir.path().join("r.json");
+    let out = bin()
+        .args(["run", "--quiet", "--results", "/dev/full", "--json"])
+        .arg(&report)
+        .arg(&m)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("warning: cannot write the results stream /dev/full")
+            && err.contains("--resume cannot continue this run")
+            && err.contains("error: 1 output could not be written"),
+        "{err}"
+    );
+    assert_eq!(json(&report)["summary"]["outcomes"]["pass"], 1);
+}

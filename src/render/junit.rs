@@ -2,8 +2,8 @@
 //! With a gate verdict, a case fails when the gate flags it; without one, when it failed. A
 //! failure the matrix expects is reported as skipped with type `xfail`, as pytest does.
 
-use crate::gate::Verdict;
 use crate::report::Report;
+use crate::verdict::gate::Verdict;
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -17,7 +17,8 @@ pub fn render(report: &Report, verdict: Option<&Verdict>) -> String {
     let (mut failures, mut skipped) = (0, 0);
     for c in &report.cases {
         let time = c.duration_ms / 1e3;
-        let classname = format!("{}.{}.{}", c.backend, c.device, c.dtype).replace(':', "_");
+        let classname =
+            format!("{}.{}.{}", c.point.backend, c.point.device, c.point.dtype).replace(':', "_");
         cases.push_str(&format!(
             "    <testcase classname=\"{}\" name=\"{}\" time=\"{time:.3}\">\n",
             esc(&classname),
@@ -48,7 +49,7 @@ pub fn render(report: &Report, verdict: Option<&Verdict>) -> String {
                     c.failure_detail()
                 ))
             ));
-        } else if c.outcome == crate::judge::OutcomeKind::Skipped {
+        } else if c.outcome == crate::outcome::OutcomeKind::Skipped {
             skipped += 1;
             cases.push_str(&format!(
                 "      <skipped message=\"{}\"/>\n",

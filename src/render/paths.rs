@@ -3,9 +3,9 @@
 //! precision path, in the order native, upcast, autocast, so the paths read side by side.
 //! Then the figures: the gaps `init_noop`, `parity` and `roundtrip` measure, as numbers.
 
-use super::table::{backend_label, severity};
+use super::grid::backend_label;
 use crate::case::{Adapter, Backend, DType, Device, Layer, Op, Precision, Profile};
-use crate::judge::OutcomeKind;
+use crate::outcome::OutcomeKind;
 use crate::report::{CaseReport, Report};
 use comfy_table::{Cell, CellAlignment, Color, ContentArrangement, Table};
 use std::collections::BTreeMap;
@@ -13,9 +13,9 @@ use std::collections::BTreeMap;
 /// Whether the report needs the three-path tables instead of the two-path grid.
 pub fn is_extended(report: &Report) -> bool {
     report.cases.iter().any(|c| {
-        c.precision == Precision::Autocast
-            || c.layer != Layer::Linear
-            || c.profile != Profile::Normal
+        c.point.precision == Precision::Autocast
+            || c.point.layer != Layer::Linear
+            || c.point.profile != Profile::Normal
     })
 }
 
@@ -63,7 +63,7 @@ fn symbol(cases: &[&CaseReport]) -> String {
     let mut s = match failed
         .iter()
         .map(|c| c.outcome)
-        .max_by_key(|k| severity(*k))
+        .max_by_key(|k| k.severity())
     {
         None => "✓".to_string(),
         Some(worst) => {
@@ -84,7 +84,7 @@ fn symbol(cases: &[&CaseReport]) -> String {
     if cases.iter().any(|c| {
         c.expected
             .as_ref()
-            .is_some_and(|e| e.status == crate::expect::Status::UnexpectedPass)
+            .is_some_and(|e| e.status == crate::report::Status::UnexpectedPass)
     }) {
         s.push('!');
     }
@@ -108,11 +108,16 @@ fn groups<'a>(
 ) -> Vec<Group<'a>> {
     let mut by: BTreeMap<(Layer, Profile), Vec<&CaseReport>> = BTreeMap::new();
     for c in report.cases.iter().filter(|c| keep(c)) {
-        by.entry((c.layer, c.profile)).or_default().push(c);
+        by.entry((c.point.layer, c.point.profile))
+            .or_default()
+            .push(c);
     }
     by.into_iter()
         .map(|((layer, profile), cases)| {
-            let mut rows: Vec<(Adapter, Op)> = cases.iter().map(|c| (c.adapter, c.op)).collect();
+            let mut rows: Vec<(Adapter, Op)> = cases
+                .iter()
+                .map(|c| (c.point.adapter, c.point.op))
+                .collect();
             rows.sort();
             rows.dedup();
             // A column shows when some case of it ran here; wholly skipped builds and devices are
@@ -120,14 +125,18 @@ fn groups<'a>(
             let mut columns: Vec<Column> = cases
                 .iter()
                 .filter(|c| c.outcome != OutcomeKind::Skipped)
-                .map(|c| (c.backend, c.device, c.dtype))
+                .map(|c| (c.point.backend, c.point.device, c.point.dtype))
                 .collect();
             columns.sort();
             columns.dedup();
             let mut cells: BTreeMap<(Adapter, Op, Column), Vec<&CaseReport>> = BTreeMap::new();
             for c in cases {
                 cells
-                    .entry((c.adapter, c.op, (c.backend, c.device, c.dtype)))
+                    .entry((
+                        c.point.adapter,
+                        c.point.op,
+                        (c.point.backend, c.point.device, c.point.dtype),
+                    ))
                     .or_default()
                     .push(c);
             }
@@ -226,7 +235,7 @@ fn by_path(cases: &[&CaseReport], f: impl Fn(&[&CaseReport]) -> String) -> Strin
         .map(|p| {
             let v: Vec<&CaseReport> = cases
                 .iter()
-                .filter(|c| c.precision == *p)
+                .filter(|c| c.point.precision == *p)
                 .copied()
                 .collect();
             f(&v)
@@ -285,10 +294,10 @@ fn figure(cases: &[&CaseReport]) -> String {
     }
     let mut worst: Option<f64> = None;
     for c in cases {
-        let name = match c.op {
-            Op::InitNoop => crate::judge::NOOP_GAP,
-            Op::Parity => crate::judge::PARITY_GAP,
-            _ => crate::inputs::names::UNMERGED,
+        let name = match c.point.op {
+            Op::InitNoop => crate::truth::judge::NOOP_GAP,
+            Op::Parity => crate::truth::judge::PARITY_GAP,
+            _ => crate::worker::io::names::UNMERGED,
         };
         let Some(o) = c
             .metrics
@@ -319,7 +328,8 @@ fn figure_tables(
     style: &dyn Fn(&mut Table) -> String,
 ) -> Vec<(String, String)> {
     let keep = |c: &CaseReport| {
-        matches!(c.op, Op::InitNoop | Op::Parity | Op::Roundtrip) && c.profile == Profile::Normal
+        matches!(c.point.op, Op::InitNoop | Op::Parity | Op::Roundtrip)
+            && c.point.profile == Profile::Normal
     };
     let g = groups(report, keep, |layer, _| format!("figures, layer {layer}"));
     render_groups(

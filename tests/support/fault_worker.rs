@@ -12,9 +12,9 @@
 //!
 //! Every other case runs on candle, as the real worker does.
 
-use peft_compat::backend::OpResult;
 use peft_compat::case::{Case, Device};
-use peft_compat::inputs::{Inputs, Outputs};
+use peft_compat::worker::io::{Inputs, Outputs};
+use peft_compat::worker::ops::OpResult;
 use peft_compat::worker::WorkerBackend;
 use peft_compat_worker_candle::Candle;
 use std::collections::BTreeMap;

@@ -2,21 +2,21 @@
 //! crates' glue) and through their real worker processes.
 #![allow(dead_code)]
 
-use peft_compat::backend::OpResult;
 use peft_compat::case::{Backend, Case, Device};
 use peft_compat::environment::Environment;
-use peft_compat::inputs::{Inputs, Outputs};
-use peft_compat::matrix::Matrix;
-use peft_compat::runner::{self, CaseResult, InProcess, RunOptions, WorkerPaths, Workers};
+use peft_compat::exec::{self, CaseResult, InProcess, RunOptions, WorkerPaths, Workers};
+use peft_compat::spec::Matrix;
+use peft_compat::worker::io::{Inputs, Outputs};
+use peft_compat::worker::ops::OpResult;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// Run a case on its backend in this process.
 pub fn run_on_backend(case: &Case, inputs: &Inputs) -> OpResult<Outputs> {
-    match case.backend {
+    match case.point.backend {
         Backend::Tch => peft_compat_worker_tch::run(case, inputs),
         Backend::Candle => peft_compat_worker_candle::run(case, inputs),
-        Backend::Tch212 => Err(peft_compat::backend::BackendError::new(
+        Backend::Tch212 => Err(peft_compat::worker::ops::BackendError::new(
             "tch@2.1.2 runs only in its worker process",
         )),
     }
@@ -40,7 +40,7 @@ pub fn run_in_process(
         run: exec,
         unavailable: &unavailable,
     };
-    runner::run_in_process(m, &RunOptions::default(), &backends, &mut |_| {})
+    exec::run_in_process(m, &RunOptions::default(), &backends, &mut |_| {})
 }
 
 /// The libraries as the workers report them.
@@ -80,11 +80,15 @@ pub fn run_workers_env(
     jobs: usize,
     opts: &RunOptions,
 ) -> (Vec<CaseResult>, Environment) {
-    let mut pairs: Vec<_> = m.cases.iter().map(|c| (c.backend, c.device)).collect();
+    let mut pairs: Vec<_> = m
+        .cases
+        .iter()
+        .map(|c| (c.point.backend, c.point.device))
+        .collect();
     pairs.sort();
     pairs.dedup();
     let workers = Workers::start(WorkerPaths::default(), &pairs, jobs, 1);
-    let results = runner::run(m, None, &workers, opts, &mut |_| {}).results;
+    let results = exec::run(m, None, &workers, opts, &mut |_| {}).results;
     (results, Environment::of_workers(&workers.info))
 }
 

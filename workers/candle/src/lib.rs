@@ -6,16 +6,16 @@ pub mod ops;
 /// The library itself, for tests that wrap its tensors.
 pub use candle_core;
 
-use peft_compat::adapter;
-use peft_compat::backend::OpResult;
-use peft_compat::case::{Case, Device};
-use peft_compat::inputs::{Inputs, Outputs};
-use peft_compat::worker::WorkerBackend;
+use peft_compat_kit::adapter;
+use peft_compat_kit::case::{Case, Device};
+use peft_compat_kit::io::{Inputs, Outputs};
+use peft_compat_kit::ops::OpResult;
+use peft_compat_kit::WorkerBackend;
 use std::collections::BTreeMap;
 
 /// Run one case through the shared adapter math on candle.
 pub fn run(case: &Case, inputs: &Inputs) -> OpResult<Outputs> {
-    adapter::run(&ops::CandleOps::new(case.device)?, case, inputs)
+    adapter::run(&ops::CandleOps::new(case.point.device)?, case, inputs)
 }
 
 pub struct Candle;

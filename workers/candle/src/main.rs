@@ -2,7 +2,5 @@
 //! stdin/stdout.
 
 fn main() {
-    std::process::exit(peft_compat::worker::serve(
-        &peft_compat_worker_candle::Candle,
-    ));
+    std::process::exit(peft_compat_kit::serve(&peft_compat_worker_candle::Candle));
 }

@@ -1,9 +1,9 @@
 //! candle-core: glue from `TensorOps` to candle ops, written as a candle user writes them.
 
 use candle_core::{Tensor, Var};
-use peft_compat::backend::{BackendError, OpResult, TensorOps};
-use peft_compat::case::{DType, Device};
-use peft_compat::inputs::HostTensor;
+use peft_compat_kit::case::{DType, Device};
+use peft_compat_kit::ops::{BackendError, OpResult, TensorOps};
+use peft_compat_kit::tensor::HostTensor;
 
 /// The candle-core version this binary was built with (pinned in Cargo.toml; a test checks it).
 pub const CANDLE_VERSION: &str = "0.11.1";

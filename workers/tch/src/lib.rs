@@ -6,16 +6,16 @@ pub mod ops;
 /// The library itself, for tests that wrap its tensors.
 pub use tch;
 
-use peft_compat::adapter;
-use peft_compat::backend::OpResult;
-use peft_compat::case::{Case, Device};
-use peft_compat::inputs::{Inputs, Outputs};
-use peft_compat::worker::WorkerBackend;
+use peft_compat_kit::adapter;
+use peft_compat_kit::case::{Case, Device};
+use peft_compat_kit::io::{Inputs, Outputs};
+use peft_compat_kit::ops::OpResult;
+use peft_compat_kit::WorkerBackend;
 use std::collections::BTreeMap;
 
 /// Run one case through the shared adapter math on libtorch.
 pub fn run(case: &Case, inputs: &Inputs) -> OpResult<Outputs> {
-    adapter::run(&ops::TchOps::new(case.device), case, inputs)
+    adapter::run(&ops::TchOps::new(case.point.device), case, inputs)
 }
 
 pub struct Tch;
@@ -24,9 +24,9 @@ impl WorkerBackend for Tch {
     fn name(&self) -> String {
         // The backend axis value this build runs.
         if cfg!(libtorch_2_1) {
-            peft_compat::case::Backend::Tch212.to_string()
+            peft_compat_kit::case::Backend::Tch212.to_string()
         } else {
-            peft_compat::case::Backend::Tch.to_string()
+            peft_compat_kit::case::Backend::Tch.to_string()
         }
     }
     fn libraries(&self) -> BTreeMap<String, String> {

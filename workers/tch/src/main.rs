@@ -1,5 +1,5 @@
 //! `peft-compat-worker-tch`: started by `peft-compat`, speaks the worker protocol on stdin/stdout.
 
 fn main() {
-    std::process::exit(peft_compat::worker::serve(&peft_compat_worker_tch::Tch));
+    std::process::exit(peft_compat_kit::serve(&peft_compat_worker_tch::Tch));
 }

@@ -1,8 +1,8 @@
 //! libtorch through tch: glue from `TensorOps` to ATen ops.
 
-use peft_compat::backend::{BackendError, OpResult, TensorOps};
-use peft_compat::case::{DType, Device};
-use peft_compat::inputs::HostTensor;
+use peft_compat_kit::case::{DType, Device};
+use peft_compat_kit::ops::{BackendError, OpResult, TensorOps};
+use peft_compat_kit::tensor::HostTensor;
 use tch::{Kind, Tensor};
 
 /// The tch crate version this binary was built with (pinned in Cargo.toml; a test checks it).

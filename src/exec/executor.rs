@@ -1,0 +1,309 @@
+//! Where a case's math runs: the [`Backends`] seam.
+//!
+//! [`Workers`] is the real one: each backend in its own worker process
+//! ([`crate::worker`]), replaced when it dies or hangs. [`InProcess`] runs a function in this
+//! process; tests use it to plant broken kernels and refusals.
+
+use super::client::{RunReply, Worker, WorkerError};
+use crate::case::{Backend, Case, Device};
+use crate::environment::WorkerInfo;
+use crate::worker::io::{Inputs, Outputs};
+use crate::worker::ops::OpResult;
+use std::collections::{BTreeMap, HashMap};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// What running a case came to.
+#[derive(Debug)]
+pub enum Execution {
+    Ran {
+        outputs: Outputs,
+        compute: Duration,
+    },
+    /// The library refused an operation: its words.
+    Refused(String),
+    /// A panic, or the worker died: what we know.
+    Crashed(String),
+    TimedOut(String),
+    /// The run was stopped while this case ran; it is not reported.
+    Interrupted,
+}
+
+/// One slot's way to run cases, used by one thread at a time.
+pub trait Executor: Send {
+    /// Start `case` (a worker begins computing while the runner prepares the reference).
+    fn start(&mut self, case: &Case, inputs: &Inputs) -> Result<(), Execution>;
+    /// Wait for the case started last.
+    fn finish(
+        &mut self,
+        case: &Case,
+        inputs: &Inputs,
+        timeout: Duration,
+        stop: &AtomicBool,
+    ) -> Execution;
+}
+
+/// The backends a run can use.
+pub trait Backends: Sync {
+    /// Why (backend, device) cannot run here, or `None`.
+    fn unavailable(&self, backend: Backend, device: Device) -> Option<String>;
+    /// A fresh executor for slot `slot` of `jobs`.
+    fn executor(&self, slot: usize) -> Box<dyn Executor + '_>;
+    /// How many cases may run at once.
+    fn jobs(&self) -> usize;
+}
+
+/// A function that runs a case in this process.
+pub type CaseFn<'a> = dyn Fn(&Case, &Inputs) -> OpResult<Outputs> + Sync + 'a;
+/// Why a (backend, device) pair is unavailable, for [`InProcess`].
+pub type AvailFn<'a> = dyn Fn(Backend, Device) -> Option<String> + Sync + 'a;
+
+/// Runs cases with a function in this process, one at a time; a panic is `crashed`.
+pub struct InProcess<'a> {
+    pub run: &'a CaseFn<'a>,
+    pub unavailable: &'a AvailFn<'a>,
+}
+
+struct InProcessExecutor<'a> {
+    run: &'a CaseFn<'a>,
+}
+
+impl Executor for InProcessExecutor<'_> {
+    fn start(&mut self, _: &Case, _: &Inputs) -> Result<(), Execution> {
+        Ok(())
+    }
+    fn finish(&mut self, case: &Case, inputs: &Inputs, _: Duration, _: &AtomicBool) -> Execution {
+        let t0 = Instant::now();
+        // A panicking case is reported as `crashed` (the panic hook, a process-wide setting, is
+        // left as it is: tests run beside each other).
+        match catch_unwind(AssertUnwindSafe(|| (self.run)(case, inputs))) {
+            Ok(Ok(outputs)) => Execution::Ran {
+                outputs,
+                compute: t0.elapsed(),
+            },
+            Ok(Err(e)) => Execution::Refused(e.message),
+            Err(p) => Execution::Crashed(crate::worker::serve::panic_message(p)),
+        }
+    }
+}
+
+impl Backends for InProcess<'_> {
+    fn unavailable(&self, backend: Backend, device: Device) -> Option<String> {
+        (self.unavailable)(backend, device)
+    }
+    fn executor(&self, _: usize) -> Box<dyn Executor + '_> {
+        Box::new(InProcessExecutor { run: self.run })
+    }
+    fn jobs(&self) -> usize {
+        1
+    }
+}
+
+/// The worker binary of each backend: `--worker BACKEND=PATH`, else `peft-compat-worker-BACKEND`
+/// beside the running binary (or one folder up, where test binaries live).
+#[derive(Debug, Clone, Default)]
+pub struct WorkerPaths {
+    pub overrides: BTreeMap<Backend, PathBuf>,
+}
+
+impl WorkerPaths {
+    /// `peft-compat-worker-tch`, `peft-compat-worker-tch-2.1.2`, `peft-compat-worker-candle`.
+    pub fn file_name(b: Backend) -> String {
+        format!("peft-compat-worker-{}", b.as_str().replace('@', "-"))
+    }
+
+    /// Where `b`'s worker is, or why it cannot be found.
+    pub fn find(&self, b: Backend) -> Result<PathBuf, String> {
+        if let Some(p) = self.overrides.get(&b) {
+            return if p.is_file() {
+                Ok(p.clone())
+            } else {
+                Err(format!(
+                    "{b} worker {} does not exist (--worker)",
+                    p.display()
+                ))
+            };
+        }
+        let name = Self::file_name(b);
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let dir = exe.parent().unwrap_or(Path::new("."));
+        let candidates = [dir.join(&name), dir.join("..").join(&name)];
+        candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+            format!(
+                "{b} worker not built: no {name} beside {} ({}, or name one with --worker {b}=PATH)",
+                exe.display(),
+                match b {
+                    Backend::Tch212 => "scripts/peft-compat provisions libtorch 2.1.2 and builds it".to_string(),
+                    _ => format!("build it with `cargo build --release -p {name}`"),
+                }
+            )
+        })
+    }
+}
+
+/// The real backends: one worker process per backend and slot, started on first use.
+pub struct Workers {
+    paths: WorkerPaths,
+    jobs: usize,
+    threads: usize,
+    available: HashMap<(Backend, Device), Option<String>>,
+    /// Workers started up front, one set per slot, handed to each slot's executor.
+    ready: Mutex<Vec<HashMap<Backend, Worker>>>,
+    /// What each backend's worker said in `hello`.
+    pub info: BTreeMap<Backend, WorkerInfo>,
+}
+
+impl Workers {
+    /// Start `jobs` workers per backend in `pairs` (all at once: loading libtorch takes most
+    /// of a second, and a worker started lazily would stall its first case), ask the first of
+    /// each backend about its devices, and size the pool: `threads` intra-op threads per worker.
+    pub fn start(
+        paths: WorkerPaths,
+        pairs: &[(Backend, Device)],
+        jobs: usize,
+        threads: usize,
+    ) -> Workers {
+        let jobs = jobs.max(1);
+        let mut backends: Vec<Backend> = pairs.iter().map(|p| p.0).collect();
+        backends.sort();
+        backends.dedup();
+        let started: Vec<(usize, Backend, Result<Worker, String>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..jobs)
+                .flat_map(|slot| backends.iter().map(move |&b| (slot, b)))
+                .map(|(slot, b)| {
+                    let paths = &paths;
+                    s.spawn(move || {
+                        let w = paths.find(b).and_then(|p| {
+                            Worker::spawn(&p, threads)
+                                .map_err(|e| format!("{b} worker failed to start: {e}"))
+                        });
+                        (slot, b, w)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("worker start thread"))
+                .collect()
+        });
+        let mut available = HashMap::new();
+        let mut info = BTreeMap::new();
+        let mut ready: Vec<HashMap<Backend, Worker>> = (0..jobs).map(|_| HashMap::new()).collect();
+        for (slot, b, w) in started {
+            match w {
+                Ok(mut w) => {
+                    if slot == 0 {
+                        info.insert(b, w.info.clone());
+                        for &(_, d) in pairs.iter().filter(|p| p.0 == b) {
+                            let why = w
+                                .probe(d)
+                                .unwrap_or_else(|e| Some(format!("{b} worker: {e}")));
+                            available.insert((b, d), why);
+                        }
+                    }
+                    ready[slot].insert(b, w);
+                }
+                Err(why) if slot == 0 => {
+                    for &(_, d) in pairs.iter().filter(|p| p.0 == b) {
+                        available.insert((b, d), Some(why.clone()));
+                    }
+                }
+                // Another slot's worker failed to start: that slot retries when it needs one.
+                Err(_) => {}
+            }
+        }
+        Workers {
+            paths,
+            jobs,
+            threads,
+            available,
+            ready: Mutex::new(ready),
+            info,
+        }
+    }
+}
+
+impl Backends for Workers {
+    fn unavailable(&self, backend: Backend, device: Device) -> Option<String> {
+        self.available
+            .get(&(backend, device))
+            .cloned()
+            .unwrap_or_else(|| Some(format!("{backend} on {device} was not probed")))
+    }
+    fn executor(&self, slot: usize) -> Box<dyn Executor + '_> {
+        let workers = self
+            .ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(slot)
+            .map(std::mem::take)
+            .unwrap_or_default();
+        Box::new(WorkerSet {
+            owner: self,
+            workers,
+        })
+    }
+    fn jobs(&self) -> usize {
+        self.jobs
+    }
+}
+
+/// One slot's workers, one per backend, each replaced when it dies.
+struct WorkerSet<'a> {
+    owner: &'a Workers,
+    workers: HashMap<Backend, Worker>,
+}
+
+impl WorkerSet<'_> {
+    fn worker(&mut self, b: Backend) -> Result<&mut Worker, String> {
+        if !self.workers.contains_key(&b) {
+            let path = self.owner.paths.find(b)?;
+            let w = Worker::spawn(&path, self.owner.threads)
+                .map_err(|e| format!("{b} worker failed to start: {e}"))?;
+            self.workers.insert(b, w);
+        }
+        Ok(self.workers.get_mut(&b).expect("just inserted"))
+    }
+}
+
+impl Executor for WorkerSet<'_> {
+    fn start(&mut self, case: &Case, inputs: &Inputs) -> Result<(), Execution> {
+        // The worker reads the request at once and starts computing while the runner prepares
+        // the reference.
+        let w = self
+            .worker(case.point.backend)
+            .map_err(Execution::Crashed)?;
+        w.send_run(case, inputs).map_err(|e| {
+            self.workers.remove(&case.point.backend);
+            Execution::Crashed(e.to_string())
+        })
+    }
+
+    fn finish(
+        &mut self,
+        case: &Case,
+        _: &Inputs,
+        timeout: Duration,
+        stop: &AtomicBool,
+    ) -> Execution {
+        let Some(w) = self.workers.get_mut(&case.point.backend) else {
+            return Execution::Crashed("no worker was running this case".into());
+        };
+        let r = w.recv_run(timeout, Some(stop));
+        if r.is_err() {
+            // Dead, killed or confused: the next case gets a fresh worker.
+            self.workers.remove(&case.point.backend);
+        }
+        match r {
+            Ok(RunReply::Outputs { outputs, compute }) => Execution::Ran { outputs, compute },
+            Ok(RunReply::Refused(m)) => Execution::Refused(m),
+            Ok(RunReply::Panicked(m)) => Execution::Crashed(format!("panicked: {m}")),
+            Err(WorkerError::Interrupted) => Execution::Interrupted,
+            Err(e @ WorkerError::TimedOut { .. }) => Execution::TimedOut(e.to_string()),
+            Err(e) => Execution::Crashed(e.to_string()),
+        }
+    }
+}

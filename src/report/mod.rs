@@ -1,0 +1,285 @@
+//! The document. Each finished case becomes a [`CaseReport`] once (written to the results
+//! [`stream`] as it finishes, so an interrupted run resumes), the cases of a run become the
+//! [`Report`], the one structure every output (table, Markdown, JSON, snapshot, gate) is
+//! rendered from; [`merge`](mod@merge) joins the reports of partitioned jobs. Its JSON form
+//! (`--json PATH`) is a contract for users' scripts.
+//!
+//! # JSON wire format (schema `peft-compat/report/v1`)
+//! - `schema`: `"peft-compat/report/v1"`; a field is renamed or removed only with a new version.
+//! - `matrix`: the matrix file's path as given; `seed`: its seed.
+//! - `environment`: see [`Environment`] (`peft_compat`, `libraries` {`tch`, `libtorch`,
+//!   `candle`}, `cpu_model`, `cpu_flags`, `cpu_count`, `cuda`, `gpus`, `os`, `arch`).
+//! - `summary`: case counts per outcome and `total`; `elapsed_s`.
+//! - `cases`: one object per case, in matrix order:
+//!   - `id`: `backend/device/dtype/adapter/op/precision/shape`, then `/layer` unless `linear`
+//!     and `/profile` unless `normal`; stable across runs;
+//!   - `backend`, `device`, `dtype`, `adapter`, `op`, `precision`, `layer`, `profile`, `shape`:
+//!     the axes;
+//!   - `outcome`: `pass`, `mismatch`, `nonfinite`, `unsupported`, `crashed`, `timeout` or
+//!     `skipped`;
+//!   - `error`: the backend's message (unsupported), the panic message or the dead worker's
+//!     status and stderr tail (crashed), the deadline (timeout) or the skip reason (skipped,
+//!     including the resource guard's refusals); absent otherwise;
+//!   - `upcast`: where PEFT's fixed path casts to fp32 for this case, or absent when the
+//!     upcast path equals the native one here; `upcast_applied`: whether this case took it;
+//!   - `metrics` (cases that ran): `max_abs_err`, `max_rel_err` (relative to the output's
+//!     scale), `tolerance` (allowed `max_rel_err`), `worst_output`, and `outputs` with the same
+//!     figures per output tensor plus `err_units` (error in units of the dtype's roundoff);
+//!   - `tolerance`: the tolerance model's value for the case, `factor`, `overridden`;
+//!   - `index`: the case's position in the matrix's expansion;
+//!   - `duration_ms`, and `compute_ms`: the part the backend spent computing (in its worker);
+//!   - `expected` (cases a matrix expectation governs): `outcome` (`pass`, `mismatch`,
+//!     `nonfinite`, `unsupported`, `crashed`, `fail` or `flaky`), `reason`, `error` (the
+//!     pattern, if any), `rule` (`file:line`), `status` (`met`, `unexpected_pass`, `violated`,
+//!     `not_run`).
+//! - `partition` (reports of one `--partition K/N` job only): `spec`, `selected` (the cases the
+//!   N parts add up to), `filter`. `peft-compat merge` joins the parts into the report a single
+//!   job gives, without this field.
+//! - `inactive_expectations` (when any): rules whose `when` does not hold here: `rule`,
+//!   `expect`, `reason`, `unmet` (each condition with what this environment has).
+
+pub mod merge;
+pub mod stream;
+
+pub use merge::{merge, MergeError};
+
+use crate::case::{Coords, Point};
+use crate::environment::Environment;
+use crate::exec::CaseResult;
+use crate::outcome::{Metrics, OutcomeKind, Tolerance};
+use crate::spec::rules::Expected;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub const SCHEMA: &str = "peft-compat/report/v1";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub schema: String,
+    pub matrix: String,
+    pub seed: u64,
+    pub environment: Environment,
+    pub summary: Summary,
+    pub cases: Vec<CaseReport>,
+    /// Expectation rules of the matrix whose `when` does not hold here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inactive_expectations: Vec<InactiveRule>,
+    /// Present in the report of one `--partition K/N` job; `merge` joins the N of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<PartitionInfo>,
+}
+
+/// Which share of the matrix a partial report holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartitionInfo {
+    /// `count:K/N` or `hash:K/N`.
+    pub spec: String,
+    /// Cases selected (after --filter) before partitioning: what the N parts add up to.
+    pub selected: usize,
+    pub filter: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub total: usize,
+    /// Count per outcome name; every outcome is present, zero or not.
+    pub outcomes: BTreeMap<OutcomeKind, usize>,
+    pub elapsed_s: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaseReport {
+    /// Position in the matrix's expansion (partial reports merge back into this order).
+    #[serde(default)]
+    pub index: usize,
+    pub id: String,
+    /// The axes (`backend`, `device`, `dtype`, `adapter`, `op`, `precision`, `layer`,
+    /// `profile`), one key each.
+    #[serde(flatten)]
+    pub point: Point,
+    pub shape: String,
+    pub outcome: OutcomeKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upcast: Option<String>,
+    pub upcast_applied: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
+    pub tolerance: Tolerance,
+    pub duration_ms: f64,
+    /// Of `duration_ms`, the time the backend spent computing (in its worker); absent when it
+    /// did not run. The rest is the harness: inputs, transfer, the reference, judging.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dump_error: Option<String>,
+    /// The matrix's expectation for this case, judged against the outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected: Option<CaseExpectation>,
+}
+
+impl CaseReport {
+    /// Why the case failed, in one line: the error's first line, or the worst output's error
+    /// against its tolerance.
+    pub fn failure_detail(&self) -> String {
+        match (&self.error, &self.metrics) {
+            (Some(e), _) => e.lines().next().unwrap_or("").to_string(),
+            (None, Some(m)) if m.outputs.iter().any(|o| o.nonfinite > 0) => {
+                let o = m
+                    .outputs
+                    .iter()
+                    .find(|o| o.nonfinite > 0)
+                    .expect("checked above");
+                let why = match o.reference_nonfinite {
+                    0 => " where the f64 reference is finite".to_string(),
+                    n if n == o.nonfinite => {
+                        " (the f64 reference is undefined there too: the formula divides by zero)"
+                            .to_string()
+                    }
+                    n => format!(" ({n} of them undefined in the f64 reference too)"),
+                };
+                format!(
+                    "{}: {} of {} values non-finite{why}",
+                    o.name, o.nonfinite, o.elements
+                )
+            }
+            (None, Some(m)) => {
+                let worst = m.outputs.iter().find(|o| o.name == m.worst_output);
+                let units = worst.map_or(String::new(), |o| format!(" ({:.0} u)", o.err_units));
+                format!(
+                    "{}: max_rel_err {:.2e}{units} > tolerance {:.2e}",
+                    m.worst_output, m.max_rel_err, m.tolerance
+                )
+            }
+            (None, None) => String::new(),
+        }
+    }
+
+    /// The matrix's expectation, when it declares this case's failure as observed.
+    pub fn expected_failure(&self) -> Option<&CaseExpectation> {
+        self.expected.as_ref().filter(|e| e.explains_failure())
+    }
+
+    pub fn coords(&self) -> Coords<'_> {
+        Coords {
+            point: self.point,
+            shape: &self.shape,
+        }
+    }
+
+    pub fn from_result(r: &CaseResult) -> CaseReport {
+        let c = &r.case;
+        CaseReport {
+            index: r.index,
+            id: c.id(),
+            point: c.point,
+            shape: c.shape.name.clone(),
+            outcome: r.outcome.kind(),
+            error: r.outcome.message().map(String::from),
+            upcast: c.upcast_site().map(String::from),
+            upcast_applied: c.upcasts(),
+            metrics: r.outcome.metrics().cloned(),
+            tolerance: r.tolerance,
+            duration_ms: r.duration.as_secs_f64() * 1e3,
+            compute_ms: r.compute.map(|d| d.as_secs_f64() * 1e3),
+            dump_error: r.dump_error.clone(),
+            expected: None,
+        }
+    }
+}
+
+impl Report {
+    pub fn new(
+        matrix: &str,
+        seed: u64,
+        environment: Environment,
+        results: &[CaseResult],
+        elapsed_s: f64,
+    ) -> Report {
+        let cases = results.iter().map(CaseReport::from_result).collect();
+        Report::from_cases(matrix, seed, environment, cases, elapsed_s)
+    }
+
+    /// A report of `cases` (in matrix order), e.g. read back from a results stream.
+    pub fn from_cases(
+        matrix: &str,
+        seed: u64,
+        environment: Environment,
+        cases: Vec<CaseReport>,
+        elapsed_s: f64,
+    ) -> Report {
+        let mut outcomes: BTreeMap<OutcomeKind, usize> =
+            OutcomeKind::ALL.iter().map(|k| (*k, 0)).collect();
+        for c in &cases {
+            *outcomes.entry(c.outcome).or_default() += 1;
+        }
+        Report {
+            schema: SCHEMA.to_string(),
+            matrix: matrix.to_string(),
+            seed,
+            environment,
+            summary: Summary {
+                total: cases.len(),
+                outcomes,
+                elapsed_s,
+            },
+            cases,
+            inactive_expectations: Vec::new(),
+            partition: None,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("reports contain only serializable data")
+    }
+
+    pub fn count(&self, kind: OutcomeKind) -> usize {
+        self.summary.outcomes.get(&kind).copied().unwrap_or(0)
+    }
+}
+
+/// How a case stands against its expectation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// The outcome is what the rule expects (for an error pattern: and the text matches).
+    Met,
+    /// The rule expects a failure and the case passed.
+    UnexpectedPass,
+    /// It failed, but not as expected (another outcome, or the text does not match), or the
+    /// rule expects a pass.
+    Violated,
+    /// The case was skipped here.
+    NotRun,
+}
+
+/// A case's expectation as the report carries it (`expected` in the JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaseExpectation {
+    pub outcome: Expected,
+    pub reason: String,
+    /// The `error` pattern, when the rule has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `file:line` of the rule.
+    pub rule: String,
+    pub status: Status,
+}
+
+impl CaseExpectation {
+    /// A failure the matrix declares, observed as declared.
+    pub fn explains_failure(&self) -> bool {
+        self.status == Status::Met && self.outcome != Expected::Pass
+    }
+}
+
+/// A rule that does not apply in this environment, and why (`inactive_expectations` in JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InactiveRule {
+    pub rule: String,
+    pub expect: Expected,
+    pub reason: String,
+    /// The conditions that do not hold, with what this environment has.
+    pub unmet: Vec<String>,
+}

@@ -1,0 +1,268 @@
+//! Matrix files: the YAML schema, its validation (errors carry file, line and column), and the
+//! expansion into cases.
+//!
+//! ```yaml
+//! seed: 1597                 # one generator for every input
+//! max_cases: 100000          # optional; refuse bigger expansions before running anything
+//! axes:                      # every combination of these is a case (per shape)
+//!   backend: [tch, candle]
+//!   device: [cpu, cuda]      # cuda = cuda:0; cuda:N also accepted
+//!   dtype: [f32, f16, bf16, f64]
+//!   adapter: [lora, dora]
+//!   op: [init, forward, backward, merge, unmerge]
+//!   precision: [native, upcast, autocast]
+//!   layer: [linear, embedding, conv2d]           # optional, default [linear]
+//!   profile: [normal, llm, zero_rows, large, tiny] # optional, default [normal]
+//! shapes:                    # one or more named layer geometries
+//!   small: {batch: 4, in_features: 64, out_features: 32, rank: 8, alpha: 16, bias: true, rslora: false}
+//!   # conv2d also reads `kernel` (default 3) and `image` (default 8)
+//! exclude:                   # drop every combination matching all the keys given
+//!   - {dtype: [f32, f64], precision: upcast}
+//! include:                   # add one combination (all six axes); shape optional = every shape
+//!   - {backend: tch, device: cpu, dtype: f32, adapter: dora, op: init, precision: upcast}
+//! tolerances:                # later rules win; `factor` scales the model, `rel` replaces it
+//!   - {dtype: bf16, op: unmerge, factor: 2}
+//! expectations:              # expected outcomes with reasons; see `rules`
+//!   - {backend: candle, dtype: bf16, adapter: dora, shape: small, expect: mismatch, reason: "..."}
+//! ```
+
+use super::expand::{self, Axes};
+use super::pattern::{values, Pattern};
+use super::rules::{self, Expectation, RawExpectation};
+use super::validate::{MatrixError, Source};
+use crate::case::{Case, Shape};
+use crate::util::fnv1a;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+/// The default ceiling on the number of cases one matrix may expand to.
+pub const DEFAULT_MAX_CASES: usize = 100_000;
+
+/// One tolerance rule: a pattern plus `factor` (scales the model) or `rel` (replaces it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToleranceRule {
+    #[serde(flatten)]
+    pub pattern: Pattern,
+    #[serde(default)]
+    pub factor: Option<f64>,
+    #[serde(default)]
+    pub rel: Option<f64>,
+}
+
+impl ToleranceRule {
+    /// A rule gives `factor` or `rel`, each a positive number.
+    fn check(&self, src: &Source) -> Result<(), MatrixError> {
+        let bad = match (self.factor, self.rel) {
+            (None, None) => Some("a tolerance rule needs `factor` or `rel`"),
+            (Some(f), _) if !(f > 0.0 && f.is_finite()) => {
+                Some("`factor` must be a positive number")
+            }
+            (_, Some(r)) if !(r > 0.0 && r.is_finite()) => Some("`rel` must be a positive number"),
+            _ => None,
+        };
+        match bad {
+            Some(msg) => Err(src.error_at(
+                "tolerances:",
+                msg,
+                "e.g. `- {dtype: bf16, op: unmerge, factor: 2}`",
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A shape's sizes fit a LoRA layer: positive dimensions, a rank within them, a kernel inside
+/// the image, a finite alpha.
+fn check_shape(s: &Shape, src: &Source) -> Result<(), MatrixError> {
+    let name = &s.name;
+    let fail = |message: String, help: &str| src.error_at(&format!("{name}:"), message, help);
+    let zero = [
+        ("batch", s.batch),
+        ("in_features", s.in_features),
+        ("out_features", s.out_features),
+        ("rank", s.rank),
+    ]
+    .into_iter()
+    .find(|(_, v)| *v == 0);
+    if let Some((field, _)) = zero {
+        return Err(fail(
+            format!("shape `{name}`: {field} must be at least 1"),
+            "give every dimension a positive size",
+        ));
+    }
+    if s.rank > s.in_features.min(s.out_features) {
+        return Err(fail(
+            format!(
+                "shape `{name}`: rank {} exceeds min(in_features, out_features)",
+                s.rank
+            ),
+            "a LoRA rank is at most the smaller layer dimension",
+        ));
+    }
+    if s.kernel == 0 || s.kernel > s.image {
+        return Err(fail(
+            format!(
+                "shape `{name}`: kernel {} must be between 1 and image {}",
+                s.kernel, s.image
+            ),
+            "a conv2d kernel (stride 1, no padding) fits inside the image, e.g. kernel: 3, image: 8",
+        ));
+    }
+    if !s.alpha.is_finite() {
+        return Err(fail(
+            format!("shape `{name}`: alpha must be finite"),
+            "use a number such as 16",
+        ));
+    }
+    Ok(())
+}
+
+/// A matrix file as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatrix {
+    seed: u64,
+    #[serde(default)]
+    max_cases: Option<usize>,
+    axes: Axes,
+    shapes: BTreeMap<String, Shape>,
+    #[serde(default)]
+    exclude: Vec<Pattern>,
+    #[serde(default)]
+    include: Vec<Pattern>,
+    #[serde(default)]
+    tolerances: Vec<ToleranceRule>,
+    #[serde(default)]
+    expectations: Vec<RawExpectation>,
+}
+
+impl RawMatrix {
+    /// Every section checked on its own (the expectations are checked as they compile, against
+    /// the cases): the named shapes, in name order.
+    fn validate(&self, src: &Source) -> Result<Vec<Shape>, MatrixError> {
+        self.axes.check(src)?;
+        if self.shapes.is_empty() {
+            return Err(src.error_at(
+                "shapes:",
+                "no shapes given",
+                "add at least one named shape under `shapes:`",
+            ));
+        }
+        let mut shapes = Vec::new();
+        for (name, shape) in &self.shapes {
+            let mut s = shape.clone();
+            s.name = name.clone();
+            check_shape(&s, src)?;
+            shapes.push(s);
+        }
+        self.check_shape_names(src)?;
+        expand::check_includes(&self.include, src)?;
+        for t in &self.tolerances {
+            t.check(src)?;
+        }
+        Ok(shapes)
+    }
+
+    /// Every shape a rule names is defined.
+    fn check_shape_names(&self, src: &Source) -> Result<(), MatrixError> {
+        let shape_names: HashSet<&String> = self.shapes.keys().collect();
+        let known = self.shapes.keys().cloned().collect::<Vec<_>>().join(", ");
+        let patterns = self
+            .exclude
+            .iter()
+            .map(|p| ("exclude", p))
+            .chain(self.include.iter().map(|p| ("include", p)))
+            .chain(self.tolerances.iter().map(|t| ("tolerances", &t.pattern)))
+            .chain(
+                self.expectations
+                    .iter()
+                    .map(|e| ("expectations", &e.pattern)),
+            );
+        for (section, p) in patterns {
+            if let Some(s) = values(&p.shape).iter().find(|s| !shape_names.contains(s)) {
+                return Err(src.error_in(
+                    section,
+                    s,
+                    format!("{section}: unknown shape `{s}`"),
+                    format!("shapes defined in this file: {known}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A validated matrix, expanded into cases.
+#[derive(Debug, Clone)]
+pub struct Matrix {
+    pub path: PathBuf,
+    /// FNV-1a of the file's text, as hex: the results stream's header ties a resumed run to
+    /// the very file it started from.
+    pub fingerprint: String,
+    pub seed: u64,
+    pub cases: Vec<Case>,
+    pub tolerances: Vec<ToleranceRule>,
+    /// Expected outcomes with reasons (see [`super::rules`]), in file order; later rules win.
+    pub expectations: Vec<Expectation>,
+}
+
+impl Matrix {
+    /// Read (once), validate and expand a matrix file.
+    pub fn load(path: &Path, max_cases: Option<usize>) -> Result<Matrix, MatrixError> {
+        let src = std::fs::read_to_string(path).map_err(|e| MatrixError {
+            path: path.to_path_buf(),
+            line: None,
+            column: None,
+            message: format!("cannot read the matrix file: {e}"),
+            help: "pass the path of a YAML matrix file, e.g. matrices/default.yaml".into(),
+        })?;
+        Matrix::parse(&src, path, max_cases)
+    }
+
+    /// Validate and expand matrix text; `path` only labels errors. Deserialize, validate each
+    /// section, expand into cases, compile the expectations against them.
+    pub fn parse(src: &str, path: &Path, max_cases: Option<usize>) -> Result<Matrix, MatrixError> {
+        let source = Source::new(src, path);
+        let raw: RawMatrix = source.deserialize()?;
+        let shapes = raw.validate(&source)?;
+        let limit = max_cases.or(raw.max_cases).unwrap_or(DEFAULT_MAX_CASES);
+        let cases = expand::expand(
+            &raw.axes,
+            &shapes,
+            &raw.exclude,
+            &raw.include,
+            limit,
+            &source,
+        )?;
+        let expectations = rules::compile_all(&raw.expectations, &cases, &source)?;
+        Ok(Matrix {
+            path: path.to_path_buf(),
+            fingerprint: format!("{:016x}", fnv1a(src.as_bytes())),
+            seed: raw.seed,
+            cases,
+            tolerances: raw.tolerances,
+            expectations,
+        })
+    }
+
+    /// The tolerance factor and outright relative tolerance for a case (later rules win).
+    pub fn tolerance_for(&self, case: &Case) -> (f64, Option<f64>) {
+        let mut factor = 1.0;
+        let mut rel = None;
+        for rule in self
+            .tolerances
+            .iter()
+            .filter(|r| r.pattern.matches(&case.coords()))
+        {
+            if let Some(f) = rule.factor {
+                factor = f;
+            }
+            if rule.rel.is_some() {
+                rel = rule.rel;
+            }
+        }
+        (factor, rel)
+    }
+}

@@ -1,0 +1,160 @@
+//! Located errors: every problem with a matrix file names the file, the line and column (as
+//! precisely as the YAML allows) and the fix.
+
+use serde::de::DeserializeOwned;
+use std::path::{Path, PathBuf};
+
+/// A problem with a matrix file, located as precisely as the YAML allows.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}{}\n  help: {help}", location(.path, *.line, *.column), .message)]
+pub struct MatrixError {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+    pub help: String,
+}
+
+fn location(path: &Path, line: Option<usize>, column: Option<usize>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!("{}:{l}:{c}: ", path.display()),
+        (Some(l), None) => format!("{}:{l}: ", path.display()),
+        _ => format!("{}: ", path.display()),
+    }
+}
+
+/// What the axes take, for every message about an axis value.
+pub const HELP_AXES: &str =
+    "axes take: backend: tch, tch@2.1.2, candle; device: cpu, cuda, cuda:N; dtype: f32, f16, bf16, f64; \
+adapter: lora, dora, pissa, pissa_dora, olora; op: init, forward, backward, merge, unmerge, init_noop, parity, \
+roundtrip; precision: native, upcast, autocast; layer: linear, embedding, conv2d; profile: normal, llm, zero_rows, \
+large, tiny (see matrices/default.yaml and matrices/failures.yaml for complete files)";
+
+/// The text of a matrix file and its path: finds where a key is written, and makes the
+/// located error for it.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    pub text: &'a str,
+    pub path: &'a Path,
+}
+
+impl<'a> Source<'a> {
+    pub fn new(text: &'a str, path: &'a Path) -> Source<'a> {
+        Source { text, path }
+    }
+
+    /// 1-based line and column of the first occurrence of `needle` at or after line `from`.
+    pub fn locate(&self, needle: &str, from: usize) -> (Option<usize>, Option<usize>) {
+        for (i, line) in self.text.lines().enumerate().skip(from.saturating_sub(1)) {
+            if let Some(c) = line.find(needle) {
+                return (Some(i + 1), Some(c + 1));
+            }
+        }
+        (None, None)
+    }
+
+    /// An error at a position.
+    pub fn error(
+        &self,
+        (line, column): (Option<usize>, Option<usize>),
+        message: impl Into<String>,
+        help: impl Into<String>,
+    ) -> MatrixError {
+        MatrixError {
+            path: self.path.to_path_buf(),
+            line,
+            column,
+            message: message.into(),
+            help: help.into(),
+        }
+    }
+
+    /// An error at the first place `needle` is written (e.g. `"shapes:"`).
+    pub fn error_at(
+        &self,
+        needle: &str,
+        message: impl Into<String>,
+        help: impl Into<String>,
+    ) -> MatrixError {
+        self.error(self.locate(needle, 1), message, help)
+    }
+
+    /// An error at the first `needle` inside the top-level `section`.
+    pub fn error_in(
+        &self,
+        section: &str,
+        needle: &str,
+        message: impl Into<String>,
+        help: impl Into<String>,
+    ) -> MatrixError {
+        let from = self.locate(&format!("{section}:"), 1).0.unwrap_or(1);
+        self.error(self.locate(needle, from), message, help)
+    }
+
+    /// 1-based line of each item of the block sequence under the top-level key `section`, in
+    /// order; empty when the section is written in flow style (`[...]`) or absent.
+    pub fn item_lines(&self, section: &str) -> Vec<usize> {
+        let key = format!("{section}:");
+        let mut lines = self.text.lines().enumerate();
+        if !lines.any(|(_, l)| l.starts_with(&key)) {
+            return vec![];
+        }
+        let mut indent = None;
+        let mut out = Vec::new();
+        for (i, line) in lines {
+            let body = line.trim_start();
+            if body.is_empty() || body.starts_with('#') {
+                continue;
+            }
+            let ind = line.len() - body.len();
+            if ind == 0 && !body.starts_with('-') {
+                break;
+            }
+            if (body.starts_with("- ") || body == "-") && *indent.get_or_insert(ind) == ind {
+                out.push(i + 1);
+            }
+        }
+        out
+    }
+
+    /// The text parsed as `T`, serde's message located and given the help that fits it.
+    pub fn deserialize<T: DeserializeOwned>(&self) -> Result<T, MatrixError> {
+        serde_yaml::from_str(self.text).map_err(|e| {
+            let loc = e.location();
+            let text = e.to_string();
+            // serde_yaml appends " at line L column C"; the location is shown up front instead.
+            let message = text
+                .rsplit_once(" at line ")
+                .map(|(m, _)| m.to_string())
+                .unwrap_or(text);
+            let help = deserialize_help(&message);
+            self.error(
+                (
+                    loc.as_ref().map(|l| l.line()),
+                    loc.as_ref().map(|l| l.column()),
+                ),
+                message,
+                help,
+            )
+        })
+    }
+}
+
+/// The fix to suggest for one of serde's messages.
+fn deserialize_help(message: &str) -> &'static str {
+    let unknown = message.contains("unknown field") || message.contains("missing field");
+    if message.contains("unknown variant") || message.contains("unknown device") {
+        HELP_AXES
+    } else if message.starts_with("expectations") && unknown {
+        "an expectation takes a case pattern (backend, device, dtype, adapter, op, precision, layer, profile, shape), \
+         expect (pass, mismatch, nonfinite, unsupported, crashed, timeout, fail, flaky), reason, and optionally \
+         error (a regular expression) and when (libtorch, tch, candle, cuda, cpu_flag, arch, gpu)"
+    } else if message.starts_with("expectations") && message.contains("unknown variant") {
+        "expect takes: pass, mismatch, nonfinite, unsupported, crashed, timeout, fail (any failure), flaky (pass or fail)"
+    } else if unknown {
+        "top-level keys: seed, max_cases, axes, shapes, exclude, include, tolerances, expectations; \
+         a shape takes batch, in_features, out_features, rank, alpha, bias, rslora, kernel, image"
+    } else {
+        "check the YAML syntax near this position (indentation, a missing ':' or ']')"
+    }
+}

@@ -1,0 +1,309 @@
+//! Case inputs: drawn once per shape from one seeded generator, then rounded once into the case
+//! dtype. Both backends and the f64 reference receive exactly these bits, so any difference between
+//! them is the computation's, not the data's.
+
+use super::reference;
+use crate::case::{Adapter, DType, Layer, Op, Profile, Shape};
+use crate::util::fnv1a_from;
+use crate::worker::io::Inputs;
+use crate::worker::tensor::HostTensor;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+/// The raw f64 draws for one shape, layer and profile, shared by every dtype, adapter and op.
+#[derive(Debug, Clone)]
+pub struct Draws {
+    layer: Layer,
+    x: HostTensor,
+    weight: HostTensor,
+    bias: HostTensor,
+    lora_a: HostTensor,
+    lora_b: HostTensor,
+    magnitude_factor: Vec<f64>,
+    grad_output: HostTensor,
+    scaling: f64,
+    bias_on: bool,
+}
+
+fn uniform(rng: &mut ChaCha8Rng, shape: Vec<usize>, bound: f64) -> HostTensor {
+    let n = shape.iter().product();
+    HostTensor::new(
+        shape,
+        (0..n).map(|_| rng.random_range(-bound..bound)).collect(),
+    )
+}
+
+fn normal(rng: &mut ChaCha8Rng, shape: Vec<usize>) -> HostTensor {
+    let n = shape.iter().product();
+    HostTensor::new(
+        shape,
+        (0..n).map(|_| StandardNormal.sample(&mut *rng)).collect(),
+    )
+}
+
+/// The typical scale of a `profile`'s weight entries, or `None` for the layer's natural init.
+fn profile_scale(profile: Profile) -> Option<f64> {
+    match profile {
+        Profile::Normal | Profile::ZeroRows | Profile::Llm => None,
+        Profile::Large => Some(300.0),
+        Profile::Tiny => Some(1e-4),
+    }
+}
+
+impl Draws {
+    /// Distributions follow PEFT and torch.nn: Linear and Conv2d weights and bias
+    /// U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a = sqrt(5)), an Embedding's
+    /// weight N(0, 1); A like the weight; B as with `init_lora_weights=False`
+    /// (U(-1/sqrt(r), 1/sqrt(r))); x and the upstream gradient N(0, 1), token ids uniform; the
+    /// magnitude is the DoRA norm of the merged weight times U(0.8, 1.2), as after training.
+    ///
+    /// Profiles then reshape the weight (see [`Profile`]): `llm` redraws it N(0, 0.02);
+    /// `large` and `tiny` redraw it U(-S, S) with S = 300 or 1e-4, scale A by the same factor
+    /// (so that dW keeps its share of W) and divide x by it (so that outputs keep their range);
+    /// `zero_rows` zeroes every fourth row in the sense of DoRA's norm (an output row or
+    /// channel, an embedding dimension). The linear, normal draws are the same as ever, so
+    /// older snapshots still hold.
+    pub fn generate(shape: &Shape, layer: Layer, profile: Profile, seed: u64) -> Draws {
+        let name = match (layer, profile) {
+            (Layer::Linear, Profile::Normal) => shape.name.clone(),
+            _ => format!("{}/{layer}/{profile}", shape.name),
+        };
+        // FNV-1a from the seed, so the per-shape stream depends on the shape name, not on hash-map
+        // randomness.
+        let mut rng = ChaCha8Rng::seed_from_u64(fnv1a_from(seed, name.as_bytes()));
+        let (b, i, o, r) = (
+            shape.batch,
+            shape.in_features,
+            shape.out_features,
+            shape.rank,
+        );
+        let (k, img) = (shape.kernel, shape.image);
+        let fan_in = match layer {
+            Layer::Conv2d => i * k * k,
+            _ => i,
+        };
+        let w_bound = 1.0 / (fan_in as f64).sqrt();
+        let (x_shape, w_shape, a_shape, b_shape, g_shape) = match layer {
+            Layer::Linear => (vec![b, i], vec![o, i], vec![r, i], vec![o, r], vec![b, o]),
+            Layer::Embedding => (vec![b], vec![i, o], vec![r, i], vec![o, r], vec![b, o]),
+            Layer::Conv2d => {
+                let out = img - k + 1;
+                (
+                    vec![b, i, img, img],
+                    vec![o, i, k, k],
+                    vec![r, i, k, k],
+                    vec![o, r, 1, 1],
+                    vec![b, o, out, out],
+                )
+            }
+        };
+        let mut x = match layer {
+            Layer::Embedding => HostTensor::new(
+                x_shape,
+                (0..b).map(|_| rng.random_range(0..i) as f64).collect(),
+            ),
+            _ => normal(&mut rng, x_shape),
+        };
+        let mut weight = match layer {
+            Layer::Embedding => normal(&mut rng, w_shape),
+            _ => uniform(&mut rng, w_shape, w_bound),
+        };
+        let bias = uniform(&mut rng, vec![o], w_bound);
+        let mut lora_a = uniform(&mut rng, a_shape, w_bound);
+        let lora_b = uniform(&mut rng, b_shape, 1.0 / (r as f64).sqrt());
+        let magnitude_factor = (0..o).map(|_| rng.random_range(0.8..1.2)).collect();
+        let grad_output = normal(&mut rng, g_shape);
+        let natural = match layer {
+            Layer::Embedding => 1.0,
+            _ => w_bound,
+        };
+        if profile == Profile::Llm {
+            weight = normal(&mut rng, weight.shape.clone());
+            weight.data.iter_mut().for_each(|v| *v *= 0.02);
+        }
+        if let Some(s) = profile_scale(profile) {
+            weight = uniform(&mut rng, weight.shape.clone(), s);
+            let f = s / natural;
+            lora_a.data.iter_mut().for_each(|v| *v *= f);
+            if layer != Layer::Embedding {
+                x.data.iter_mut().for_each(|v| *v /= f);
+            }
+        }
+        if profile == Profile::ZeroRows {
+            let cols = weight.data.len() / weight.rows();
+            match layer {
+                // DoRA's norm of an Embedding runs over each embedding dimension (a column).
+                Layer::Embedding => {
+                    for (idx, v) in weight.data.iter_mut().enumerate() {
+                        if (idx % cols) % 4 == 0 {
+                            *v = 0.0;
+                        }
+                    }
+                }
+                _ => {
+                    for row in weight.data.chunks_mut(cols).step_by(4) {
+                        row.iter_mut().for_each(|v| *v = 0.0);
+                    }
+                }
+            }
+        }
+        Draws {
+            layer,
+            x,
+            weight,
+            bias,
+            lora_a,
+            lora_b,
+            magnitude_factor,
+            grad_output,
+            scaling: shape.scaling(),
+            bias_on: shape.bias && layer != Layer::Embedding,
+        }
+    }
+
+    /// The inputs of one case, every tensor rounded once into `dtype`.
+    pub fn inputs(&self, dtype: DType, adapter: Adapter, op: Op) -> Inputs {
+        let weight = self.weight.rounded(dtype);
+        let at_init = matches!(op, Op::Init | Op::InitNoop);
+        let zeros = |t: &HostTensor| HostTensor::zeros(t.shape.clone());
+        let (lora_a, lora_b) = if adapter.is_data_init() {
+            (zeros(&self.lora_a), zeros(&self.lora_b))
+        } else if at_init && self.layer == Layer::Embedding {
+            // PEFT zeroes an Embedding's A (lora_embedding_A) and draws its B.
+            (zeros(&self.lora_a), self.lora_b.rounded(dtype))
+        } else if at_init {
+            (self.lora_a.rounded(dtype), zeros(&self.lora_b))
+        } else {
+            (self.lora_a.rounded(dtype), self.lora_b.rounded(dtype))
+        };
+        let magnitude = (adapter.is_dora() && !at_init).then(|| {
+            // The DoRA norm of W + s B A from the rounded tensors, perturbed, then rounded.
+            let norm =
+                reference::layer_weight_norm(self.layer, &weight, &lora_a, &lora_b, self.scaling);
+            let data = norm
+                .data
+                .iter()
+                .zip(&self.magnitude_factor)
+                .map(|(n, f)| dtype.round(n * f))
+                .collect();
+            HostTensor::new(norm.shape.clone(), data)
+        });
+        Inputs {
+            layer: self.layer,
+            // Token ids are integers, exact in every dtype's transport (sent as f32).
+            x: if self.layer == Layer::Embedding {
+                self.x.clone()
+            } else {
+                self.x.rounded(dtype)
+            },
+            weight,
+            bias: self.bias_on.then(|| self.bias.rounded(dtype)),
+            lora_a,
+            lora_b,
+            magnitude,
+            grad_output: self.grad_output.rounded(dtype),
+            scaling: self.scaling,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> Shape {
+        Shape {
+            name: "s".into(),
+            batch: 4,
+            in_features: 64,
+            out_features: 32,
+            rank: 8,
+            alpha: 16.0,
+            bias: true,
+            rslora: false,
+            kernel: 3,
+            image: 8,
+        }
+    }
+
+    fn weight(layer: Layer, profile: Profile) -> HostTensor {
+        Draws::generate(&shape(), layer, profile, 1)
+            .inputs(DType::F32, Adapter::Dora, Op::Forward)
+            .weight
+    }
+
+    /// Every fourth row in DoRA's sense is exactly zero: output rows of a Linear layer and
+    /// output channels of a Conv2d, embedding dimensions (columns) of an Embedding.
+    #[test]
+    fn zero_rows_zero_the_rows_dora_normalises() {
+        let w = weight(Layer::Linear, Profile::ZeroRows);
+        for (i, row) in w.data.chunks(64).enumerate() {
+            assert_eq!(row.iter().all(|v| *v == 0.0), i % 4 == 0, "row {i}");
+        }
+        let w = weight(Layer::Conv2d, Profile::ZeroRows);
+        assert_eq!(w.shape, vec![32, 64, 3, 3]);
+        for (i, ch) in w.data.chunks(64 * 9).enumerate() {
+            assert_eq!(ch.iter().all(|v| *v == 0.0), i % 4 == 0, "channel {i}");
+        }
+        let w = weight(Layer::Embedding, Profile::ZeroRows);
+        assert_eq!(w.shape, vec![64, 32]);
+        for j in 0..32 {
+            let col_zero = (0..64).all(|i| w.data[i * 32 + j] == 0.0);
+            assert_eq!(col_zero, j % 4 == 0, "dimension {j}");
+        }
+    }
+
+    /// `large`: entries up to 300, whose 64 squares sum past fp16's 65504 while the row norm
+    /// (~1400) fits; `tiny`: entries up to 1e-4, whose squares (< 1e-8) are below fp16's
+    /// smallest subnormal (6e-8); `llm`: N(0, 0.02). x is scaled inversely, so the outputs keep
+    /// the normal profile's range.
+    #[test]
+    fn profiles_have_the_advertised_scale() {
+        let large = weight(Layer::Linear, Profile::Large);
+        let m = large.max_abs();
+        assert!(m > 250.0 && m <= 300.0, "{m}");
+        let sq: f64 = large.data[..64].iter().map(|v| v * v).sum();
+        assert!(sq > 65504.0 && sq.sqrt() < 65504.0, "{sq}");
+        let tiny = weight(Layer::Linear, Profile::Tiny);
+        let m = tiny.max_abs();
+        assert!(m > 0.5e-4 && m <= 1e-4, "{m}");
+        assert!(tiny.data.iter().all(|v| v * v < 6e-8));
+        let llm = weight(Layer::Linear, Profile::Llm);
+        let var = llm.data.iter().map(|v| v * v).sum::<f64>() / llm.data.len() as f64;
+        assert!((var.sqrt() - 0.02).abs() < 0.002, "{}", var.sqrt());
+        // Outputs keep their range: x W^T is about as large under every profile.
+        let out = |p: Profile| {
+            let i = Draws::generate(&shape(), Layer::Linear, p, 1).inputs(
+                DType::F64,
+                Adapter::Lora,
+                Op::Forward,
+            );
+            crate::truth::reference::compute(Adapter::Lora, Op::Forward, &i)[0]
+                .1
+                .max_abs()
+        };
+        let normal = out(Profile::Normal);
+        for p in [Profile::Large, Profile::Tiny] {
+            let r = out(p) / normal;
+            assert!((0.2..5.0).contains(&r), "{p}: {r}");
+        }
+    }
+
+    /// Each (layer, profile) draws from its own stream (the linear, normal draws are those of
+    /// earlier versions: the default matrix's snapshot gate holds them).
+    #[test]
+    fn profiles_draw_their_own_inputs() {
+        let a = Draws::generate(&shape(), Layer::Linear, Profile::Normal, 1).inputs(
+            DType::F32,
+            Adapter::Lora,
+            Op::Forward,
+        );
+        let b = Draws::generate(&shape(), Layer::Linear, Profile::ZeroRows, 1).inputs(
+            DType::F32,
+            Adapter::Lora,
+            Op::Forward,
+        );
+        assert_ne!(a.x, b.x);
+    }
+}

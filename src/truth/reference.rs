@@ -1,0 +1,889 @@
+//! The f64 reference: PEFT's LoRA/DoRA formulas in plain Rust on the host.
+//!
+//! Written separately from `adapter/` on purpose (no tensor trait, no shared helpers), so that a
+//! mistake in the shared math cannot hide in both the backends and the yardstick. It takes the
+//! already rounded case inputs, so its distance to a backend's output is that backend's error.
+//!
+//! Embedding and Conv2d layers are restated as Linear layers ([`linear_view`]) and their outputs
+//! put back in the layer's own layout, so one set of formulas serves all three:
+//! - an Embedding of ids is a Linear layer on one-hot rows with weight W^T ([dim, num_emb]),
+//!   A = lora_embedding_A, B = lora_embedding_B: DoRA's norm per embedding dimension and PEFT's
+//!   transposes fall out of that;
+//! - a Conv2d (stride 1, no padding) is a Linear layer on the image's patches (im2col) with the
+//!   kernels flattened to rows; DoRA's norm over all but the output channel is then a row norm.
+//!
+//! PiSSA and OLoRA take the SVD and QR of the rounded weight in f64 (nalgebra).
+
+use crate::case::{Adapter, Layer, Op};
+use crate::worker::io::{names, Inputs, Outputs};
+use crate::worker::tensor::HostTensor;
+use std::borrow::Cow;
+
+/// `C = A B` for a row-major A: [n, k] given by its strides, with a real blocked GEMM
+/// (matrixmultiply's dgemm: plain f64 arithmetic, no lower precision anywhere).
+fn gemm(
+    n: usize,
+    k: usize,
+    m: usize,
+    a: (&[f64], isize, isize),
+    b: (&[f64], isize, isize),
+) -> HostTensor {
+    let mut out = vec![0.0; n * m];
+    if n > 0 && m > 0 && k > 0 {
+        // SAFETY: the strides describe `a` as n x k and `b` as k x m inside their slices (the
+        // callers' shape asserts), and `out` is a fresh n x m row-major buffer.
+        unsafe {
+            matrixmultiply::dgemm(
+                n,
+                k,
+                m,
+                1.0,
+                a.0.as_ptr(),
+                a.1,
+                a.2,
+                b.0.as_ptr(),
+                b.1,
+                b.2,
+                0.0,
+                out.as_mut_ptr(),
+                m as isize,
+                1,
+            );
+        }
+    }
+    HostTensor::new(vec![n, m], out)
+}
+
+/// `a @ b^T` for a: [n, k], b: [m, k] -> [n, m].
+fn matmul_nt(a: &HostTensor, b: &HostTensor) -> HostTensor {
+    let (n, k, m) = (a.rows(), a.cols(), b.rows());
+    assert_eq!(k, b.cols());
+    assert_eq!(a.data.len(), n * k);
+    assert_eq!(b.data.len(), m * k);
+    gemm(n, k, m, (&a.data, k as isize, 1), (&b.data, 1, k as isize))
+}
+
+/// `a @ b` for a: [n, k], b: [k, m] -> [n, m].
+fn matmul(a: &HostTensor, b: &HostTensor) -> HostTensor {
+    let (n, k, m) = (a.rows(), a.cols(), b.cols());
+    assert_eq!(k, b.rows());
+    assert_eq!(a.data.len(), n * k);
+    assert_eq!(b.data.len(), k * m);
+    gemm(n, k, m, (&a.data, k as isize, 1), (&b.data, m as isize, 1))
+}
+
+/// `a^T @ b` for a: [k, n], b: [k, m] -> [n, m].
+fn matmul_tn(a: &HostTensor, b: &HostTensor) -> HostTensor {
+    let (k, n, m) = (a.rows(), a.cols(), b.cols());
+    assert_eq!(k, b.rows());
+    assert_eq!(a.data.len(), k * n);
+    assert_eq!(b.data.len(), k * m);
+    gemm(n, k, m, (&a.data, 1, n as isize), (&b.data, m as isize, 1))
+}
+
+/// Elementwise `a + s * b`.
+fn axpy(a: &HostTensor, s: f64, b: &HostTensor) -> HostTensor {
+    assert_eq!(a.shape, b.shape);
+    HostTensor::new(
+        a.shape.clone(),
+        a.data.iter().zip(&b.data).map(|(x, y)| x + s * y).collect(),
+    )
+}
+
+/// Multiply row i of a 2-D tensor (or element i of a vector) by f(i, value).
+fn map_rows(a: &HostTensor, f: impl Fn(usize, f64) -> f64) -> HostTensor {
+    let cols = a.data.len() / a.rows();
+    HostTensor::new(
+        a.shape.clone(),
+        a.data
+            .iter()
+            .enumerate()
+            .map(|(idx, &v)| f(idx / cols, v))
+            .collect(),
+    )
+}
+
+/// Multiply column j of a [n, m] tensor by v[j].
+fn scale_cols(a: &HostTensor, v: &[f64]) -> HostTensor {
+    let m = a.cols();
+    HostTensor::new(
+        a.shape.clone(),
+        a.data
+            .iter()
+            .enumerate()
+            .map(|(idx, &x)| x * v[idx % m])
+            .collect(),
+    )
+}
+
+/// Delta weight s * (B @ A): [out, in].
+pub fn delta_weight(a: &HostTensor, b: &HostTensor, scaling: f64) -> HostTensor {
+    let mut ba = matmul(b, a);
+    ba.data.iter_mut().for_each(|v| *v *= scaling);
+    ba
+}
+
+/// DoRA's weight norm ||W + s B A||_2 per output row: \[out\].
+pub fn weight_norm(w: &HostTensor, a: &HostTensor, b: &HostTensor, scaling: f64) -> HostTensor {
+    let merged = axpy(w, 1.0, &delta_weight(a, b, scaling));
+    row_norms(&merged)
+}
+
+fn row_norms(m: &HostTensor) -> HostTensor {
+    let cols = m.cols();
+    HostTensor::new(
+        vec![m.rows()],
+        m.data
+            .chunks(cols)
+            .map(|r| r.iter().map(|v| v * v).sum::<f64>().sqrt())
+            .collect(),
+    )
+}
+
+fn add_bias(y: HostTensor, bias: Option<&HostTensor>) -> HostTensor {
+    match bias {
+        None => y,
+        Some(b) => {
+            let m = y.cols();
+            HostTensor::new(
+                y.shape.clone(),
+                y.data
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| v + b.data[i % m])
+                    .collect(),
+            )
+        }
+    }
+}
+
+/// DoRA's per-row factor m / ||W + s B A||.
+fn dora_factor(inp: &Inputs, m: &HostTensor) -> Vec<f64> {
+    let n = weight_norm(&inp.weight, &inp.lora_a, &inp.lora_b, inp.scaling);
+    m.data.iter().zip(&n.data).map(|(m, n)| m / n).collect()
+}
+
+/// The base layer alone with weight `w`: x w^T + b.
+fn base_layer(inp: &Inputs, w: &HostTensor) -> HostTensor {
+    add_bias(matmul_nt(&inp.x, w), inp.bias.as_ref())
+}
+
+/// Forward pieces: base = x W^T, h = x A^T, lora = h B^T.
+struct Pieces {
+    base: HostTensor,
+    h: HostTensor,
+    lora: HostTensor,
+}
+
+fn pieces(inp: &Inputs) -> Pieces {
+    let base = matmul_nt(&inp.x, &inp.weight);
+    let h = matmul_nt(&inp.x, &inp.lora_a);
+    let lora = matmul_nt(&h, &inp.lora_b);
+    Pieces { base, h, lora }
+}
+
+/// y = x W^T + b + s (x A^T) B^T (LoRA), or c * (x W^T + s (x A^T) B^T) + b with the row factor c
+/// (DoRA).
+fn forward(inp: &Inputs, p: &Pieces, c: Option<&[f64]>) -> HostTensor {
+    let pre = axpy(&p.base, inp.scaling, &p.lora);
+    let pre = match c {
+        Some(c) => scale_cols(&pre, c),
+        None => pre,
+    };
+    add_bias(pre, inp.bias.as_ref())
+}
+
+/// The reference outputs of one case, under the same names the backends use.
+pub fn compute(adapter: Adapter, op: Op, inp: &Inputs) -> Outputs {
+    compute_with_conditioning(adapter, op, inp).0
+}
+
+fn transpose(a: &HostTensor) -> HostTensor {
+    let (n, m) = (a.rows(), a.cols());
+    let mut out = vec![0.0; n * m];
+    for i in 0..n {
+        for j in 0..m {
+            out[j * n + i] = a.data[i * m + j];
+        }
+    }
+    HostTensor::new(vec![m, n], out)
+}
+
+/// The same values as a 2-D [shape[0], rest] matrix.
+fn flat2(a: &HostTensor) -> HostTensor {
+    let rows = a.shape[0];
+    HostTensor::new(vec![rows, a.data.len() / rows], a.data.clone())
+}
+
+fn reshaped(a: HostTensor, shape: &[usize]) -> HostTensor {
+    HostTensor::new(shape.to_vec(), a.data)
+}
+
+/// Conv2d geometry: (batch, in channels, image side, kernel side, output side).
+fn conv_dims(inp: &Inputs) -> (usize, usize, usize, usize, usize) {
+    let (b, c, h) = (inp.x.shape[0], inp.x.shape[1], inp.x.shape[2]);
+    let k = inp.weight.shape[2];
+    (b, c, h, k, h - k + 1)
+}
+
+/// Every (patch index, image index) pair of a stride-1, unpadded convolution: patch rows
+/// [(n, oy, ox)], columns [(c, ky, kx)], over a [b, c, h, h] image.
+fn for_each_patch_value(inp: &Inputs, mut f: impl FnMut(usize, usize)) {
+    let (b, c, h, k, o) = conv_dims(inp);
+    let cols = c * k * k;
+    for n in 0..b {
+        for oy in 0..o {
+            for ox in 0..o {
+                let row = (n * o + oy) * o + ox;
+                for ch in 0..c {
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            f(
+                                row * cols + (ch * k + ky) * k + kx,
+                                ((n * c + ch) * h + oy + ky) * h + ox + kx,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The patches of a [b, c, h, h] image as rows [(n, oy, ox), (c, ky, kx)].
+fn im2col(inp: &Inputs) -> HostTensor {
+    let (b, c, _, k, o) = conv_dims(inp);
+    let mut out = vec![0.0; b * o * o * c * k * k];
+    for_each_patch_value(inp, |p, i| out[p] = inp.x.data[i]);
+    HostTensor::new(vec![b * o * o, c * k * k], out)
+}
+
+/// The adjoint of [`im2col`]: patch gradients summed back into the image.
+fn col2im(inp: &Inputs, cols: &HostTensor) -> HostTensor {
+    let mut out = vec![0.0; inp.x.data.len()];
+    for_each_patch_value(inp, |p, i| out[i] += cols.data[p]);
+    HostTensor::new(inp.x.shape.clone(), out)
+}
+
+/// [b, o, oy, ox] (channels first) <-> [(n, oy, ox), o] (one row per output position).
+fn channels_last(t: &HostTensor) -> HostTensor {
+    let (b, o, p) = (t.shape[0], t.shape[1], t.shape[2] * t.shape[3]);
+    let mut out = vec![0.0; t.data.len()];
+    for n in 0..b {
+        for ch in 0..o {
+            for q in 0..p {
+                out[(n * p + q) * o + ch] = t.data[(n * o + ch) * p + q];
+            }
+        }
+    }
+    HostTensor::new(vec![b * p, o], out)
+}
+
+fn channels_first(t: &HostTensor, like: &[usize]) -> HostTensor {
+    let (b, o, p) = (like[0], like[1], like[2] * like[3]);
+    let mut out = vec![0.0; t.data.len()];
+    for n in 0..b {
+        for ch in 0..o {
+            for q in 0..p {
+                out[(n * o + ch) * p + q] = t.data[(n * p + q) * o + ch];
+            }
+        }
+    }
+    HostTensor::new(like.to_vec(), out)
+}
+
+/// The layer's inputs restated as a Linear layer's (see the module doc); a Linear layer's as
+/// they are (no copy: on an LLM-sized layer the weight is hundreds of MB).
+pub fn linear_view(inp: &Inputs) -> Cow<'_, Inputs> {
+    Cow::Owned(match inp.layer {
+        Layer::Linear => return Cow::Borrowed(inp),
+        Layer::Embedding => {
+            let num = inp.weight.rows();
+            let mut onehot = vec![0.0; inp.x.data.len() * num];
+            for (row, &id) in inp.x.data.iter().enumerate() {
+                onehot[row * num + id as usize] = 1.0;
+            }
+            Inputs {
+                layer: Layer::Linear,
+                x: HostTensor::new(vec![inp.x.data.len(), num], onehot),
+                weight: transpose(&inp.weight),
+                ..inp.clone()
+            }
+        }
+        Layer::Conv2d => {
+            let g = &inp.grad_output;
+            let out_shape = [g.shape[0], g.shape[1], g.shape[2], g.shape[3]];
+            Inputs {
+                layer: Layer::Linear,
+                x: im2col(inp),
+                weight: flat2(&inp.weight),
+                lora_a: flat2(&inp.lora_a),
+                lora_b: flat2(&inp.lora_b),
+                grad_output: channels_last(&reshaped(g.clone(), &out_shape)),
+                ..inp.clone()
+            }
+        }
+    })
+}
+
+/// Outputs of the linear view put back in the layer's layout.
+fn layer_outputs(inp: &Inputs, outputs: Outputs) -> Outputs {
+    let weight_like = [
+        names::MERGED,
+        names::UNMERGED,
+        names::RESIDUAL,
+        names::DELTA,
+    ];
+    let result_like = [names::RESULT, names::BASE_RESULT, names::MERGED_RESULT];
+    match inp.layer {
+        Layer::Linear => outputs,
+        Layer::Embedding => outputs
+            .into_iter()
+            .filter(|(n, _)| *n != names::GRAD_X)
+            .map(|(n, t)| {
+                if weight_like.contains(&n) {
+                    (n, transpose(&t))
+                } else {
+                    (n, t)
+                }
+            })
+            .collect(),
+        Layer::Conv2d => outputs
+            .into_iter()
+            .map(|(n, t)| {
+                let t = if weight_like.contains(&n) {
+                    reshaped(t, &inp.weight.shape)
+                } else if result_like.contains(&n) {
+                    channels_first(&t, &inp.grad_output.shape)
+                } else if n == names::GRAD_A {
+                    reshaped(t, &inp.lora_a.shape)
+                } else if n == names::GRAD_B {
+                    reshaped(t, &inp.lora_b.shape)
+                } else if n == names::GRAD_X {
+                    col2im(inp, &t)
+                } else {
+                    t
+                };
+                (n, t)
+            })
+            .collect(),
+    }
+}
+
+/// DoRA's norm of W + s B A for any layer: per output row of a Linear layer, per embedding
+/// dimension of an Embedding, per output channel of a Conv2d.
+pub fn layer_weight_norm(
+    layer: Layer,
+    w: &HostTensor,
+    a: &HostTensor,
+    b: &HostTensor,
+    scaling: f64,
+) -> HostTensor {
+    match layer {
+        Layer::Linear => weight_norm(w, a, b, scaling),
+        Layer::Embedding => weight_norm(&transpose(w), a, b, scaling),
+        Layer::Conv2d => weight_norm(&flat2(w), &flat2(a), &flat2(b), scaling),
+    }
+}
+
+/// PiSSA's or OLoRA's init from the (rounded) weight, in f64: (A, B, W_res).
+/// PiSSA: W = U S Vh, A = diag(sqrt(S_r / s)) Vh_r, B = U_r diag(sqrt(S_r / s)).
+/// OLoRA: W = Q R, A = R\[:r\], B = Q\[:, :r\]. Both: W_res = W - s B A.
+///
+/// Also returns the init's conditioning: a rank-r truncated SVD moves by about
+/// u * sigma_1 / (sigma_r - sigma_{r+1}) per unit of rounding in W (Wedin's bound), so an SVD
+/// that is as good as its dtype allows lands that many roundings away from this one; QR's
+/// leading columns are backward stable, 1.
+pub fn data_init(
+    adapter: Adapter,
+    inp: &Inputs,
+    rank: usize,
+) -> (HostTensor, HostTensor, HostTensor, f64) {
+    let (o, i) = (inp.weight.rows(), inp.weight.cols());
+    let w = nalgebra::DMatrix::from_row_slice(o, i, &inp.weight.data);
+    let s = inp.scaling;
+    let mut kappa = 1.0;
+    let (a, b) = if adapter == Adapter::Olora {
+        let qr = w.qr();
+        let (q, r) = (qr.q(), qr.r());
+        (
+            r.rows(0, rank).into_owned(),
+            q.columns(0, rank).into_owned(),
+        )
+    } else {
+        let svd = w.svd(true, true);
+        let (u, vt) = (svd.u.expect("asked for U"), svd.v_t.expect("asked for V^T"));
+        let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
+        order.sort_by(|&x, &y| svd.singular_values[y].total_cmp(&svd.singular_values[x]));
+        let sigma = |k: usize| order.get(k).map_or(0.0, |&j| svd.singular_values[j]);
+        let gap = sigma(rank - 1) - sigma(rank);
+        if gap > 0.0 {
+            kappa = (sigma(0) / gap).max(1.0);
+        }
+        let mut a = nalgebra::DMatrix::zeros(rank, i);
+        let mut b = nalgebra::DMatrix::zeros(o, rank);
+        for (k, &j) in order.iter().take(rank).enumerate() {
+            let root = (svd.singular_values[j] / s).sqrt();
+            a.set_row(k, &(vt.row(j) * root));
+            b.set_column(k, &(u.column(j) * root));
+        }
+        (a, b)
+    };
+    let host = |m: &nalgebra::DMatrix<f64>| {
+        let mut data = Vec::with_capacity(m.len());
+        for row in m.row_iter() {
+            data.extend(row.iter());
+        }
+        HostTensor::new(vec![m.nrows(), m.ncols()], data)
+    };
+    let (a, b) = (host(&a), host(&b));
+    let residual = axpy(&inp.weight, -1.0, &delta_weight(&a, &b, s));
+    (a, b, residual, kappa)
+}
+
+/// The layer as its init leaves it: B = 0 (A = 0 for an Embedding) as given, or PiSSA/OLoRA's
+/// A, B and residual weight; DoRA's magnitude is the norm of what the init leaves.
+/// Also returns the init's conditioning (see [`data_init`]; 1 for LoRA and DoRA).
+fn initialised(adapter: Adapter, inp: &Inputs) -> (Inputs, f64) {
+    let mut out = inp.clone();
+    let mut kappa = 1.0;
+    if adapter.is_data_init() {
+        let (a, b, w, k) = data_init(adapter, inp, inp.lora_a.rows());
+        out.lora_a = a;
+        out.lora_b = b;
+        out.weight = w;
+        kappa = k;
+    }
+    if adapter.is_dora() {
+        out.magnitude = Some(weight_norm(
+            &out.weight,
+            &out.lora_a,
+            &out.lora_b,
+            out.scaling,
+        ));
+    }
+    (out, kappa)
+}
+
+/// How much unmerge's cancellation amplifies rounding: unmerge returns W through W + dW (and,
+/// for DoRA, W' = c (W + dW)), so a rounding of those costs max|W + dW| / max|W| times more,
+/// relative to W, than a rounding of W itself. 1 for every other op.
+pub fn conditioning(op: Op, inp: &Inputs) -> f64 {
+    if !matches!(op, Op::Unmerge | Op::Roundtrip) {
+        return 1.0;
+    }
+    let lin = linear_view(inp);
+    kappa(&lin, &merge(&lin))
+}
+
+fn kappa(inp: &Inputs, m: &Merged) -> f64 {
+    let w = inp.weight.max_abs();
+    if w == 0.0 {
+        return 1.0;
+    }
+    (m.sum.max_abs().max(m.merged.max_abs()) / w).max(1.0)
+}
+
+/// [`compute`] and [`conditioning`] together, sharing the weight-sized intermediates (on an
+/// LLM-sized layer those dominate the reference's time).
+pub fn compute_with_conditioning(adapter: Adapter, op: Op, inp: &Inputs) -> (Outputs, f64) {
+    let (outputs, kappa) = compute_linear(adapter, op, &linear_view(inp));
+    (layer_outputs(inp, outputs), kappa)
+}
+
+/// [`compute_with_conditioning`] on a Linear layer (or a layer's linear view).
+fn compute_linear(adapter: Adapter, op: Op, inp: &Inputs) -> (Outputs, f64) {
+    let dora = adapter.is_dora();
+    let outputs = match op {
+        Op::Init if adapter.is_data_init() => {
+            let (init, k) = initialised(adapter, inp);
+            let mut out = vec![
+                (names::RESIDUAL, init.weight.clone()),
+                (
+                    names::DELTA,
+                    delta_weight(&init.lora_a, &init.lora_b, init.scaling),
+                ),
+            ];
+            if let Some(m) = init.magnitude {
+                out.push((names::MAGNITUDE, m));
+            }
+            return (out, k);
+        }
+        // The layer as its init leaves it, against the base layer alone (no adapter): equal in
+        // exact arithmetic, except where DoRA divides 0 by 0 (a zero row).
+        Op::InitNoop => {
+            let (init, _) = initialised(adapter, inp);
+            let c = init.magnitude.as_ref().map(|m| dora_factor(&init, m));
+            vec![
+                (names::RESULT, forward(&init, &pieces(&init), c.as_deref())),
+                (names::BASE_RESULT, base_layer(inp, &inp.weight)),
+            ]
+        }
+        // The unmerged layer's forward and the merged layer's (W' alone): equal in exact arithmetic.
+        Op::Parity => {
+            let c = inp.magnitude.as_ref().map(|m| dora_factor(inp, m));
+            vec![
+                (names::RESULT, forward(inp, &pieces(inp), c.as_deref())),
+                (names::MERGED_RESULT, base_layer(inp, &merge(inp).merged)),
+            ]
+        }
+        // Merge then unmerge gives back the original weight, exactly, in f64's terms.
+        Op::Roundtrip => {
+            let k = kappa(inp, &merge(inp));
+            return (vec![(names::UNMERGED, inp.weight.clone())], k);
+        }
+        // DoRA init computes the magnitude m = ||W + s B A|| (PEFT's `update_layer`); LoRA
+        // init computes nothing, so its check is that the layer is a no-op at init (B = 0).
+        Op::Init if dora => vec![(
+            names::MAGNITUDE,
+            weight_norm(&inp.weight, &inp.lora_a, &inp.lora_b, inp.scaling),
+        )],
+        Op::Init => vec![(names::RESULT, forward(inp, &pieces(inp), None))],
+        Op::Forward => {
+            let p = pieces(inp);
+            let c = inp.magnitude.as_ref().map(|m| dora_factor(inp, m));
+            vec![(names::RESULT, forward(inp, &p, c.as_deref()))]
+        }
+        Op::Backward => backward(inp),
+        Op::Merge => vec![(names::MERGED, merge(inp).merged)],
+        Op::Unmerge => {
+            let m = merge(inp);
+            let k = kappa(inp, &m);
+            // W = W' / c - dW
+            let restored = match &m.c {
+                Some(c) => map_rows(&m.merged, |i, v| v / c[i]),
+                None => m.merged.clone(),
+            };
+            return (vec![(names::UNMERGED, axpy(&restored, -1.0, &m.dw))], k);
+        }
+    };
+    (outputs, 1.0)
+}
+
+/// A merge's pieces: dW, W + dW, the DoRA row factor c, and W' = c (W + dW) (= W + dW for LoRA).
+struct Merged {
+    dw: HostTensor,
+    sum: HostTensor,
+    c: Option<Vec<f64>>,
+    merged: HostTensor,
+}
+
+/// W' = W + dW (LoRA) or (m / ||W + dW||) * (W + dW) row-wise (DoRA).
+fn merge(inp: &Inputs) -> Merged {
+    let dw = delta_weight(&inp.lora_a, &inp.lora_b, inp.scaling);
+    let sum = axpy(&inp.weight, 1.0, &dw);
+    let c: Option<Vec<f64>> = inp.magnitude.as_ref().map(|m| {
+        let n = row_norms(&sum);
+        m.data.iter().zip(&n.data).map(|(m, n)| m / n).collect()
+    });
+    let merged = match &c {
+        Some(c) => map_rows(&sum, |i, v| c[i] * v),
+        None => sum.clone(),
+    };
+    Merged { dw, sum, c, merged }
+}
+
+/// Gradients of sum(y * g) with the DoRA norm held constant (detached), by hand:
+/// with gc = g * c (c = 1 for LoRA), h = x A^T:
+/// dB = s gc^T h, dh = s gc B, dA = dh^T x, dx = gc W + dh A,
+/// dm_j = sum_i g_ij (x W^T + s h B^T)_ij / n_j.
+fn backward(inp: &Inputs) -> Outputs {
+    let p = pieces(inp);
+    let g = &inp.grad_output;
+    let c = inp.magnitude.as_ref().map(|m| dora_factor(inp, m));
+    let y = forward(inp, &p, c.as_deref());
+    let gc = match &c {
+        Some(c) => scale_cols(g, c),
+        None => g.clone(),
+    };
+    let s = inp.scaling;
+    let grad_b = map_rows(&matmul_tn(&gc, &p.h), |_, v| s * v);
+    let dh = map_rows(&matmul(&gc, &inp.lora_b), |_, v| s * v);
+    let grad_a = matmul_tn(&dh, &inp.x);
+    let grad_x = axpy(&matmul(&gc, &inp.weight), 1.0, &matmul(&dh, &inp.lora_a));
+    let mut out = vec![(names::RESULT, y)];
+    out.push((names::GRAD_A, grad_a));
+    out.push((names::GRAD_B, grad_b));
+    if let Some(m) = &inp.magnitude {
+        let n = weight_norm(&inp.weight, &inp.lora_a, &inp.lora_b, inp.scaling);
+        let pre = axpy(&p.base, s, &p.lora);
+        let (rows, cols) = (pre.rows(), pre.cols());
+        let dm = (0..cols)
+            .map(|j| {
+                (0..rows)
+                    .map(|i| g.data[i * cols + j] * pre.data[i * cols + j])
+                    .sum::<f64>()
+                    / n.data[j]
+            })
+            .collect();
+        out.push((names::GRAD_M, HostTensor::new(m.shape.clone(), dm)));
+    }
+    out.push((names::GRAD_X, grad_x));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(shape: &[usize], d: &[f64]) -> HostTensor {
+        HostTensor::new(shape.to_vec(), d.to_vec())
+    }
+
+    /// A 2x3 DoRA layer checked on paper.
+    /// W = [[1,2,2],[0,3,4]], A = [[1,0,0]] (r=1), B = [[1],[0]], s = 2.
+    /// dW = s B A = [[2,0,0],[0,0,0]]; W + dW = [[3,2,2],[0,3,4]]; norms = [sqrt(17), 5].
+    /// m = [sqrt(17), 10] -> c = [1, 2]. x = [[1,1,1]].
+    /// x (W+dW)^T = [7, 7]; y = c * that + b = [7, 14] + [0.5, -1] = [7.5, 13].
+    fn paper() -> Inputs {
+        Inputs {
+            layer: Layer::Linear,
+            x: t(&[1, 3], &[1.0, 1.0, 1.0]),
+            weight: t(&[2, 3], &[1.0, 2.0, 2.0, 0.0, 3.0, 4.0]),
+            bias: Some(t(&[2], &[0.5, -1.0])),
+            lora_a: t(&[1, 3], &[1.0, 0.0, 0.0]),
+            lora_b: t(&[2, 1], &[1.0, 0.0]),
+            magnitude: Some(t(&[2], &[17f64.sqrt(), 10.0])),
+            grad_output: t(&[1, 2], &[1.0, 1.0]),
+            scaling: 2.0,
+        }
+    }
+
+    fn get<'a>(o: &'a Outputs, name: &str) -> &'a [f64] {
+        &o.iter().find(|(n, _)| *n == name).unwrap().1.data
+    }
+
+    fn close(a: &[f64], b: &[f64]) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-12, "{a:?} vs {b:?}");
+        }
+    }
+
+    #[test]
+    fn dora_by_hand() {
+        let inp = paper();
+        let norm = weight_norm(&inp.weight, &inp.lora_a, &inp.lora_b, 2.0);
+        close(&norm.data, &[17f64.sqrt(), 5.0]);
+        let f = compute(Adapter::Dora, Op::Forward, &inp);
+        close(get(&f, names::RESULT), &[7.5, 13.0]);
+        // merged = c * (W + dW) = [[3,2,2],[0,6,8]]
+        let m = compute(Adapter::Dora, Op::Merge, &inp);
+        close(get(&m, names::MERGED), &[3.0, 2.0, 2.0, 0.0, 6.0, 8.0]);
+        let u = compute(Adapter::Dora, Op::Unmerge, &inp);
+        close(get(&u, names::UNMERGED), &inp.weight.data);
+        // init with B = 0: m = ||W|| = [3, 5]; LoRA at init is the base layer, x W^T + b = [5.5, 6]
+        let mut init = paper();
+        init.lora_b = t(&[2, 1], &[0.0, 0.0]);
+        let i = compute(Adapter::Dora, Op::Init, &init);
+        close(get(&i, names::MAGNITUDE), &[3.0, 5.0]);
+        close(
+            get(&compute(Adapter::Lora, Op::Init, &init), names::RESULT),
+            &[5.5, 6.0],
+        );
+    }
+
+    #[test]
+    fn dora_backward_by_hand() {
+        // g = [1, 1], c = [1, 2], h = x A^T = [1].
+        // dB = s * gc^T h = 2 * [1, 2] = [[2],[4]]; dh = s * gc B = 2 * (1*1 + 2*0) = [2]
+        // dA = dh^T x = [[2,2,2]]; dx = gc W + dh A = [1,2,2] + 2*[0,3,4] + [2,0,0] = [3,8,10]
+        // dm = (x (W+dW)^T) / n = [7/sqrt(17), 7/5]
+        let o = compute(Adapter::Dora, Op::Backward, &paper());
+        close(get(&o, names::GRAD_B), &[2.0, 4.0]);
+        close(get(&o, names::GRAD_A), &[2.0, 2.0, 2.0]);
+        close(get(&o, names::GRAD_X), &[3.0, 8.0, 10.0]);
+        close(get(&o, names::GRAD_M), &[7.0 / 17f64.sqrt(), 1.4]);
+    }
+
+    #[test]
+    fn lora_by_hand() {
+        let mut inp = paper();
+        inp.magnitude = None;
+        // y = x W^T + b + s (x A^T) B^T = [5, 7] + [0.5, -1] + 2 * [1, 0] = [7.5, 6]
+        close(
+            get(&compute(Adapter::Lora, Op::Forward, &inp), names::RESULT),
+            &[7.5, 6.0],
+        );
+        close(
+            get(&compute(Adapter::Lora, Op::Merge, &inp), names::MERGED),
+            &[3.0, 2.0, 2.0, 0.0, 3.0, 4.0],
+        );
+        // dB = s g^T h = [[2],[2]]; dh = s g B = [2]; dA = [[2,2,2]]; dx = g W + dh A = [3,5,6]
+        let o = compute(Adapter::Lora, Op::Backward, &inp);
+        close(get(&o, names::GRAD_B), &[2.0, 2.0]);
+        close(get(&o, names::GRAD_A), &[2.0, 2.0, 2.0]);
+        close(get(&o, names::GRAD_X), &[3.0, 5.0, 6.0]);
+    }
+
+    fn linear(w: &[usize], wd: &[f64], x: &[usize], xd: &[f64], r: usize, s: f64) -> Inputs {
+        Inputs {
+            layer: Layer::Linear,
+            x: t(x, xd),
+            weight: t(w, wd),
+            bias: None,
+            lora_a: HostTensor::zeros(vec![r, w[1]]),
+            lora_b: HostTensor::zeros(vec![w[0], r]),
+            magnitude: None,
+            grad_output: HostTensor::zeros(vec![x[0], w[0]]),
+            scaling: s,
+        }
+    }
+
+    /// W = [[3,0,0],[0,1,0]]: singular values 3 and 1, U = I, Vh = the first two unit rows.
+    /// Rank 1, s = 2: A = sqrt(3/2) e1, B = sqrt(3/2) e1, s B A = [[3,0,0],[0,0,0]], so the
+    /// residual is [[0,0,0],[0,1,0]]; PiSSA+DoRA's magnitude is ||W|| = [3, 1]; the SVD's
+    /// conditioning is 3 / (3 - 1).
+    #[test]
+    fn pissa_by_hand() {
+        let inp = linear(
+            &[2, 3],
+            &[3.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+            &[1, 3],
+            &[1.0, 1.0, 1.0],
+            1,
+            2.0,
+        );
+        let (o, kappa) = compute_with_conditioning(Adapter::Pissa, Op::Init, &inp);
+        close(get(&o, names::RESIDUAL), &[0.0, 0.0, 0.0, 0.0, 1.0, 0.0]);
+        close(get(&o, names::DELTA), &[3.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        assert!((kappa - 1.5).abs() < 1e-12);
+        let o = compute(Adapter::PissaDora, Op::Init, &inp);
+        close(get(&o, names::MAGNITUDE), &[3.0, 1.0]);
+        // At init the layer still computes x W^T = [3, 1].
+        let o = compute(Adapter::Pissa, Op::InitNoop, &inp);
+        close(get(&o, names::RESULT), &[3.0, 1.0]);
+        close(get(&o, names::BASE_RESULT), &[3.0, 1.0]);
+    }
+
+    /// W = [[2,1],[0,3]] is already R (Q = I, up to signs that cancel in B A). Rank 1, s = 2:
+    /// A = [2, 1], B = [1, 0]^T, s B A = [[4,2],[0,0]], residual [[-2,-1],[0,3]].
+    #[test]
+    fn olora_by_hand() {
+        let inp = linear(&[2, 2], &[2.0, 1.0, 0.0, 3.0], &[1, 2], &[1.0, 0.0], 1, 2.0);
+        let (o, kappa) = compute_with_conditioning(Adapter::Olora, Op::Init, &inp);
+        close(get(&o, names::DELTA), &[4.0, 2.0, 0.0, 0.0]);
+        close(get(&o, names::RESIDUAL), &[-2.0, -1.0, 0.0, 3.0]);
+        assert_eq!(kappa, 1.0);
+    }
+
+    /// An Embedding of 3 tokens in 2 dimensions, ids [2, 0], r = 1, s = 1.
+    /// W = [[1,2],[3,4],[5,6]], A (lora_embedding_A) = [[1,0,1]], B = [[1],[0]].
+    /// LoRA: W[ids] = [[5,6],[1,2]], A^T[ids] B^T = [[1,0],[1,0]], y = [[6,6],[2,2]].
+    /// DoRA's norm runs per embedding dimension over W^T + B A = [[2,3,6],[2,4,6]]: [7, sqrt(56)];
+    /// m = [14, sqrt(56)] gives c = [2, 1] and y = c * [[6,6],[2,2]] = [[12,6],[4,2]];
+    /// merged: c (as a row) * (W + (B A)^T) = [[2,2],[3,4],[6,6]] * [2, 1] = [[4,2],[6,4],[12,6]].
+    #[test]
+    fn embedding_by_hand() {
+        let inp = Inputs {
+            layer: Layer::Embedding,
+            x: t(&[2], &[2.0, 0.0]),
+            weight: t(&[3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+            bias: None,
+            lora_a: t(&[1, 3], &[1.0, 0.0, 1.0]),
+            lora_b: t(&[2, 1], &[1.0, 0.0]),
+            magnitude: None,
+            grad_output: t(&[2, 2], &[1.0, 1.0, 1.0, 1.0]),
+            scaling: 1.0,
+        };
+        close(
+            get(&compute(Adapter::Lora, Op::Forward, &inp), names::RESULT),
+            &[6.0, 6.0, 2.0, 2.0],
+        );
+        let norm = layer_weight_norm(Layer::Embedding, &inp.weight, &inp.lora_a, &inp.lora_b, 1.0);
+        close(&norm.data, &[7.0, 56f64.sqrt()]);
+        let dora = Inputs {
+            magnitude: Some(t(&[2], &[14.0, 56f64.sqrt()])),
+            ..inp.clone()
+        };
+        close(
+            get(&compute(Adapter::Dora, Op::Forward, &dora), names::RESULT),
+            &[12.0, 6.0, 4.0, 2.0],
+        );
+        close(
+            get(&compute(Adapter::Dora, Op::Merge, &dora), names::MERGED),
+            &[4.0, 2.0, 6.0, 4.0, 12.0, 6.0],
+        );
+        close(
+            get(
+                &compute(Adapter::Dora, Op::Roundtrip, &dora),
+                names::UNMERGED,
+            ),
+            &inp.weight.data,
+        );
+        // No gradient reaches token ids.
+        let b = compute(Adapter::Lora, Op::Backward, &inp);
+        assert!(b.iter().all(|(n, _)| *n != names::GRAD_X));
+        // A is [1, 3] as given: dA = s * (g B)^T scattered to the ids' columns = [[1, 0, 1]].
+        close(get(&b, names::GRAD_A), &[1.0, 0.0, 1.0]);
+    }
+
+    /// A Conv2d with one 2x2 kernel on one 2x2 image (one output position), r = 1, s = 1.
+    /// x = [[1,2],[3,4]], W = [[1,0],[0,1]], b = 0.5: conv = 1 + 4 = 5, base = 5.5.
+    /// A = [[0,1],[0,0]] -> conv(x, A) = 2; B = 3 -> branch 6; LoRA y = 11.5.
+    /// DoRA's norm over the channel's kernel W + B A = [[1,3],[0,1]]: sqrt(11); m = 2 sqrt(11)
+    /// gives c = 2 and y = 2 * (5 + 6) + 0.5 = 22.5. dy/dx for g = 1 (LoRA) is the merged
+    /// kernel [[1,3],[0,1]].
+    #[test]
+    fn conv2d_by_hand() {
+        let inp = Inputs {
+            layer: Layer::Conv2d,
+            x: t(&[1, 1, 2, 2], &[1.0, 2.0, 3.0, 4.0]),
+            weight: t(&[1, 1, 2, 2], &[1.0, 0.0, 0.0, 1.0]),
+            bias: Some(t(&[1], &[0.5])),
+            lora_a: t(&[1, 1, 2, 2], &[0.0, 1.0, 0.0, 0.0]),
+            lora_b: t(&[1, 1, 1, 1], &[3.0]),
+            magnitude: None,
+            grad_output: t(&[1, 1, 1, 1], &[1.0]),
+            scaling: 1.0,
+        };
+        let f = compute(Adapter::Lora, Op::Forward, &inp);
+        assert_eq!(f[0].1.shape, vec![1, 1, 1, 1]);
+        close(get(&f, names::RESULT), &[11.5]);
+        let b = compute(Adapter::Lora, Op::Backward, &inp);
+        close(get(&b, names::GRAD_X), &[1.0, 3.0, 0.0, 1.0]);
+        assert_eq!(
+            b.iter().find(|(n, _)| *n == names::GRAD_A).unwrap().1.shape,
+            vec![1, 1, 2, 2]
+        );
+        let dora = Inputs {
+            magnitude: Some(t(&[1], &[2.0 * 11f64.sqrt()])),
+            ..inp.clone()
+        };
+        close(
+            get(&compute(Adapter::Dora, Op::Forward, &dora), names::RESULT),
+            &[22.5],
+        );
+        // merged kernel = c * (W + B A) = 2 * [[1,3],[0,1]]
+        let m = compute(Adapter::Dora, Op::Merge, &dora);
+        assert_eq!(m[0].1.shape, vec![1, 1, 2, 2]);
+        close(get(&m, names::MERGED), &[2.0, 6.0, 0.0, 2.0]);
+    }
+
+    /// init_noop: the adapted layer at init equals the base layer (B = 0), except that DoRA
+    /// divides 0 by 0 on an all-zero row (PEFT #2049). parity: merged and unmerged forward
+    /// agree; roundtrip: the original weight.
+    #[test]
+    fn self_checks_by_hand() {
+        let mut inp = paper();
+        inp.lora_b = t(&[2, 1], &[0.0, 0.0]);
+        inp.magnitude = None;
+        for adapter in [Adapter::Lora, Adapter::Dora] {
+            let o = compute(adapter, Op::InitNoop, &inp);
+            close(get(&o, names::RESULT), &[5.5, 6.0]);
+            close(get(&o, names::BASE_RESULT), &[5.5, 6.0]);
+        }
+        let mut zero = inp.clone();
+        zero.weight = t(&[2, 3], &[0.0, 0.0, 0.0, 0.0, 3.0, 4.0]);
+        let o = compute(Adapter::Dora, Op::InitNoop, &zero);
+        let r = get(&o, names::RESULT);
+        assert!(r[0].is_nan() && r[1] == 6.0, "{r:?}");
+        let o = compute(Adapter::Dora, Op::Parity, &paper());
+        close(get(&o, names::RESULT), &[7.5, 13.0]);
+        close(get(&o, names::MERGED_RESULT), &[7.5, 13.0]);
+        let (o, kappa) = compute_with_conditioning(Adapter::Dora, Op::Roundtrip, &paper());
+        close(get(&o, names::UNMERGED), &paper().weight.data);
+        // max(|W + dW|, |W'|) / max|W| = 8 / 4
+        assert_eq!(kappa, 2.0);
+    }
+}

@@ -1,0 +1,118 @@
+//! `peft-compat compare`: reports from different machines or builds side by side, as data:
+//! the environments each letter stands for, every case whose outcome differs between reports
+//! that ran it (with both outcomes and errors), and the cases that ran in only some reports
+//! (counted apart: a skip is never a difference in behaviour). `render::compare` draws it, with
+//! the support table whose cells read `A / B / ...`.
+
+use super::snapshot::error_class;
+use crate::outcome::OutcomeKind;
+use crate::report::{CaseReport, Report};
+use std::collections::BTreeMap;
+
+/// One report, under the name it is shown by.
+pub struct Labeled {
+    pub label: String,
+    pub report: Report,
+}
+
+/// A case that behaves differently between reports: `(label, outcome, detail)` per report
+/// that ran it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Difference {
+    pub id: String,
+    pub observed: Vec<(String, OutcomeKind, String)>,
+}
+
+pub struct Comparison {
+    pub labels: Vec<String>,
+    /// One line per report: its label and environment.
+    pub environments: Vec<String>,
+    pub differences: Vec<Difference>,
+    /// Cases that ran in only some reports: (label set, count, an example id).
+    pub coverage: Vec<(String, usize, String)>,
+}
+
+fn letter(i: usize) -> String {
+    ((b'A' + (i % 26) as u8) as char).to_string()
+}
+
+fn environment_line(l: &Labeled) -> String {
+    let e = &l.report.environment;
+    let gpu = if e.gpus.is_empty() {
+        "no GPU".to_string()
+    } else {
+        e.gpus.join(", ")
+    };
+    format!(
+        "{} ({}, {} cores, {gpu}; {})",
+        l.label,
+        e.cpu_model,
+        e.cpu_count,
+        e.libraries_line()
+    )
+}
+
+/// A failure in one line (the error, or the error figures); empty for a pass.
+fn detail(c: &CaseReport) -> String {
+    match c.outcome {
+        OutcomeKind::Pass => String::new(),
+        _ => c.failure_detail(),
+    }
+}
+
+/// Compare `reports` (at least two).
+pub fn compare(reports: &[Labeled]) -> Comparison {
+    // Case by case: differences between the reports that ran a case, and coverage.
+    let mut by_id: BTreeMap<&str, Vec<Option<&CaseReport>>> = BTreeMap::new();
+    for (i, l) in reports.iter().enumerate() {
+        for c in &l.report.cases {
+            by_id
+                .entry(&c.id)
+                .or_insert_with(|| vec![None; reports.len()])[i] = Some(c);
+        }
+    }
+    let mut differences = Vec::new();
+    let mut coverage: BTreeMap<String, (usize, String)> = BTreeMap::new();
+    for (id, seen) in &by_id {
+        let ran: Vec<(usize, &CaseReport)> = seen
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                c.filter(|c| c.outcome != OutcomeKind::Skipped)
+                    .map(|c| (i, c))
+            })
+            .collect();
+        if ran.len() < reports.len() && !ran.is_empty() {
+            let who: Vec<String> = ran.iter().map(|(i, _)| letter(*i)).collect();
+            let e = coverage.entry(who.join("+")).or_insert((0, id.to_string()));
+            e.0 += 1;
+        }
+        // Behaviour: the outcome, and for failures with a text, the text with numbers masked
+        // (error figures of a mismatch differ between machines without a change in behaviour).
+        let key = |c: &CaseReport| (c.outcome, c.error.as_deref().map(error_class));
+        let first = ran.first().map(|(_, c)| key(c));
+        let differs = ran.iter().any(|(_, c)| Some(key(c)) != first);
+        if differs {
+            differences.push(Difference {
+                id: id.to_string(),
+                observed: ran
+                    .iter()
+                    .map(|(i, c)| (letter(*i), c.outcome, detail(c)))
+                    .collect(),
+            });
+        }
+    }
+    Comparison {
+        labels: (0..reports.len()).map(letter).collect(),
+        environments: reports
+            .iter()
+            .enumerate()
+            .map(|(i, l)| format!("{} = {}", letter(i), environment_line(l)))
+            .collect(),
+        differences,
+        coverage: coverage
+            .into_iter()
+            .map(|(who, (n, id))| (who, n, id))
+            .collect(),
+    }
+}

@@ -1,0 +1,222 @@
+//! Snapshots: what was accepted for a matrix, as text that insta manages (`snapshots/NAME.snap`,
+//! reviewed with `cargo insta review`, accepted with `cargo insta accept`).
+//!
+//! # Rounding rule
+//! A snapshot must not churn on harmless last-bit differences, yet must move on real drift:
+//! - errors are stored in units of the dtype's roundoff (`err_units`) with 2 significant digits;
+//! - each output's L2 norm (`norm`) and L1 checksum (`l1`) with 4 significant digits (a relative
+//!   resolution of 1e-3, coarser than f32 noise and finer than any real change in a result);
+//! - failure texts as a class: the first line, with digits replaced by `#`.
+//!
+//! The gate does not compare this text for equality: it applies the drift rules in `gate` to the
+//! parsed numbers, so a rounding boundary crossed by noise does not fail CI.
+
+use crate::outcome::OutcomeKind;
+use crate::report::{CaseReport, Report};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// One output's accepted figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputEntry {
+    pub err_units: f64,
+    pub norm: f64,
+    pub l1: f64,
+}
+
+/// One case's accepted state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub outcome: OutcomeKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_class: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub outputs: BTreeMap<String, OutputEntry>,
+}
+
+/// A whole snapshot: case id -> entry.
+pub type Snapshot = BTreeMap<String, Entry>;
+
+/// `x` rounded to `digits` significant digits.
+pub fn sig(x: f64, digits: usize) -> f64 {
+    if !x.is_finite() || x == 0.0 {
+        return x;
+    }
+    format!("{:.*e}", digits - 1, x).parse().unwrap_or(x)
+}
+
+/// The first line of a failure text, with digits replaced, so that addresses and counts inside
+/// messages do not churn the snapshot.
+pub fn error_class(text: &str) -> String {
+    text.lines()
+        .next()
+        .unwrap_or("")
+        .chars()
+        .map(|c| if c.is_ascii_digit() { '#' } else { c })
+        .take(200)
+        .collect()
+}
+
+pub fn entry(c: &CaseReport) -> Entry {
+    let outputs = c
+        .metrics
+        .iter()
+        .flat_map(|m| &m.outputs)
+        .map(|o| {
+            (
+                o.name.clone(),
+                OutputEntry {
+                    err_units: sig(o.err_units, 2),
+                    norm: sig(o.norm, 4),
+                    l1: sig(o.l1, 4),
+                },
+            )
+        })
+        .collect();
+    Entry {
+        outcome: c.outcome,
+        error_class: match c.outcome {
+            OutcomeKind::Unsupported
+            | OutcomeKind::Crashed
+            | OutcomeKind::Timeout
+            | OutcomeKind::Skipped => c.error.as_deref().map(error_class),
+            _ => None,
+        },
+        outputs,
+    }
+}
+
+pub fn from_report(report: &Report) -> Snapshot {
+    report
+        .cases
+        .iter()
+        .map(|c| (c.id.clone(), entry(c)))
+        .collect()
+}
+
+/// The snapshot to propose after a failed gate: the observed entries, except for cases skipped
+/// here (e.g. GPU cases on a CPU machine), which keep their accepted entry.
+pub fn observed(report: &Report, accepted: &Snapshot) -> Snapshot {
+    let mut s = from_report(report);
+    for c in report
+        .cases
+        .iter()
+        .filter(|c| c.outcome == OutcomeKind::Skipped)
+    {
+        if let Some(e) = accepted.get(&c.id) {
+            s.insert(c.id.clone(), e.clone());
+        }
+    }
+    s
+}
+
+/// The snapshot body (what insta stores under its header).
+pub fn to_text(s: &Snapshot) -> String {
+    serde_yaml::to_string(s).expect("snapshots are plain data")
+}
+
+/// Where a matrix's snapshot lives: `snapshots/<matrix file stem>.snap`.
+pub fn default_path(matrix: &Path) -> PathBuf {
+    let stem = matrix
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("matrix");
+    PathBuf::from("snapshots").join(format!("{stem}.snap"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("no snapshot at {0}: record one with `peft-compat run MATRIX --check` outside CI and accept it with `cargo insta accept`")]
+    Missing(PathBuf),
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Read an insta `.snap` file (a `---` header, then the body).
+pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|_| SnapshotError::Missing(path.to_path_buf()))?;
+    let body = strip_header(&text);
+    serde_yaml::from_str(body).map_err(|e| SnapshotError::Invalid {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+fn strip_header(text: &str) -> &str {
+    if let Some(rest) = text.strip_prefix("---\n") {
+        if let Some(i) = rest.find("\n---\n") {
+            return &rest[i + 5..];
+        }
+    }
+    text
+}
+
+/// Write a pending snapshot beside the accepted one (`NAME.snap.new`, insta's format), for
+/// `cargo insta review` / `cargo insta accept`. Never called when `CI` is set.
+pub fn write_pending(path: &Path, matrix: &str, s: &Snapshot) -> Result<PathBuf, SnapshotError> {
+    let pending = PathBuf::from(format!("{}.new", path.display()));
+    if let Some(dir) = pending.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Write {
+            path: pending.clone(),
+            source,
+        })?;
+    }
+    let text = format!(
+        "---\nsource: peft-compat\nexpression: {matrix}\n---\n{}",
+        to_text(s)
+    );
+    std::fs::write(&pending, text).map_err(|source| SnapshotError::Write {
+        path: pending.clone(),
+        source,
+    })?;
+    Ok(pending)
+}
+
+/// What to do about the observed snapshot after a gate ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pending {
+    /// Nothing changed that the snapshot would record.
+    Nothing,
+    /// Something changed, but CI is set: say so, write nothing.
+    NotUnderCi,
+    /// Write the observed snapshot as a `.snap.new` beside the accepted one.
+    Write,
+}
+
+/// The pending-snapshot policy, as insta's: when the accepted snapshot is `missing` or the
+/// observed one `changed`, write a `.snap.new` for review, except under CI.
+pub fn pending_action(missing: bool, changed: bool, ci: bool) -> Pending {
+    match (missing || changed, ci) {
+        (false, _) => Pending::Nothing,
+        (true, true) => Pending::NotUnderCi,
+        (true, false) => Pending::Write,
+    }
+}
+
+/// True when the `CI` environment variable is set (to anything but empty or `false`).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// As insta: a missing or changed snapshot is written for review, never under CI.
+    #[test]
+    fn pending_snapshots_follow_insta() {
+        assert_eq!(pending_action(false, false, false), Pending::Nothing);
+        assert_eq!(pending_action(false, false, true), Pending::Nothing);
+        assert_eq!(pending_action(true, false, false), Pending::Write);
+        assert_eq!(pending_action(false, true, false), Pending::Write);
+        assert_eq!(pending_action(true, true, true), Pending::NotUnderCi);
+        assert_eq!(pending_action(false, true, true), Pending::NotUnderCi);
+    }
+}

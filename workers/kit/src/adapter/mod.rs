@@ -1,0 +1,255 @@
+//! LoRA and DoRA math, written once against `TensorOps` so that every backend runs the same
+//! formulas (`lora.rs`, `dora.rs`, and `init.rs` for PiSSA/OLoRA), and the per-op drivers
+//! that produce a case's outputs.
+
+pub mod dora;
+pub mod init;
+pub mod lora;
+
+use crate::case::{Case, DType, Layer as Kind, Op};
+use crate::io::{names, Inputs, Outputs};
+use crate::ops::{OpResult, TensorOps};
+
+/// A layer with its adapter, on one backend: the base layer in the case dtype, the adapter in
+/// [`Case::adapter_dtype`] (fp32 under autocast with a 16-bit base).
+pub struct Layer<T> {
+    pub kind: Kind,
+    pub weight: T,
+    pub bias: Option<T>,
+    pub lora_a: T,
+    pub lora_b: T,
+    pub scaling: f64,
+    pub dtype: DType,
+    pub adapter_dtype: DType,
+    /// The weight's shape ([out, in], [num_embeddings, dim] or [out, in, k, k]).
+    pub weight_shape: Vec<usize>,
+    /// How many rows DoRA normalises: out_features, or embedding_dim for an Embedding.
+    pub norm_len: usize,
+    pub rank: usize,
+}
+
+/// A case's tensors on the backend: the layer with its adapter, the input, and the magnitude
+/// the case gives (DoRA after init).
+pub struct Uploaded<T> {
+    pub layer: Layer<T>,
+    pub x: T,
+    pub magnitude: Option<T>,
+}
+
+/// Upload a case's inputs: the base layer in the case dtype, the adapter in
+/// [`Case::adapter_dtype`], token ids as f32 (exact; the backend's `embedding` reads them as
+/// integers).
+pub fn upload<O: TensorOps>(ops: &O, case: &Case, inp: &Inputs) -> OpResult<Uploaded<O::Tensor>> {
+    let dt = case.point.dtype;
+    let adt = case.adapter_dtype();
+    let kind = case.point.layer;
+    let norm_len = match kind {
+        Kind::Embedding => inp.weight.shape[1],
+        _ => inp.weight.shape[0],
+    };
+    let layer = Layer {
+        kind,
+        weight: ops.upload(&inp.weight, dt)?,
+        bias: inp.bias.as_ref().map(|b| ops.upload(b, dt)).transpose()?,
+        lora_a: ops.upload(&inp.lora_a, adt)?,
+        lora_b: ops.upload(&inp.lora_b, adt)?,
+        scaling: inp.scaling,
+        dtype: dt,
+        adapter_dtype: adt,
+        weight_shape: inp.weight.shape.clone(),
+        norm_len,
+        rank: case.shape.rank,
+    };
+    let x_dtype = if kind == Kind::Embedding {
+        DType::F32
+    } else {
+        dt
+    };
+    Ok(Uploaded {
+        layer,
+        x: ops.upload(&inp.x, x_dtype)?,
+        magnitude: inp
+            .magnitude
+            .as_ref()
+            .map(|m| ops.upload(m, adt))
+            .transpose()?,
+    })
+}
+
+/// Run one case's operation on `ops` and read its outputs back, named as in `io::names`: the
+/// case's inputs uploaded, then one function per op family, each shaped like its f64
+/// counterpart in the runner's reference.
+pub fn run<O: TensorOps>(ops: &O, case: &Case, inp: &Inputs) -> OpResult<Outputs> {
+    let u = upload(ops, case, inp)?;
+    match case.point.op {
+        Op::Init => init(ops, case, u),
+        Op::InitNoop => init_noop(ops, case, inp, u),
+        Op::Forward => forward(ops, u),
+        Op::Backward => backward(ops, case, inp, u),
+        Op::Merge | Op::Unmerge | Op::Parity | Op::Roundtrip => merges(ops, case, u),
+    }
+}
+
+/// The adapted layer's forward: DoRA's with a magnitude, LoRA's without.
+fn adapted<O: TensorOps>(
+    ops: &O,
+    layer: &Layer<O::Tensor>,
+    m: Option<&O::Tensor>,
+    x: &O::Tensor,
+) -> OpResult<O::Tensor> {
+    match m {
+        Some(m) => dora::forward(ops, layer, m, x),
+        None => lora::forward(ops, layer, x),
+    }
+}
+
+/// PEFT's `update_layer`: PiSSA/OLoRA cut A, B and the residual out of W; DoRA's magnitude is
+/// the norm of what the init leaves, stored in the adapter dtype.
+fn initialise<O: TensorOps>(
+    ops: &O,
+    case: &Case,
+    layer: &mut Layer<O::Tensor>,
+) -> OpResult<Option<O::Tensor>> {
+    let upcast = case.upcasts();
+    if case.point.adapter.is_data_init() {
+        init::data_init(ops, case.point.adapter, layer, upcast)?;
+    }
+    if case.point.adapter.is_dora() {
+        let m = dora::init_magnitude(ops, layer, upcast)?;
+        return Ok(Some(ops.cast(&m, case.adapter_dtype())?));
+    }
+    Ok(None)
+}
+
+/// `init`. PiSSA/OLoRA: the residual weight and the part of W the adapter now holds. DoRA: the
+/// magnitude. LoRA computes nothing at init, so its check is the forward at init, which must
+/// equal the base layer (B = 0).
+fn init<O: TensorOps>(ops: &O, case: &Case, u: Uploaded<O::Tensor>) -> OpResult<Outputs> {
+    let Uploaded { mut layer, x, .. } = u;
+    let m = initialise(ops, case, &mut layer)?;
+    if case.point.adapter.is_data_init() {
+        let delta = lora::delta_weight(ops, &layer, case.upcasts())?;
+        let mut out = vec![
+            (names::RESIDUAL, ops.download(&layer.weight)?),
+            (names::DELTA, ops.download(&delta)?),
+        ];
+        if let Some(m) = m {
+            out.push((names::MAGNITUDE, ops.download(&m)?));
+        }
+        return Ok(out);
+    }
+    Ok(match m {
+        Some(m) => vec![(names::MAGNITUDE, ops.download(&m)?)],
+        None => vec![(
+            names::RESULT,
+            ops.download(&adapted(ops, &layer, None, &x)?)?,
+        )],
+    })
+}
+
+/// `init_noop`: the layer as its init leaves it, beside the base layer alone (on a copy of W
+/// taken before the init rewrites it).
+fn init_noop<O: TensorOps>(
+    ops: &O,
+    case: &Case,
+    inp: &Inputs,
+    u: Uploaded<O::Tensor>,
+) -> OpResult<Outputs> {
+    let Uploaded { mut layer, x, .. } = u;
+    let w = ops.upload(&inp.weight, case.point.dtype)?;
+    let base = lora::base_with(ops, &layer, &w, &x)?;
+    let m = initialise(ops, case, &mut layer)?;
+    Ok(vec![
+        (
+            names::RESULT,
+            ops.download(&adapted(ops, &layer, m.as_ref(), &x)?)?,
+        ),
+        (names::BASE_RESULT, ops.download(&base)?),
+    ])
+}
+
+/// `forward`: the adapted layer on x.
+fn forward<O: TensorOps>(ops: &O, u: Uploaded<O::Tensor>) -> OpResult<Outputs> {
+    let y = adapted(ops, &u.layer, u.magnitude.as_ref(), &u.x)?;
+    Ok(vec![(names::RESULT, ops.download(&y)?)])
+}
+
+/// `backward`: the forward, and the gradients of `sum(y * grad_output)` with respect to A, B,
+/// the magnitude (DoRA) and x (not for token ids).
+fn backward<O: TensorOps>(
+    ops: &O,
+    case: &Case,
+    inp: &Inputs,
+    u: Uploaded<O::Tensor>,
+) -> OpResult<Outputs> {
+    let Uploaded {
+        mut layer,
+        x,
+        magnitude,
+    } = u;
+    layer.lora_a = ops.param(&layer.lora_a)?;
+    layer.lora_b = ops.param(&layer.lora_b)?;
+    let ids = layer.kind == Kind::Embedding;
+    let x = if ids { x } else { ops.param(&x)? };
+    let m = magnitude.as_ref().map(|m| ops.param(m)).transpose()?;
+    let y = adapted(ops, &layer, m.as_ref(), &x)?;
+    let g = ops.upload(&inp.grad_output, case.point.dtype)?;
+    let mut wrt = vec![&layer.lora_a, &layer.lora_b];
+    wrt.extend(m.as_ref());
+    if !ids {
+        wrt.push(&x);
+    }
+    let grads = ops.grads(&y, &g, &wrt)?;
+    let mut out = vec![
+        (names::RESULT, ops.download(&y)?),
+        (names::GRAD_A, ops.download(&grads[0])?),
+        (names::GRAD_B, ops.download(&grads[1])?),
+    ];
+    if m.is_some() {
+        out.push((names::GRAD_M, ops.download(&grads[2])?));
+    }
+    if !ids {
+        let gx = grads.last().expect("x is always last");
+        out.push((names::GRAD_X, ops.download(gx)?));
+    }
+    Ok(out)
+}
+
+/// `merge`, `unmerge`, `parity` and `roundtrip`: the merged weight, then what each op reads
+/// off it.
+fn merges<O: TensorOps>(ops: &O, case: &Case, u: Uploaded<O::Tensor>) -> OpResult<Outputs> {
+    let Uploaded {
+        layer,
+        x,
+        magnitude,
+    } = u;
+    let upcast = case.upcasts();
+    let dw = lora::delta_weight(ops, &layer, upcast)?;
+    let (merged, factor) = match &magnitude {
+        Some(m) => {
+            let (f, sum) = dora::merge_factor(ops, &layer, m, &dw)?;
+            (dora::merge(ops, &layer, &f, &sum)?, Some(f))
+        }
+        None => (lora::merge(ops, &layer, &dw)?, None),
+    };
+    Ok(match case.point.op {
+        Op::Merge => vec![(names::MERGED, ops.download(&merged)?)],
+        Op::Parity => {
+            let unmerged = adapted(ops, &layer, magnitude.as_ref(), &x)?;
+            let merged_y = lora::base_with(ops, &layer, &merged, &x)?;
+            vec![
+                (names::RESULT, ops.download(&unmerged)?),
+                (names::MERGED_RESULT, ops.download(&merged_y)?),
+            ]
+        }
+        _ => {
+            // Unmerge recomputes dW exactly as PEFT does (same path, same rounding).
+            let dw = lora::delta_weight(ops, &layer, upcast)?;
+            let restored = match &factor {
+                Some(f) => dora::unmerge(ops, &layer, &merged, f, &dw)?,
+                None => lora::unmerge(ops, &layer, &merged, &dw)?,
+            };
+            vec![(names::UNMERGED, ops.download(&restored)?)]
+        }
+    })
+}

@@ -1,0 +1,433 @@
+//! The vocabulary: the eight axes of a case, the case itself and its id.
+//!
+//! Every axis value has one spelling (`as_str`) used in matrix files, case ids, JSON reports, dump
+//! metadata and tables, so a string seen anywhere can be pasted back into a matrix file.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+macro_rules! axis_enum {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident => $s:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        pub enum $name {
+            $(#[serde(rename = $s)] $variant),+
+        }
+
+        impl $name {
+            /// Every value, in the order tables and expansions use.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $s),+ }
+            }
+
+            /// Valid spellings, for error messages.
+            pub fn valid() -> String {
+                [$($s),+].join(", ")
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($s => Ok($name::$variant),)+
+                    _ => Err(format!("unknown {} `{}`; valid values: {}", stringify!($name).to_lowercase(), s, Self::valid())),
+                }
+            }
+        }
+    };
+}
+
+axis_enum!(
+    /// Which tensor library build runs the case: `tch` is libtorch 2.11 through tch 0.24;
+    /// `tch@2.1.2` is libtorch 2.1.2 through tch 0.14 (the last libtorch without a CPU fp16
+    /// matmul); each build is a worker binary of its own.
+    Backend { Tch => "tch", Tch212 => "tch@2.1.2", Candle => "candle" }
+);
+axis_enum!(
+    /// Element type every tensor of the case is stored in.
+    DType { F32 => "f32", F16 => "f16", Bf16 => "bf16", F64 => "f64" }
+);
+axis_enum!(
+    /// Which PEFT adapter (and init) is applied to the layer: `lora` and `dora` start from
+    /// random A (and B = 0 at init); `pissa` (SVD of W), `pissa_dora` (PiSSA with DoRA's
+    /// magnitude on top) and `olora` (QR of W) compute A, B and the residual weight from W.
+    Adapter { Lora => "lora", Dora => "dora", Pissa => "pissa", PissaDora => "pissa_dora", Olora => "olora" }
+);
+axis_enum!(
+    /// The operation under test; each has its own outputs (see `adapter::run`).
+    /// `init_noop`: the adapted layer at init against the base layer alone; `parity`: the
+    /// merged layer's forward against the unmerged one; `roundtrip`: merge then unmerge,
+    /// judged against the original weight.
+    Op {
+        Init => "init", Forward => "forward", Backward => "backward", Merge => "merge", Unmerge => "unmerge",
+        InitNoop => "init_noop", Parity => "parity", Roundtrip => "roundtrip"
+    }
+);
+axis_enum!(
+    /// `native`: all in the case dtype (pre-#1653 PEFT). `upcast`: PEFT's fixed fp32 products.
+    /// `autocast`: PEFT's default since 0.12 (`autocast_adapter_dtype=True`): the adapter is
+    /// initialised in the base dtype (through the fixed path), then stored in fp32, and its
+    /// branch runs in fp32 on an fp32 copy of the input; the result is cast back.
+    Precision { Native => "native", Upcast => "upcast", Autocast => "autocast" }
+);
+axis_enum!(
+    /// The layer the adapter wraps. `embedding`: in_features = num_embeddings, out_features =
+    /// embedding_dim, batch = number of token ids. `conv2d`: in/out_features = channels, a
+    /// `kernel` x `kernel` kernel (stride 1, no padding) over `image` x `image` inputs.
+    Layer { Linear => "linear", Embedding => "embedding", Conv2d => "conv2d" }
+);
+axis_enum!(
+    /// How the base weight is drawn. `normal`: nn.Linear's init; `llm`: N(0, 0.02), the scale
+    /// of trained LLM projections; `zero_rows`: every fourth output row of W exactly zero
+    /// (PEFT #2049); `large`: entries ~300, whose fp16 sum of squares overflows while the norm
+    /// fits; `tiny`: entries ~1e-4, whose fp16 squares underflow. Inputs are scaled so that
+    /// outputs stay in range: what overflows is the computation, not the data.
+    Profile { Normal => "normal", Llm => "llm", ZeroRows => "zero_rows", Large => "large", Tiny => "tiny" }
+);
+
+impl Backend {
+    /// The library, whatever its build: `tch` for every libtorch build.
+    pub fn family(self) -> Backend {
+        match self {
+            Backend::Tch | Backend::Tch212 => Backend::Tch,
+            Backend::Candle => Backend::Candle,
+        }
+    }
+
+    /// Whether a matrix pattern's `backend` value covers this build: `tch` covers every
+    /// libtorch build, `tch@2.1.2` only that one.
+    pub fn matches(self, pattern: Backend) -> bool {
+        self == pattern || (pattern == Backend::Tch && self.family() == Backend::Tch)
+    }
+}
+
+impl Adapter {
+    /// DoRA's magnitude is part of the adapter.
+    pub fn is_dora(self) -> bool {
+        matches!(self, Adapter::Dora | Adapter::PissaDora)
+    }
+
+    /// The init computes A and B from the base weight (SVD or QR) and rewrites the weight.
+    pub fn is_data_init(self) -> bool {
+        matches!(self, Adapter::Pissa | Adapter::PissaDora | Adapter::Olora)
+    }
+}
+
+impl DType {
+    /// Unit roundoff: half the distance from 1 to the next representable number.
+    pub fn unit_roundoff(self) -> f64 {
+        match self {
+            DType::F16 => 2f64.powi(-11),
+            DType::Bf16 => 2f64.powi(-8),
+            DType::F32 => 2f64.powi(-24),
+            DType::F64 => 2f64.powi(-53),
+        }
+    }
+
+    pub fn is_16bit(self) -> bool {
+        matches!(self, DType::F16 | DType::Bf16)
+    }
+
+    /// Round an f64 to the nearest value of this dtype (ties to even), returned as f64 (exact).
+    pub fn round(self, v: f64) -> f64 {
+        match self {
+            DType::F64 => v,
+            DType::F32 => v as f32 as f64,
+            DType::F16 => half::f16::from_f64(v).to_f64(),
+            DType::Bf16 => half::bf16::from_f64(v).to_f64(),
+        }
+    }
+
+    /// Size of one element in bytes.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F16 | DType::Bf16 => 2,
+            DType::F32 => 4,
+            DType::F64 => 8,
+        }
+    }
+}
+
+/// `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl Device {
+    pub fn valid() -> &'static str {
+        "cpu, cuda, cuda:N"
+    }
+    pub fn is_cpu(self) -> bool {
+        self == Device::Cpu
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(0) => f.write_str("cuda"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("unknown device `{s}`; valid values: {}", Device::valid())),
+        }
+    }
+}
+
+impl Serialize for Device {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Device {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// One named layer geometry from the matrix file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shape {
+    #[serde(skip_deserializing, default)]
+    pub name: String,
+    pub batch: usize,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub rank: usize,
+    pub alpha: f64,
+    #[serde(default = "yes")]
+    pub bias: bool,
+    #[serde(default)]
+    pub rslora: bool,
+    /// Conv2d only: the kernel's side (stride 1, no padding).
+    #[serde(default = "three")]
+    pub kernel: usize,
+    /// Conv2d only: the input image's side.
+    #[serde(default = "eight")]
+    pub image: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn three() -> usize {
+    3
+}
+
+fn eight() -> usize {
+    8
+}
+
+impl Shape {
+    /// PEFT's `scaling`: alpha / r, or alpha / sqrt(r) with rsLoRA.
+    pub fn scaling(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+}
+
+/// Where a case sits on the eight axes: the one place the axis values are spelled out. Case,
+/// the worker protocol's case, the report's case and the dump metadata all carry a `Point`
+/// (flattened, so their JSON keeps one key per axis).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Point {
+    pub backend: Backend,
+    pub device: Device,
+    pub dtype: DType,
+    pub adapter: Adapter,
+    pub op: Op,
+    pub precision: Precision,
+    /// Absent in reports written before the layer axis: `linear`.
+    #[serde(default = "linear")]
+    pub layer: Layer,
+    /// Absent in reports written before the profile axis: `normal`.
+    #[serde(default = "normal")]
+    pub profile: Profile,
+}
+
+fn linear() -> Layer {
+    Layer::Linear
+}
+
+fn normal() -> Profile {
+    Profile::Normal
+}
+
+impl Point {
+    /// The axis names, in the order rules, ids and metadata write them.
+    pub const AXES: [&'static str; 8] = [
+        "backend",
+        "device",
+        "dtype",
+        "adapter",
+        "op",
+        "precision",
+        "layer",
+        "profile",
+    ];
+
+    /// Each axis's value as matrix files spell it, in [`Point::AXES`] order.
+    pub fn values(&self) -> [String; 8] {
+        [
+            self.backend.to_string(),
+            self.device.to_string(),
+            self.dtype.to_string(),
+            self.adapter.to_string(),
+            self.op.to_string(),
+            self.precision.to_string(),
+            self.layer.to_string(),
+            self.profile.to_string(),
+        ]
+    }
+}
+
+/// One fully specified combination, ready to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Case {
+    pub point: Point,
+    pub shape: Shape,
+}
+
+/// Where a case sits on the nine axes (the shape by name): what matrix patterns match against,
+/// whether they hold a [`Case`] about to run or a case already reported.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Coords<'a> {
+    pub point: Point,
+    pub shape: &'a str,
+}
+
+/// The stable id of a case from its coordinates:
+/// `backend/device/dtype/adapter/op/precision/shape`, then `/layer` unless it is `linear` and
+/// `/profile` unless it is `normal` (so the ids of linear, normal cases read as they always did;
+/// layer and profile names never coincide, so the suffixes cannot be confused).
+pub fn case_id(c: &Coords) -> String {
+    let p = &c.point;
+    let mut id = format!(
+        "{}/{}/{}/{}/{}/{}/{}",
+        p.backend, p.device, p.dtype, p.adapter, p.op, p.precision, c.shape
+    );
+    if p.layer != Layer::Linear {
+        id.push('/');
+        id.push_str(p.layer.as_str());
+    }
+    if p.profile != Profile::Normal {
+        id.push('/');
+        id.push_str(p.profile.as_str());
+    }
+    id
+}
+
+impl Case {
+    pub fn coords(&self) -> Coords<'_> {
+        Coords {
+            point: self.point,
+            shape: &self.shape.name,
+        }
+    }
+
+    /// Stable identifier (see [`case_id`]); snapshots key on it.
+    pub fn id(&self) -> String {
+        case_id(&self.coords())
+    }
+
+    /// Why this combination is not a case at all (the matrix expansion drops it), or `None`.
+    /// PiSSA and OLoRA are Linear-only in PEFT, and once initialised they are LoRA (or DoRA)
+    /// adapters: their own question is the init, and whether the layer still computes W.
+    pub fn not_a_case(&self) -> Option<&'static str> {
+        if self.point.adapter.is_data_init() {
+            if self.point.layer != Layer::Linear {
+                return Some("PEFT initialises PiSSA and OLoRA on Linear layers only");
+            }
+            if !matches!(self.point.op, Op::Init | Op::InitNoop) {
+                return Some("after init a PiSSA/OLoRA adapter is a LoRA/DoRA adapter: its other ops are the lora/dora rows");
+            }
+        }
+        None
+    }
+
+    /// Why PEFT itself refuses this case by design (reported as a skip that says so, never as a
+    /// backend failure), or `None`.
+    pub fn refused_by_peft(&self) -> Option<&'static str> {
+        if self.point.adapter.is_data_init() && self.point.dtype == DType::F64 {
+            return Some(match self.point.adapter {
+                Adapter::Olora => "not applicable: PEFT refuses float64 for OLoRA init by design (olora_init: `TypeError: Unsupported data type for the base layer`)",
+                _ => "not applicable: PEFT refuses float64 for PiSSA init by design (pissa_init: `TypeError: Please initialize PiSSA under float32, float16, or bfloat16`)",
+            });
+        }
+        None
+    }
+
+    /// The dtype the adapter's tensors (A, B, magnitude) are kept in: fp32 under `autocast`
+    /// with a 16-bit base (PEFT's `_cast_adapter_dtype`), else the case dtype.
+    pub fn adapter_dtype(&self) -> DType {
+        if self.point.precision == Precision::Autocast && self.point.dtype.is_16bit() {
+            DType::F32
+        } else {
+            self.point.dtype
+        }
+    }
+
+    /// Where PEFT's fixed path casts to fp32, for this case; `None` when the upcast path is
+    /// identical to the native one (PEFT casts nothing here).
+    ///
+    /// DoRA init: `lora_B @ lora_A` in fp32 when the adapter is fp16 (PEFT #1653; bf16 and the
+    /// device are not looked at). Merge/unmerge: the delta weight in fp32 when the adapter is on
+    /// CPU in fp16 or bf16 (`get_delta_weight`, #1017 and #1978).
+    pub fn upcast_site(&self) -> Option<&'static str> {
+        let init = matches!(self.point.op, Op::Init | Op::InitNoop);
+        let merges = matches!(
+            self.point.op,
+            Op::Merge | Op::Unmerge | Op::Parity | Op::Roundtrip
+        );
+        match (self.point.adapter, self.point.dtype) {
+            (a, DType::F16 | DType::Bf16) if a.is_data_init() && init => Some(
+                "PiSSA/OLoRA init casts the weight to fp32 for the SVD/QR and the residual, then casts back (PEFT always does)",
+            ),
+            (Adapter::Dora, DType::F16) if init => {
+                Some("DoRA init computes lora_B @ lora_A in fp32 and casts it back (PEFT #1653)")
+            }
+            (_, DType::F16 | DType::Bf16) if merges && self.point.device.is_cpu() => Some(
+                "get_delta_weight computes scaling * (lora_B @ lora_A) in fp32 on CPU and casts it back (PEFT #1017, #1978)",
+            ),
+            _ => None,
+        }
+    }
+
+    /// Whether the fp32 products are actually taken in this case. PEFT's autocast default
+    /// initialises through the fixed path too (the fix is in the code it runs), and keeps the
+    /// delta weight's fp32 product on CPU.
+    pub fn upcasts(&self) -> bool {
+        self.point.precision != Precision::Native && self.upcast_site().is_some()
+    }
+}

@@ -1,0 +1,123 @@
+//! The worker's side of the protocol: read requests from stdin, run them on one backend, answer
+//! on stdout. A backend crate's `main` is `std::process::exit(serve(&MyBackend))`.
+
+use super::protocol::{self, Reply, Request, VERSION};
+use crate::case::{Case, Device};
+use crate::io::{Inputs, Outputs};
+use crate::ops::OpResult;
+use std::collections::BTreeMap;
+use std::io::{self, BufReader, BufWriter};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Instant;
+
+/// What a worker binary provides: its library, the devices it can use, and the case runner
+/// (the shared adapter math over its `TensorOps`).
+pub trait WorkerBackend {
+    /// The backend axis value it runs (`tch`, `candle`).
+    fn name(&self) -> String;
+    /// Library name -> version, for the report's environment block.
+    fn libraries(&self) -> BTreeMap<String, String>;
+    /// The CUDA version the library was built for, if any.
+    fn cuda(&self) -> Option<String> {
+        None
+    }
+    /// Size the library's intra-op thread pool; called once, before any op.
+    fn set_threads(&self, threads: usize);
+    /// Why `device` cannot be used here, or `None`.
+    fn unavailable(&self, device: Device) -> Option<String>;
+    /// Run one case on its inputs.
+    fn run(&self, case: &Case, inputs: &Inputs) -> OpResult<Outputs>;
+}
+
+/// The text of a caught panic.
+pub fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic with a non-string payload".into())
+}
+
+/// Answer requests until stdin ends; returns the process exit code (0 at end of input, 2 when
+/// the stream could not be read or written).
+pub fn serve(backend: &dyn WorkerBackend) -> i32 {
+    // Panics are answered as `panicked`; keep the default hook's text off stderr.
+    std::panic::set_hook(Box::new(|_| {}));
+    let mut input = BufReader::new(io::stdin().lock());
+    let mut output = BufWriter::new(io::stdout().lock());
+    loop {
+        let frame = match protocol::read_frame::<Request>(&mut input, protocol::request_bytes) {
+            Ok(Some(f)) => f,
+            Ok(None) => return 0,
+            Err(e) => {
+                let _ = protocol::write_frame(
+                    &mut output,
+                    &Reply::Error {
+                        message: format!("unreadable request: {e}"),
+                    },
+                    &[],
+                );
+                return 2;
+            }
+        };
+        let (reply, payload) = answer(backend, frame.message, &frame.payload);
+        if protocol::write_frame(&mut output, &reply, &payload).is_err() {
+            return 2;
+        }
+    }
+}
+
+fn answer(
+    backend: &dyn WorkerBackend,
+    req: Request,
+    payload: &[u8],
+) -> (Reply, Vec<protocol::Encoded>) {
+    match req {
+        Request::Hello { protocol, threads } => {
+            if protocol == VERSION {
+                backend.set_threads(threads.max(1));
+            }
+            (
+                Reply::Hello {
+                    protocol: VERSION,
+                    backend: backend.name(),
+                    libraries: backend.libraries(),
+                    cuda: backend.cuda(),
+                },
+                vec![],
+            )
+        }
+        Request::Probe { device } => (
+            Reply::Probe {
+                unavailable: backend.unavailable(device),
+            },
+            vec![],
+        ),
+        Request::Run { case, tensors, .. } => {
+            let case = case.case();
+            let inputs = match protocol::inputs_from(&case, &tensors, payload) {
+                Ok(i) => i,
+                Err(e) => {
+                    return (
+                        Reply::Error {
+                            message: e.to_string(),
+                        },
+                        vec![],
+                    )
+                }
+            };
+            let t0 = Instant::now();
+            match catch_unwind(AssertUnwindSafe(|| backend.run(&case, &inputs))) {
+                Ok(Ok(outputs)) => {
+                    protocol::outputs_reply(&case, &outputs, t0.elapsed().as_secs_f64() * 1e3)
+                }
+                Ok(Err(e)) => (Reply::Refused { message: e.message }, vec![]),
+                Err(p) => (
+                    Reply::Panicked {
+                        message: panic_message(p),
+                    },
+                    vec![],
+                ),
+            }
+        }
+    }
+}
