@@ -93,7 +93,7 @@ fn execute(
         } else {
             plan.finished.clone()
         };
-        let done = exec::run(
+        let (elapsed, stopped) = exec::run_streaming(
             &plan.matrix,
             Some(&plan.to_run),
             &workers,
@@ -112,7 +112,7 @@ fn execute(
                 }
             },
         );
-        let elapsed = done.elapsed.as_secs_f64();
+        let elapsed = elapsed.as_secs_f64();
         let report = verdict::assemble(
             &plan.name,
             &plan.matrix,
@@ -121,7 +121,7 @@ fn execute(
             elapsed,
         );
         reports.push(report);
-        if done.interrupted {
+        if stopped {
             interrupted = true;
             break;
         }

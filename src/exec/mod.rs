@@ -13,4 +13,6 @@ pub mod guard;
 pub mod runner;
 
 pub use executor::{Backends, Execution, Executor, InProcess, WorkerPaths, Workers};
-pub use runner::{run, run_in_process, CaseResult, Event, Run, RunOptions, DEFAULT_TIMEOUT};
+pub use runner::{
+    run, run_in_process, run_streaming, CaseResult, Event, Run, RunOptions, DEFAULT_TIMEOUT,
+};

@@ -103,8 +103,9 @@ enum Msg {
     Finished(Box<CaseResult>),
 }
 
-/// Run the cases of `matrix` at `indices` (every case when `None`) on `backends`: plan, then
-/// dispatch what can run, reporting each case as it finishes.
+/// Run the cases of `matrix` at `indices` (every case when `None`) on `backends`, keeping
+/// every result (in matrix order): [`run_streaming`] for callers that take each case as it
+/// finishes.
 pub fn run(
     matrix: &Matrix,
     indices: Option<&[usize]>,
@@ -112,6 +113,31 @@ pub fn run(
     opts: &RunOptions,
     on_event: &mut dyn FnMut(Event),
 ) -> Run {
+    let mut results: Vec<CaseResult> = Vec::new();
+    let (elapsed, interrupted) = run_streaming(matrix, indices, backends, opts, &mut |e| {
+        if let Event::CaseFinished { result } = &e {
+            results.push((*result).clone());
+        }
+        on_event(e);
+    });
+    results.sort_by_key(|r| r.index);
+    Run {
+        results,
+        elapsed,
+        interrupted,
+    }
+}
+
+/// Plan, then dispatch what can run, handing each case to `on_event` as it finishes and
+/// keeping nothing (a long run's memory stays flat); returns the elapsed time and whether the
+/// run was stopped before every case finished.
+pub fn run_streaming(
+    matrix: &Matrix,
+    indices: Option<&[usize]>,
+    backends: &dyn Backends,
+    opts: &RunOptions,
+    on_event: &mut dyn FnMut(Event),
+) -> (Duration, bool) {
     let started = Instant::now();
     let all: Vec<usize>;
     let indices = match indices {
@@ -125,24 +151,18 @@ pub fn run(
         total: indices.len(),
     });
     let Plan { skipped, to_run } = plan(matrix, indices, backends, opts);
-    let mut results: Vec<CaseResult> = Vec::with_capacity(indices.len());
+    let mut finished = skipped.len();
     for r in skipped {
         on_event(Event::CaseFinished { result: &r });
-        results.push(r);
     }
-    results.extend(dispatch(matrix, to_run, backends, opts, on_event));
-    results.sort_by_key(|r| r.index);
-    let interrupted = results.len() < indices.len();
+    finished += dispatch(matrix, to_run, backends, opts, on_event);
+    let interrupted = finished < indices.len();
     let elapsed = started.elapsed();
     on_event(Event::RunFinished {
         elapsed,
         interrupted,
     });
-    Run {
-        results,
-        elapsed,
-        interrupted,
-    }
+    (elapsed, interrupted)
 }
 
 /// What a run does with each selected case before any worker sees it.
@@ -200,17 +220,17 @@ fn plan(matrix: &Matrix, indices: &[usize], backends: &dyn Backends, opts: &RunO
     Plan { skipped, to_run }
 }
 
-/// Run `to_run` on `backends.jobs()` slots, each with its own executor, and return the
-/// finished cases in completion order (each after its `CaseFinished` event). Stops taking
-/// cases when `opts.stop` is set.
+/// Run `to_run` on `backends.jobs()` slots, each with its own executor, reporting each
+/// finished case in a `CaseFinished` event; returns how many finished. Stops taking cases when
+/// `opts.stop` is set.
 fn dispatch(
     matrix: &Matrix,
     to_run: Vec<usize>,
     backends: &dyn Backends,
     opts: &RunOptions,
     on_event: &mut dyn FnMut(Event),
-) -> Vec<CaseResult> {
-    let mut done = Vec::with_capacity(to_run.len());
+) -> usize {
+    let mut done = 0;
     let cache = Cache::new(matrix.seed, to_run.iter().map(|&i| &matrix.cases[i]));
     let queue = Mutex::new(to_run.into_iter().collect::<VecDeque<usize>>());
     let jobs = backends.jobs().max(1);
@@ -248,7 +268,7 @@ fn dispatch(
                 }),
                 Msg::Finished(r) => {
                     on_event(Event::CaseFinished { result: &r });
-                    done.push(*r);
+                    done += 1;
                 }
             }
         }
