@@ -3,7 +3,8 @@
 # no driver needed to build. Used by scripts/peft-compat and scripts/test when
 # PEFT_COMPAT_CANDLE_CUDA=1; CI runs it to check that the build compiles and links.
 #
-# - The toolkit: the PyPI packages torch 2.11.0's `cuda-toolkit==13.0.2` pins, installed once into
+# - The toolkit: the PyPI packages torch 2.11.0's `cuda-toolkit==13.0.2` pins (by version and
+#   sha256 in scripts/locks/cuda-toolkit.txt), installed once into
 #   .cuda-toolkit/ (they land in nvidia/cu13/{bin,include,lib,nvvm}); a newer nvcc emits PTX a
 #   CUDA 13.0 driver may refuse, hence the pins.
 # - The linker wants unversioned names (libcublas.so, ...): symlinks beside the versioned ones.
@@ -21,18 +22,18 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 tk="$root/.cuda-toolkit"
 cu="$tk/nvidia/cu13"
-if [ ! -f "$tk/complete" ]; then
+lock="$root/scripts/locks/cuda-toolkit.txt"
+if ! cmp -s "$lock" "$tk/complete"; then
+  source "$root/scripts/lock-check.sh"
+  check_lock "$lock"
   echo "peft-compat: installing the CUDA 13.0 toolkit from PyPI into $tk (once; ~700 MB)" >&2
   rm -rf "$tk"
-  python3 -m pip install --quiet --no-deps --target "$tk" \
-    nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 \
-    nvidia-cuda-cccl==13.0.85 nvidia-cuda-runtime==13.0.96 nvidia-cublas==13.1.0.3 \
-    nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88
+  python3 -m pip install --quiet --no-deps --require-hashes --target "$tk" -r "$lock"
   for f in "$cu"/lib/lib*.so.*; do
     base="${f%%.so.*}.so"
     [ -e "$base" ] || ln -s "$(basename "$f")" "$base"
   done
-  touch "$tk/complete"
+  cp "$lock" "$tk/complete"
 fi
 export CUDA_HOME="$cu" CUDA_PATH="$cu" CUDA_ROOT="$cu" PATH="$cu/bin:$PATH"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" CUDARC_CUDA_VERSION=13000

@@ -7,7 +7,8 @@
 # torch 2.1.2 wheel on PyPI, of which only what libtorch needs to load is kept in
 # .libtorch/2.1.2/torch (about 500 MB): libtorch_cpu, libc10, libtorch, its libgomp, the
 # headers, and the two CUDA runtime libraries libtorch_cpu links against (libcudart and
-# libcupti, from their pinned PyPI wheels; no GPU is needed). The wheels use the pre-C++11 ABI:
+# libcupti, from their PyPI wheels; no GPU is needed). The three wheels are pinned by version
+# and sha256 in scripts/locks/libtorch-2.1.txt (pip --require-hashes). The wheels use the pre-C++11 ABI:
 # tch 0.14 builds against them with LIBTORCH_CXX11_ABI=0 and LIBTORCH_BYPASS_VERSION_CHECK=1.
 #
 # PEFT_COMPAT_SKIP_LIBTORCH_2_1=1 skips all of it (tch@2.1.2 cases are then skipped, saying so).
@@ -17,12 +18,15 @@ if [ -n "${PEFT_COMPAT_SKIP_LIBTORCH_2_1:-}" ]; then
   exit 0
 fi
 dest="$root/.libtorch/2.1.2"
-if [ ! -f "$dest/complete" ]; then
+lock="$root/scripts/locks/libtorch-2.1.txt"
+if ! cmp -s "$lock" "$dest/complete"; then
+  source "$root/scripts/lock-check.sh"
+  check_lock "$lock"
   echo "peft-compat: provisioning libtorch 2.1.2 into $dest (once; ~700 MB download, ~500 MB kept)" >&2
   tmp="$(mktemp -d)"
   trap 'rm -rf "$tmp"' EXIT
-  python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$tmp" \
-    torch==2.1.2 nvidia-cuda-runtime-cu12==12.1.105 nvidia-cuda-cupti-cu12==12.1.105
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --require-hashes -d "$tmp" \
+    -r "$lock"
   rm -rf "$dest" && mkdir -p "$dest"
   python3 - "$tmp" "$dest" <<'PY'
 import fnmatch, glob, os, shutil, sys, zipfile
@@ -41,7 +45,7 @@ for whl in glob.glob(os.path.join(tmp, "*.whl")):
                 with z.open(name) as src, open(os.path.join(dest, "torch/lib", base), "wb") as out:
                     shutil.copyfileobj(src, out)
 PY
-  touch "$dest/complete"
+  cp "$lock" "$dest/complete"
 fi
 # Build with the old libtorch only: not the Python torch that env.sh points the 2.11 build at.
 (cd "$root/workers/tch-2.1" &&
