@@ -83,8 +83,55 @@ pub enum Outcome {
     Crashed(String),
     /// The case did not finish within `--timeout`; its worker was killed and replaced.
     Timeout(String),
-    /// Not run here; why.
-    Skipped(String),
+    /// Not run here; why, and by whose doing.
+    Skipped(Skip),
+}
+
+/// Why a case did not run. What the gate makes of a skip depends on its kind: an absent GPU is
+/// "not checked here", a worker that should have run and could not is a failure of the run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Skip {
+    pub kind: SkipKind,
+    pub reason: String,
+}
+
+/// Whose doing a skip is; written as `skip` in reports (`absent` where a report predates it).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipKind {
+    /// The hardware is absent here: no such device, or not enough memory for the case (the
+    /// resource guard). Not checked here; never a pass, never a failure.
+    #[default]
+    Absent,
+    /// PEFT itself refuses the combination (PiSSA/OLoRA in float64): nothing to check anywhere.
+    NotApplicable,
+    /// The user declared the backend not expected on this runner (`--skip-backend`).
+    Declared,
+    /// The backend should have run and could not: its worker is missing, not executable,
+    /// speaks another protocol, or died or hung at start. A failure of the run.
+    BackendLost,
+}
+
+impl SkipKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipKind::Absent => "absent",
+            SkipKind::NotApplicable => "not_applicable",
+            SkipKind::Declared => "declared",
+            SkipKind::BackendLost => "backend_lost",
+        }
+    }
+}
+
+impl Skip {
+    pub fn new(kind: SkipKind, reason: impl Into<String>) -> Skip {
+        Skip {
+            kind,
+            reason: reason.into(),
+        }
+    }
 }
 
 /// The outcome's name, as written in reports, tables and snapshots.
@@ -174,6 +221,14 @@ impl Outcome {
         }
     }
 
+    /// Whose doing the skip is, for a skipped case.
+    pub fn skip_kind(&self) -> Option<SkipKind> {
+        match self {
+            Outcome::Skipped(s) => Some(s.kind),
+            _ => None,
+        }
+    }
+
     pub fn metrics(&self) -> Option<&Metrics> {
         match self {
             Outcome::Pass(m) | Outcome::Mismatch(m) | Outcome::Nonfinite(m) => Some(m),
@@ -191,7 +246,7 @@ impl Outcome {
             Outcome::Unsupported(s)
             | Outcome::Crashed(s)
             | Outcome::Timeout(s)
-            | Outcome::Skipped(s) => Some(s),
+            | Outcome::Skipped(Skip { reason: s, .. }) => Some(s),
             Outcome::Pass(_) | Outcome::Mismatch(_) | Outcome::Nonfinite(_) => None,
         }
     }

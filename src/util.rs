@@ -40,3 +40,28 @@ pub fn human_bytes(bytes: f64) -> String {
         format!("{v:.1} {}", UNITS[u])
     }
 }
+
+/// Write `bytes` to `path` so that a reader never sees a half-written file: into a temporary
+/// file beside it, then renamed over it (a kill leaves the old file or the new one). A path
+/// that exists and is not a regular file (`/dev/stdout`, a pipe) is written in place.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    if path.exists() && !path.is_file() {
+        return std::fs::write(path, bytes);
+    }
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(name);
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    match written.and_then(|_| std::fs::rename(&tmp, path)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}

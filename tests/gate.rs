@@ -347,7 +347,7 @@ fn cli_exit_code_and_message_for_each_planted_change() {
             Box::new(|_| {}),
             &[],
             0,
-            "not checked here: 1 case (device or backend absent)".into(),
+            "not checked here: 1 case (device absent, or backend not expected here)".into(),
         ),
         (
             "the error grew 1.5x: within the drift rule",
@@ -413,4 +413,27 @@ fn cli_exit_code_and_message_for_each_planted_change() {
             "{what}: `{message}` not in {stdout}"
         );
     }
+}
+
+/// A failure that only the snapshot accepts (no expectation says why) is never a green JUnit
+/// testcase: it is skipped with type `accepted` and the reason; and the gate's text lists it in
+/// a note. (Planted: an f16 case recorded as a mismatch with its own numbers.)
+#[test]
+fn an_accepted_but_unexplained_failure_is_not_green_in_junit() {
+    let mut r = small_report();
+    let c = r.cases.iter_mut().find(|c| c.id == ID).unwrap();
+    c.outcome = OutcomeKind::Mismatch;
+    let v = gate::check(&r, &accepted(&r), false);
+    assert!(v.passed(), "{}", gate_text(&v, "m.yaml"));
+    assert_eq!(v.unexplained, vec![ID.to_string()]);
+    assert!(gate_text(&v, "m.yaml").contains(&format!(
+        "note: 1 failing case accepted by the snapshot with no expectation saying why, e.g. {ID}"
+    )));
+    let xml = peft_compat::render::junit::render(&r, Some(&v));
+    let at = xml.find(&format!("name=\"{ID}\"")).unwrap();
+    let case = &xml[at..at + xml[at..].find("</testcase>").unwrap()];
+    assert!(
+        case.contains("<skipped type=\"accepted\" message=\"mismatch accepted by the snapshot, with no expectation saying why"),
+        "{case}"
+    );
 }

@@ -4,27 +4,13 @@
 
 mod support;
 
+use support::{bin, json, masked, write};
+
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_peft-compat"));
-    c.env("NO_COLOR", "1").env_remove("CI");
-    c
-}
-
-fn write(dir: &Path, name: &str, body: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, body).unwrap();
-    p
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
 
 fn case<'a>(report: &'a Value, id: &str) -> &'a Value {
     report["cases"]
@@ -33,17 +19,6 @@ fn case<'a>(report: &'a Value, id: &str) -> &'a Value {
         .iter()
         .find(|c| c["id"] == id)
         .unwrap_or_else(|| panic!("no case {id}"))
-}
-
-/// The report with what legitimately differs between two runs (timings, paths) taken out.
-fn masked(mut r: Value) -> Value {
-    r["summary"]["elapsed_s"] = Value::Null;
-    r["matrix"] = Value::Null;
-    for c in r["cases"].as_array_mut().unwrap() {
-        c["duration_ms"] = Value::Null;
-        c["compute_ms"] = Value::Null;
-    }
-    r
 }
 
 const FAULTS: &str = "\
@@ -318,7 +293,11 @@ fn partitions_merge_into_the_single_run_report_whatever_the_jobs() {
         stdout.contains("adapter / op"),
         "the merged table is printed"
     );
-    assert_eq!(masked(json(&merged)), masked(json(&single)));
+    // The merged report is the single run's, plus the verdict of the gate it was checked by.
+    let mut merged = json(&merged);
+    assert_eq!(merged["gate"]["passed"], true);
+    merged.as_object_mut().unwrap().remove("gate");
+    assert_eq!(masked(merged), masked(json(&single)));
 
     // Parts that do not add up are refused, naming what is missing.
     let out = bin().arg("merge").args(&parts[..2]).output().unwrap();
@@ -397,7 +376,7 @@ fn list_into_a_closed_pipe_exits_quietly() {
 
 /// A worker that is missing is a skip with the way to build it, not a crash of the run.
 #[test]
-fn a_missing_worker_skips_its_cases_with_the_fix() {
+fn a_missing_worker_loses_its_cases_with_the_fix() {
     let dir = tempfile::tempdir().unwrap();
     let m = write(
         dir.path(),
@@ -412,10 +391,14 @@ fn a_missing_worker_skips_its_cases_with_the_fix() {
         .arg(&r)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0));
+    // A backend that should run and cannot is a failure of the run (exit 4), not hardware
+    // that is absent here.
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("backend lost: candle"));
     let r = json(&r);
     for c in r["cases"].as_array().unwrap() {
         assert_eq!(c["outcome"], "skipped");
+        assert_eq!(c["skip"], "backend_lost");
         assert!(c["error"]
             .as_str()
             .unwrap()

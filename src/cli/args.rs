@@ -16,11 +16,16 @@ Exit codes:
   2    bad input: the matrix file (the message names file:line:column and the fix) or the flags
   3    an output could not be written (the JSON, Markdown or JUnit file, the results stream,
        a dump): every other output is still written; the gate's 1 takes precedence
-  130  interrupted (Ctrl-C): every finished case is in the results stream; --resume continues
+  4    a backend that should run could not (its worker is missing, broken, or hung at start):
+       its cases are listed as lost; --skip-backend BACKEND declares one not expected here
+       (with --check this fails the gate: 1)
+  130  interrupted (Ctrl-C, or SIGTERM as CI cancellation and `timeout` send): every finished
+       case is in the results stream; --resume continues
 
 Environment:
   NO_COLOR   set to disable colours (as does --color never)
   CI         set: never write snapshots (not even .snap.new)
+  PEFT_COMPAT_SKIP_LIBTORCH_2_1=1   same as --skip-backend tch@2.1.2
 
 Examples:
   peft-compat run matrices/default.yaml
@@ -159,15 +164,24 @@ pub struct RunArgs {
     /// Ceiling on the number of cases [default: the file's max_cases, else 100000].
     #[arg(long)]
     pub max_cases: Option<usize>,
-    /// Cases run at once, each in its own worker process [default: the number of cores].
-    #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    /// Cases run at once, each in its own worker process, 1 to 256; never more than the cases
+    /// to run [default: the number of cores].
+    #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u32).range(1..=MAX_JOBS as i64))]
     pub jobs: Option<u32>,
-    /// Intra-op threads per worker (libtorch, rayon) [default: cores / jobs, at least 1].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    pub threads: Option<u32>,
-    /// A case still running after SECS is `timeout`; its worker is killed and replaced.
-    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_TIMEOUT.as_secs_f64())]
+    /// Intra-op threads per worker (libtorch, rayon), 1 to 256. The default does not follow -j:
+    /// a multi-threaded GEMM sums in another order, so numbers (and snapshots) would depend on
+    /// the flag and the machine; the report records the value used.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub threads: u32,
+    /// A case still running after SECS is `timeout`: its worker is killed and replaced. Also
+    /// the wait for a worker to start. From 0.01 to 86400 (a day).
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_TIMEOUT.as_secs_f64(), value_parser = parse_timeout)]
     pub timeout: f64,
+    /// A backend not expected on this runner (repeatable), e.g. --skip-backend tch@2.1.2: its
+    /// cases skip as `declared` instead of failing the run when its worker is missing or
+    /// broken. PEFT_COMPAT_SKIP_LIBTORCH_2_1=1 declares tch@2.1.2.
+    #[arg(long, value_name = "BACKEND", value_parser = |s: &str| s.parse::<Backend>())]
+    pub skip_backend: Vec<Backend>,
     /// Refuse (skip, with the estimate) cases estimated to need more host memory than this
     /// [default: the memory available at start]. Accepts 512M, 16G, 1.5T or bytes.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -212,6 +226,22 @@ pub struct MergeArgs {
     pub reports: Vec<PathBuf>,
     #[command(flatten)]
     pub out: OutputArgs,
+}
+
+/// The most `-j` allowed: each slot is a worker process per backend (libtorch loaded in each).
+pub const MAX_JOBS: u32 = 256;
+/// `--timeout`'s range, in seconds.
+pub const TIMEOUT_RANGE: (f64, f64) = (0.01, 86_400.0);
+
+/// `--timeout`: seconds, finite, within [`TIMEOUT_RANGE`].
+pub fn parse_timeout(s: &str) -> Result<f64, String> {
+    let (lo, hi) = TIMEOUT_RANGE;
+    match s.trim().parse::<f64>() {
+        Ok(v) if (lo..=hi).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "`{s}`: expected seconds from {lo} to {hi} (a day), e.g. 600 or 0.5"
+        )),
+    }
 }
 
 pub fn parse_worker(s: &str) -> Result<(Backend, PathBuf), String> {

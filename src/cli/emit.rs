@@ -30,8 +30,8 @@ impl Problems {
         self.messages.push(message);
     }
 
-    /// The exit code a command ends with, given its gate's: the gate's failure first, then
-    /// any problem, else OK.
+    /// The exit code a command ends with, given its gate's (or a lost backend's): that first,
+    /// then any problem, else OK.
     pub fn exit_code(&self, gate: i32) -> i32 {
         match (gate, self.messages.is_empty()) {
             (exit::OK, false) => exit::RUNTIME,
@@ -68,6 +68,9 @@ pub fn exit_with(gate: i32, problems: &Problems, matrix: &str) -> Result<(), Fai
     let error = match code {
         exit::OK => return Ok(()),
         exit::GATE_FAILED => anyhow::anyhow!("the gate failed for {matrix}"),
+        exit::BACKEND_LOST => anyhow::anyhow!(
+            "a backend that should run here could not (see above); its cases were not run"
+        ),
         _ => anyhow::anyhow!(
             "{} could not be written (see the warnings above)",
             plural(problems.messages.len(), "output")
@@ -76,9 +79,10 @@ pub fn exit_with(gate: i32, problems: &Problems, matrix: &str) -> Result<(), Fai
     Err(Failure { code, error })
 }
 
-/// Write an output file; a failure is a problem, not the end: the other outputs still go out.
+/// Write an output file (atomically: a reader never sees half a report); a failure is a
+/// problem, not the end: the other outputs still go out.
 pub fn write(path: &Path, what: &str, text: String, problems: &mut Problems) {
-    if let Err(e) = std::fs::write(path, text) {
+    if let Err(e) = crate::util::write_atomic(path, text.as_bytes()) {
         problems.warn(format!("cannot write {what} to {}: {e}", path.display()));
     }
 }
@@ -105,7 +109,15 @@ pub fn emit(
         None
     };
     if let Some(path) = &out.json {
-        write(path, "the JSON report", report.to_json(), problems);
+        let json = match &verdict {
+            Some(v) => {
+                let mut with_gate = report.clone();
+                with_gate.gate = Some(v.record());
+                with_gate.to_json()
+            }
+            None => report.to_json(),
+        };
+        write(path, "the JSON report", json, problems);
     }
     if let Some(path) = &out.markdown {
         let gate = verdict.as_ref().map(|v| (v, matrix_name));
@@ -122,10 +134,40 @@ pub fn emit(
                 "--snapshot-out: CI is set, and snapshots are never written under CI"
             )));
         }
-        let text = snapshot::to_text(&snapshot::from_report(report));
+        let info = snapshot::Info {
+            seed: Some(report.seed),
+        };
+        let text = snapshot::to_file_text(matrix_name, &info, &snapshot::from_report(report));
         write(path, "the snapshot", text, problems);
     }
-    Ok(verdict.as_ref().map_or(exit::OK, gate_exit_code))
+    match &verdict {
+        Some(v) => Ok(gate_exit_code(v)),
+        None => {
+            // The gate, when asked, says it; else it is said here, and the exit code says it.
+            let lost = report.lost_backends();
+            for l in &lost {
+                eprintln!("error: backend lost: {}", l.describe());
+            }
+            Ok(if lost.is_empty() {
+                exit::OK
+            } else {
+                exit::BACKEND_LOST
+            })
+        }
+    }
+}
+
+/// The command that writes the observed snapshot for review: the user's matrix, `--snapshot`
+/// and `--filter`s (a filtered run's proposal keeps every entry outside the filter).
+fn record_command(matrix: &str, out: &OutputArgs, report: &Report) -> String {
+    let mut cmd = format!("peft-compat run {matrix} --check");
+    for f in &report.filter {
+        cmd.push_str(&format!(" --filter '{f}'"));
+    }
+    if let Some(p) = &out.snapshot {
+        cmd.push_str(&format!(" --snapshot {}", p.display()));
+    }
+    cmd
 }
 
 /// The exit code `run --check` ends with for a verdict (tests hold planted changes to it).
@@ -156,16 +198,22 @@ fn gate_check(
         .snapshot
         .clone()
         .unwrap_or_else(|| snapshot::default_path(matrix_path));
-    let (accepted, missing) = match snapshot::read(&path) {
-        Ok(s) => (s, None),
-        Err(e @ snapshot::SnapshotError::Missing(_)) => (snapshot::Snapshot::new(), Some(e)),
+    let (info, accepted, missing) = match snapshot::read_with_info(&path) {
+        Ok((info, s)) => (info, s, None),
+        Err(e @ snapshot::SnapshotError::Missing(_)) => (
+            snapshot::Info::default(),
+            snapshot::Snapshot::new(),
+            Some(e),
+        ),
         Err(e) => return Err(bad_input(e)),
     };
     let policy = GatePolicy {
         allow_improvements: out.allow_improvements,
         allow_new: out.allow_new,
     };
-    let verdict = gate::check_with(report, &accepted, policy);
+    let mut verdict = gate::check_with(report, &accepted, policy);
+    verdict.check_seed(info.seed, report.seed);
+    verdict.command = Some(record_command(matrix, out, report));
     match &missing {
         // Every case would be listed as missing; say it once.
         Some(e) => print_out(&format!("gate FAILED: {e}\n"))?,
@@ -178,7 +226,14 @@ fn gate_check(
     match snapshot::pending_action(missing.is_some(), changed, snapshot::in_ci()) {
         Pending::Nothing => {}
         Pending::NotUnderCi => print_out("(CI is set: no snapshot written)\n")?,
-        Pending::Write => match snapshot::write_pending(&path, matrix, &observed) {
+        Pending::Write => match snapshot::write_pending(
+            &path,
+            matrix,
+            &snapshot::Info {
+                seed: Some(report.seed),
+            },
+            &observed,
+        ) {
             Ok(pending) => print_out(&format!(
                 "observed snapshot written to {}\n",
                 pending.display()

@@ -13,7 +13,7 @@ pub use emit::gate_exit_code;
 
 use crate::case::{Backend, Device};
 use crate::environment::Environment;
-use crate::exec::{WorkerPaths, Workers};
+use crate::exec::{Pool, WorkerPaths, Workers};
 use crate::report::Report;
 use crate::spec::Matrix;
 use crate::verdict::compare::{self, Labeled};
@@ -34,6 +34,9 @@ pub mod exit {
     /// An output could not be written (a report file, the results stream, a dump); the run
     /// itself completed and every other output was written.
     pub const RUNTIME: i32 = 3;
+    /// A backend that should run here could not (worker missing, broken, hung at start); under
+    /// --check the gate fails instead (1). `--skip-backend` declares a backend not expected.
+    pub const BACKEND_LOST: i32 = 4;
     /// Interrupted (Ctrl-C): finished cases are in the results stream; --resume continues.
     pub const INTERRUPTED: i32 = 130;
 }
@@ -121,7 +124,7 @@ fn env(no_backends: bool, worker: &[(Backend, PathBuf)]) -> Result<(), Failure> 
         Environment::detect(BTreeMap::new(), None)
     } else {
         let pairs: Vec<_> = Backend::ALL.iter().map(|&b| (b, Device::Cpu)).collect();
-        let workers = Workers::start(worker_paths(worker), &pairs, 1, 1);
+        let workers = Workers::start(worker_paths(worker), &pairs, Pool::default());
         Environment::of_workers(&workers.info)
     };
     print_out(&format!(
@@ -136,13 +139,59 @@ pub(crate) fn worker_paths(list: &[(Backend, PathBuf)]) -> WorkerPaths {
     }
 }
 
+/// Read a JSON report strictly: UTF-8, this schema version, every field as the schema says.
 pub(crate) fn read_report(p: &Path) -> Result<Report, Failure> {
     let text = std::fs::read_to_string(p)
-        .with_context(|| format!("cannot read {}", p.display()))
+        .with_context(|| format!("cannot read {} (a JSON report is UTF-8 text)", p.display()))
         .map_err(bad_input)?;
-    serde_json::from_str(&text)
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a peft-compat JSON report", p.display()))
+        .map_err(bad_input)?;
+    match value.get("schema").and_then(|s| s.as_str()) {
+        Some(crate::report::SCHEMA) => {}
+        other => {
+            return Err(bad_input(anyhow::anyhow!(
+                "{}: schema {}, but this peft-compat reads {}: render it with the peft-compat \
+                 that wrote it",
+                p.display(),
+                other.map_or("missing".to_string(), |s| format!("`{s}`")),
+                crate::report::SCHEMA
+            )))
+        }
+    }
+    serde_json::from_value(value)
         .with_context(|| format!("{} is not a peft-compat JSON report", p.display()))
         .map_err(bad_input)
+}
+
+/// The merged cases against the matrix file the parts name, when it is here and unchanged:
+/// each case's id at its index. (Parts made from another version of the file are refused.)
+fn check_against_matrix(report: &Report) -> Result<(), Failure> {
+    let path = Path::new(&report.matrix);
+    if !path.is_file() {
+        return Ok(());
+    }
+    let m = Matrix::load(path, None).map_err(bad_input)?;
+    if let Some(fnv) = report.matrix_fnv.as_ref().filter(|f| **f != m.fingerprint) {
+        return Err(bad_input(anyhow::anyhow!(
+            "{} changed since the parts ran (fingerprint {fnv}, now {}): run the parts again",
+            report.matrix,
+            m.fingerprint
+        )));
+    }
+    for c in &report.cases {
+        let want = m.cases.get(c.index).map(|k| k.id());
+        if want.as_deref() != Some(c.id.as_str()) {
+            return Err(bad_input(anyhow::anyhow!(
+                "case `{}` (index {}) is not a case of {}{}",
+                c.id,
+                c.index,
+                report.matrix,
+                want.map_or(String::new(), |w| format!(" (index {} is `{w}`)", c.index))
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `merge`: partial reports -> the single-job report.
@@ -152,6 +201,7 @@ fn merge(args: MergeArgs) -> Result<(), Failure> {
         parts.push((p.display().to_string(), read_report(p)?));
     }
     let report = crate::report::merge(parts).map_err(bad_input)?;
+    check_against_matrix(&report)?;
     let matrix_path = PathBuf::from(&report.matrix);
     let mut problems = Problems::default();
     let code = emit::emit(&report, &args.out, &matrix_path, &mut problems)?;

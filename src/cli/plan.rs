@@ -4,15 +4,26 @@
 
 use super::args::RunArgs;
 use super::{bad_input, worker_paths, Failure};
+use crate::case::Backend;
+use crate::environment::Environment;
 use crate::exec::guard::{self, Limits};
-use crate::exec::{RunOptions, WorkerPaths};
+use crate::exec::{Pool, RunOptions, WorkerPaths};
 use crate::report::stream::{self, Header};
 use crate::report::CaseReport;
 use crate::spec::select::{self, Selection};
 use crate::spec::Matrix;
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Where a resumed stream stands.
+pub struct ResumeAt {
+    /// The environment its header recorded (none in streams that predate it).
+    pub environment: Option<Environment>,
+    /// Its length up to the last complete line.
+    pub complete: u64,
+}
 
 /// Everything a `run` needs, settled before any worker starts.
 pub struct RunPlan {
@@ -26,12 +37,40 @@ pub struct RunPlan {
     pub finished: Vec<CaseReport>,
     pub stream_path: PathBuf,
     pub header: Header,
-    pub jobs: usize,
-    pub threads: usize,
+    /// Held while the run writes the stream.
+    pub lock: Option<stream::Lock>,
+    /// `--resume`: where the stream's run stood.
+    pub resumed: Option<ResumeAt>,
     pub workers: WorkerPaths,
+    /// Slots, threads, the start-up wait, the backends not expected here.
+    pub pool: Pool,
     pub options: RunOptions,
     /// How many times the selection runs (`--record --repeats N`, else 1).
     pub runs: usize,
+}
+
+/// The backends declared not expected here, with where that was said: `--skip-backend`, and
+/// the environment variable the provisioning scripts' opt-out sets.
+pub fn not_expected(flags: &[Backend]) -> BTreeMap<Backend, String> {
+    let mut m: BTreeMap<Backend, String> = flags
+        .iter()
+        .map(|&b| (b, format!("--skip-backend {b}")))
+        .collect();
+    if std::env::var("PEFT_COMPAT_SKIP_LIBTORCH_2_1").is_ok_and(|v| !v.is_empty() && v != "0") {
+        m.entry(Backend::Tch212)
+            .or_insert_with(|| "PEFT_COMPAT_SKIP_LIBTORCH_2_1 is set".to_string());
+    }
+    m
+}
+
+/// `--dump DIR` must be a folder this run can write, before any case runs (else every case
+/// would warn, and the dumps asked for would not exist).
+fn check_dump_dir(dir: &Path) -> anyhow::Result<()> {
+    let probe = dir.join(format!(".peft-compat-probe-{}", std::process::id()));
+    std::fs::create_dir_all(dir)
+        .and_then(|_| std::fs::write(&probe, b""))
+        .and_then(|_| std::fs::remove_file(&probe))
+        .map_err(|e| anyhow::anyhow!("--dump {}: cannot write there: {e}", dir.display()))
 }
 
 fn cores() -> usize {
@@ -47,26 +86,43 @@ pub fn plan(args: &RunArgs) -> Result<RunPlan, Failure> {
              (`peft-compat merge PARTS... --check`); a part alone would call the others missing"
         )));
     }
+    if let Some(dir) = &args.dump {
+        check_dump_dir(dir).map_err(bad_input)?;
+    }
     let matrix = Matrix::load(&args.matrix, args.max_cases).map_err(bad_input)?;
     let selection = select::select(&matrix, &args.filter, args.partition).map_err(bad_input)?;
     let stream_path = args
         .results
         .clone()
         .unwrap_or_else(|| stream::default_path(args.out.json.as_deref(), &args.matrix));
-    let header = Header::new(&matrix, selection.label.clone(), selection.indices.len());
-    let (finished, to_run) = if args.resume {
+    let header = Header::new(
+        &matrix,
+        selection.label.clone(),
+        selection.indices.len(),
+        args.threads as usize,
+    );
+    // Before the stream is read or truncated: one writer at a time.
+    let lock = stream::Lock::acquire(&stream_path).map_err(bad_input)?;
+    let (finished, to_run, resumed) = if args.resume {
         let r = stream::resume(&stream_path, &header, &matrix, &selection.indices)
             .map_err(bad_input)?;
-        (r.finished, r.remaining)
+        let at = ResumeAt {
+            environment: r.environment,
+            complete: r.complete,
+        };
+        (r.finished, r.remaining, Some(at))
     } else {
-        (Vec::new(), selection.indices.clone())
+        (Vec::new(), selection.indices.clone(), None)
     };
-    let cores = cores();
-    let jobs = args.jobs.map_or(cores, |j| j as usize);
-    let threads = args.threads.map_or((cores / jobs).max(1), |t| t as usize);
+    // A slot per case at most: more would start workers that never get one.
+    let jobs = args
+        .jobs
+        .map_or(cores(), |j| j as usize)
+        .min(to_run.len())
+        .max(1);
     let options = RunOptions {
         dump_dir: args.dump.clone(),
-        timeout: Duration::from_secs_f64(args.timeout.max(0.001)),
+        timeout: Duration::from_secs_f64(args.timeout),
         limits: Limits {
             host: args.max_memory.or_else(guard::available_host_memory),
             device: args.max_device_memory.or_else(guard::device_memory),
@@ -81,9 +137,15 @@ pub fn plan(args: &RunArgs) -> Result<RunPlan, Failure> {
         finished,
         stream_path,
         header,
-        jobs,
-        threads,
+        lock,
+        resumed,
         workers: worker_paths(&args.worker),
+        pool: Pool {
+            jobs,
+            threads: args.threads as usize,
+            timeout: Duration::from_secs_f64(args.timeout),
+            not_expected: not_expected(&args.skip_backend),
+        },
         options,
         runs: if args.record.is_some() {
             args.repeats as usize

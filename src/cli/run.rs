@@ -5,12 +5,12 @@
 use super::args::RunArgs;
 use super::emit::{self, exit_with, print_out, use_color, Problems};
 use super::plan::{self, RunPlan};
-use super::{exit, Failure};
+use super::{bad_input, exit, Failure};
 use crate::environment::Environment;
 use crate::exec::{self, Event, Workers};
 use crate::render::progress::{Progress, Style};
 use crate::render::render_text;
-use crate::report::stream::Writer;
+use crate::report::stream::{self, Writer};
 use crate::report::{CaseReport, PartitionInfo, Report};
 use crate::verdict::{self, record};
 use std::io::IsTerminal;
@@ -33,7 +33,8 @@ struct Executed {
     interrupted: bool,
 }
 
-/// Ctrl-C once: stop starting cases, keep what finished, print the partial table. Twice: leave now.
+/// Ctrl-C (or SIGTERM, SIGHUP: what CI cancellation and `timeout` send) once: stop starting
+/// cases, keep what finished, print the partial table, exit 130. Twice: leave now.
 fn install_interrupt(stop: Arc<AtomicBool>) {
     let _ = ctrlc::set_handler(move || {
         if stop.swap(true, Ordering::SeqCst) {
@@ -50,15 +51,6 @@ fn execute(
     args: &RunArgs,
     problems: &mut Problems,
 ) -> Result<Executed, Failure> {
-    // The stream is an output like the others: one that cannot be written is a problem (the
-    // run goes on, and --resume cannot continue it), not the end.
-    let opened = if args.resume {
-        Writer::append(&plan.stream_path)
-    } else {
-        Writer::create(&plan.stream_path, &plan.header)
-    };
-    let mut stream_error = None;
-    let mut writer = opened.map_err(|e| stream_error = Some(e)).ok();
     let mut pairs: Vec<_> = plan
         .to_run
         .iter()
@@ -71,8 +63,23 @@ fn execute(
         .collect();
     pairs.sort();
     pairs.dedup();
-    let workers = Workers::start(plan.workers.clone(), &pairs, plan.jobs, plan.threads);
-    let environment = Environment::of_workers(&workers.info);
+    // The workers first: the stream's header records the builds they report.
+    let workers = Workers::start(plan.workers.clone(), &pairs, plan.pool.clone());
+    let now = Environment::of_workers(&workers.info);
+    let environment = match &plan.resumed {
+        Some(r) => stream::resumed_environment(&plan.stream_path, r.environment.as_ref(), &now)
+            .map_err(bad_input)?,
+        None => now,
+    };
+    plan.header.environment = Some(environment.clone());
+    // The stream is an output like the others: one that cannot be written is a problem (the
+    // run goes on, and --resume cannot continue it), not the end.
+    let opened = match &plan.resumed {
+        Some(r) => Writer::append(&plan.stream_path, r.complete),
+        None => Writer::create(&plan.stream_path, &plan.header),
+    };
+    let mut stream_error = None;
+    let mut writer = opened.map_err(|e| stream_error = Some(e)).ok();
     install_interrupt(Arc::clone(&plan.options.stop));
     let style = if args.out.quiet {
         Style::Quiet
@@ -113,13 +120,16 @@ fn execute(
             },
         );
         let elapsed = elapsed.as_secs_f64();
-        let report = verdict::assemble(
+        let mut report = verdict::assemble(
             &plan.name,
             &plan.matrix,
             environment.clone(),
             cases,
             elapsed,
         );
+        report.threads = Some(plan.pool.threads);
+        report.filter = args.filter.clone();
+        report.matrix_fnv = Some(plan.matrix.fingerprint.clone());
         reports.push(report);
         if stopped {
             interrupted = true;

@@ -14,7 +14,7 @@ use std::io::{BufReader, BufWriter, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -23,8 +23,11 @@ use std::time::{Duration, Instant};
 /// How much of a worker's stderr is kept for crash messages.
 const STDERR_TAIL: usize = 4096;
 
-/// How long a worker may take to load its library and answer `hello`.
-pub const HELLO_TIMEOUT: Duration = Duration::from_secs(120);
+/// The payload a reply may carry when no case is in flight (`hello` and `probe` carry none).
+const NO_PAYLOAD: usize = 0;
+
+/// How long a worker that closed its output may take to exit before it is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
 
 /// Why a worker could not answer.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -58,7 +61,15 @@ pub enum RunReply {
     Panicked(String),
 }
 
-type FrameResult = Result<protocol::Frame<Reply>, String>;
+/// What the stdout reader forwards: a frame, or why there is none.
+type FrameResult = Result<protocol::Frame<Reply>, ReadEnd>;
+
+enum ReadEnd {
+    /// The worker closed its stdout (it exited, or is about to).
+    Eof,
+    /// What came was not the protocol: the worker is alive but cannot be trusted.
+    Broken(String),
+}
 
 pub struct Worker {
     program: PathBuf,
@@ -67,6 +78,8 @@ pub struct Worker {
     frames: Receiver<FrameResult>,
     stderr: Arc<Mutex<VecDeque<u8>>>,
     stderr_reader: Option<JoinHandle<()>>,
+    /// The most payload the next reply may carry (set with each request).
+    max_payload: Arc<AtomicUsize>,
     pub info: WorkerInfo,
 }
 
@@ -98,8 +111,16 @@ pub fn describe_status(s: ExitStatus) -> String {
 }
 
 impl Worker {
-    /// Start `program`, say hello with `threads`, and wait for its answer.
-    pub fn spawn(program: &Path, threads: usize) -> Result<Worker, WorkerError> {
+    /// Start `program`, say hello with `threads`, and wait up to `timeout` for its answer.
+    pub fn spawn(program: &Path, threads: usize, timeout: Duration) -> Result<Worker, WorkerError> {
+        Self::launch(program, threads)?.handshake(threads, timeout)
+    }
+
+    /// Start `program` without waiting for it: [`Worker::handshake`] does. Starting is quick;
+    /// the handshake waits for the library to load, so callers start many workers from one
+    /// long-lived thread (a worker dies with the thread that started it) and shake hands in
+    /// parallel.
+    pub fn launch(program: &Path, threads: usize) -> Result<Worker, WorkerError> {
         let mut cmd = Command::new(program);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -113,6 +134,18 @@ impl Worker {
         if std::env::var_os("OMP_WAIT_POLICY").is_none() {
             cmd.env("OMP_WAIT_POLICY", "PASSIVE");
         }
+        // A worker dies with the runner, however the runner ends (kill -9 included): no orphan
+        // keeps its memory. Linux delivers the signal when the *thread* that forked it ends,
+        // hence `launch` runs on long-lived threads.
+        // SAFETY: prctl is async-signal-safe and touches only the child's own state.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let mut child = cmd.spawn().map_err(|e| WorkerError::Spawn {
             program: program.display().to_string(),
             message: e.to_string(),
@@ -122,52 +155,81 @@ impl Worker {
         let mut stderr_pipe = child.stderr.take().expect("piped");
         let stderr = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
         let sink = Arc::clone(&stderr);
-        let stderr_reader = std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stderr_pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
+        let stderr_reader = std::thread::Builder::new()
+            .name("worker-stderr".into())
+            .spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stderr_pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut tail = sink.lock().unwrap_or_else(|p| p.into_inner());
+                    tail.extend(&buf[..n]);
+                    let excess = tail.len().saturating_sub(STDERR_TAIL);
+                    tail.drain(..excess);
                 }
-                let mut tail = sink.lock().unwrap_or_else(|p| p.into_inner());
-                tail.extend(&buf[..n]);
-                let excess = tail.len().saturating_sub(STDERR_TAIL);
-                tail.drain(..excess);
-            }
-        });
+            });
         let (tx, frames) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut r = BufReader::with_capacity(1 << 16, stdout);
-            loop {
-                let next = protocol::read_frame::<Reply>(&mut r, protocol::reply_bytes);
-                let stop = !matches!(next, Ok(Some(_)));
-                let msg = match next {
-                    Ok(Some(f)) => Ok(f),
-                    Ok(None) => Err("end of output".to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                if tx.send(msg).is_err() || stop {
-                    break;
+        let max_payload = Arc::new(AtomicUsize::new(NO_PAYLOAD));
+        let limit = Arc::clone(&max_payload);
+        let reader = std::thread::Builder::new()
+            .name("worker-stdout".into())
+            .spawn(move || {
+                let mut r = BufReader::with_capacity(1 << 16, stdout);
+                loop {
+                    let next = protocol::read_frame::<Reply>(&mut r, protocol::reply_bytes, || {
+                        limit.load(Ordering::Relaxed)
+                    });
+                    let stop = !matches!(next, Ok(Some(_)));
+                    let msg = match next {
+                        Ok(Some(f)) => Ok(f),
+                        Ok(None) => Err(ReadEnd::Eof),
+                        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                            Err(ReadEnd::Broken(e.to_string()))
+                        }
+                        Err(_) => Err(ReadEnd::Eof),
+                    };
+                    if tx.send(msg).is_err() || stop {
+                        break;
+                    }
                 }
+            });
+        let stderr_reader = match (reader, stderr_reader) {
+            (Ok(_), Ok(h)) => h,
+            (Err(e), _) | (_, Err(e)) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(WorkerError::Spawn {
+                    program: program.display().to_string(),
+                    message: format!("cannot start a thread to read it: {e}"),
+                });
             }
-        });
-        let mut w = Worker {
+        };
+        Ok(Worker {
             program: program.to_path_buf(),
             child,
             stdin,
             frames,
             stderr,
             stderr_reader: Some(stderr_reader),
+            max_payload,
             info: WorkerInfo {
                 backend: String::new(),
                 libraries: BTreeMap::new(),
                 cuda: None,
             },
-        };
+        })
+    }
+
+    /// Say hello and wait up to `timeout` for the answer: the worker's library loaded and its
+    /// protocol version matches. A worker that does not answer in time is killed.
+    pub fn handshake(mut self, threads: usize, timeout: Duration) -> Result<Worker, WorkerError> {
+        let w = &mut self;
         let hello = Request::Hello {
             protocol: VERSION,
             threads,
         };
-        match w.call(&hello, &[], HELLO_TIMEOUT, None)? {
+        match w.call(&hello, &[], timeout, None)? {
             (
                 Reply::Hello {
                     protocol,
@@ -189,15 +251,19 @@ impl Worker {
                     libraries,
                     cuda,
                 };
-                Ok(w)
+                Ok(self)
             }
             (other, _) => Err(w.fail(format!("expected hello, got {other:?}"))),
         }
     }
 
     /// Whether `device` can be used by this worker's backend, or why not.
-    pub fn probe(&mut self, device: Device) -> Result<Option<String>, WorkerError> {
-        match self.call(&Request::Probe { device }, &[], HELLO_TIMEOUT, None)? {
+    pub fn probe(
+        &mut self,
+        device: Device,
+        timeout: Duration,
+    ) -> Result<Option<String>, WorkerError> {
+        match self.call(&Request::Probe { device }, &[], timeout, None)? {
             (Reply::Probe { unavailable }, _) => Ok(unavailable),
             (other, _) => Err(self.fail(format!("expected probe, got {other:?}"))),
         }
@@ -206,6 +272,8 @@ impl Worker {
     /// Send a case to the worker, which starts on it as soon as it has read it.
     pub fn send_run(&mut self, case: &Case, inputs: &Inputs) -> Result<(), WorkerError> {
         let (req, payload) = protocol::run_request(&case.id(), case, inputs);
+        self.max_payload
+            .store(protocol::max_reply_bytes(case, inputs), Ordering::Relaxed);
         self.send(&req, &payload)
     }
 
@@ -304,20 +372,47 @@ impl Worker {
                     }
                     return Ok((frame.message, frame.payload));
                 }
-                Ok(Err(_)) | Err(RecvTimeoutError::Disconnected) => return Err(self.died()),
+                Ok(Err(ReadEnd::Broken(why))) => {
+                    return Err(self.fail(format!("unreadable output: {why}")))
+                }
+                Ok(Err(ReadEnd::Eof)) | Err(RecvTimeoutError::Disconnected) => {
+                    return Err(self.died())
+                }
                 Err(RecvTimeoutError::Timeout) => continue,
             }
         }
     }
 
-    /// The worker's output ended: wait for its status and collect the tail of its stderr.
+    /// The worker's output ended: wait (briefly: a worker that closed stdout but lives on is
+    /// killed) for its status and collect the tail of its stderr.
     fn died(&mut self) -> WorkerError {
-        let status = match self.child.wait() {
-            Ok(s) => describe_status(s),
-            Err(e) => format!("status unknown: {e}"),
+        let deadline = Instant::now() + EXIT_GRACE;
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(s)) => break describe_status(s),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Ok(None) => {
+                    self.kill();
+                    break format!(
+                        "closed its output and was still running {:.0} s later; killed",
+                        EXIT_GRACE.as_secs_f64()
+                    );
+                }
+                Err(e) => break format!("status unknown: {e}"),
+            }
         };
         if let Some(h) = self.stderr_reader.take() {
-            let _ = h.join();
+            // The last lines say why it died; but the pipe may be held open by the worker's own
+            // children, so the wait for them is bounded.
+            let until = Instant::now() + Duration::from_millis(500);
+            while !h.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            }
         }
         WorkerError::Died {
             status,

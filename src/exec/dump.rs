@@ -139,9 +139,12 @@ pub fn write(
     if let Some(msg) = outcome.message() {
         meta.insert("error".into(), msg.to_string());
     }
-    safetensors::serialize_to_file(views, Some(meta), &path).map_err(|e| DumpError::Write {
+    let write_error = |message: String| DumpError::Write {
         path: path.clone(),
-        message: e.to_string(),
-    })?;
+        message,
+    };
+    let bytes =
+        safetensors::serialize(views, Some(meta)).map_err(|e| write_error(e.to_string()))?;
+    crate::util::write_atomic(&path, &bytes).map_err(|e| write_error(e.to_string()))?;
     Ok(path)
 }

@@ -7,6 +7,7 @@
 use super::client::{RunReply, Worker, WorkerError};
 use crate::case::{Backend, Case, Device};
 use crate::environment::WorkerInfo;
+use crate::outcome::{Skip, SkipKind};
 use crate::worker::io::{Inputs, Outputs};
 use crate::worker::ops::OpResult;
 use std::collections::{BTreeMap, HashMap};
@@ -48,8 +49,8 @@ pub trait Executor: Send {
 
 /// The backends a run can use.
 pub trait Backends: Sync {
-    /// Why (backend, device) cannot run here, or `None`.
-    fn unavailable(&self, backend: Backend, device: Device) -> Option<String>;
+    /// Why (backend, device) cannot run here, and whose doing that is; `None` when it can.
+    fn unavailable(&self, backend: Backend, device: Device) -> Option<Skip>;
     /// A fresh executor for slot `slot` of `jobs`.
     fn executor(&self, slot: usize) -> Box<dyn Executor + '_>;
     /// How many cases may run at once.
@@ -58,7 +59,7 @@ pub trait Backends: Sync {
 
 /// A function that runs a case in this process.
 pub type CaseFn<'a> = dyn Fn(&Case, &Inputs) -> OpResult<Outputs> + Sync + 'a;
-/// Why a (backend, device) pair is unavailable, for [`InProcess`].
+/// Why a (backend, device) pair is unavailable (the hardware is absent), for [`InProcess`].
 pub type AvailFn<'a> = dyn Fn(Backend, Device) -> Option<String> + Sync + 'a;
 
 /// Runs cases with a function in this process, one at a time; a panic is `crashed`.
@@ -91,8 +92,8 @@ impl Executor for InProcessExecutor<'_> {
 }
 
 impl Backends for InProcess<'_> {
-    fn unavailable(&self, backend: Backend, device: Device) -> Option<String> {
-        (self.unavailable)(backend, device)
+    fn unavailable(&self, backend: Backend, device: Device) -> Option<Skip> {
+        (self.unavailable)(backend, device).map(|r| Skip::new(SkipKind::Absent, r))
     }
     fn executor(&self, _: usize) -> Box<dyn Executor + '_> {
         Box::new(InProcessExecutor { run: self.run })
@@ -144,12 +145,36 @@ impl WorkerPaths {
     }
 }
 
+/// How the workers of a run are started.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    /// Slots: cases run at once, each slot with its own worker per backend.
+    pub jobs: usize,
+    /// Intra-op threads per worker.
+    pub threads: usize,
+    /// How long a worker may take to load its library and answer (`--timeout`).
+    pub timeout: Duration,
+    /// Backends declared not expected here (`--skip-backend`), with where that was said: they
+    /// are not started, and their cases are skipped as `declared`.
+    pub not_expected: BTreeMap<Backend, String>,
+}
+
+impl Default for Pool {
+    fn default() -> Pool {
+        Pool {
+            jobs: 1,
+            threads: 1,
+            timeout: super::DEFAULT_TIMEOUT,
+            not_expected: BTreeMap::new(),
+        }
+    }
+}
+
 /// The real backends: one worker process per backend and slot, started on first use.
 pub struct Workers {
     paths: WorkerPaths,
-    jobs: usize,
-    threads: usize,
-    available: HashMap<(Backend, Device), Option<String>>,
+    pool: Pool,
+    available: HashMap<(Backend, Device), Option<Skip>>,
     /// Workers started up front, one set per slot, handed to each slot's executor.
     ready: Mutex<Vec<HashMap<Backend, Worker>>>,
     /// What each backend's worker said in `hello`.
@@ -157,39 +182,60 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Start `jobs` workers per backend in `pairs` (all at once: loading libtorch takes most
-    /// of a second, and a worker started lazily would stall its first case), ask the first of
-    /// each backend about its devices, and size the pool: `threads` intra-op threads per worker.
-    pub fn start(
-        paths: WorkerPaths,
-        pairs: &[(Backend, Device)],
-        jobs: usize,
-        threads: usize,
-    ) -> Workers {
-        let jobs = jobs.max(1);
+    /// Start `pool.jobs` workers per backend in `pairs` (all at once: loading libtorch takes
+    /// most of a second, and a worker started lazily would stall its first case), ask the first
+    /// of each backend about its devices. A backend whose first worker cannot start is lost:
+    /// its cases skip as `backend_lost`, which fails the run, unless it was declared not
+    /// expected. The processes are started from this thread (a worker dies with the thread
+    /// that started it, and this one outlives the run); the handshakes run in parallel.
+    pub fn start(paths: WorkerPaths, pairs: &[(Backend, Device)], pool: Pool) -> Workers {
+        let jobs = pool.jobs.max(1);
         let mut backends: Vec<Backend> = pairs.iter().map(|p| p.0).collect();
         backends.sort();
         backends.dedup();
+        let mut available = HashMap::new();
+        for (&b, said) in &pool.not_expected {
+            for &(_, d) in pairs.iter().filter(|p| p.0 == b) {
+                let why = format!("{b} is declared not expected on this runner ({said})");
+                available.insert((b, d), Some(Skip::new(SkipKind::Declared, why)));
+            }
+        }
+        backends.retain(|b| !pool.not_expected.contains_key(b));
+        let launched: Vec<(usize, Backend, Result<Worker, String>)> = (0..jobs)
+            .flat_map(|slot| backends.iter().map(move |&b| (slot, b)))
+            .map(|(slot, b)| {
+                let w = paths.find(b).and_then(|p| {
+                    Worker::launch(&p, pool.threads)
+                        .map_err(|e| format!("{b} worker failed to start: {e}"))
+                });
+                (slot, b, w)
+            })
+            .collect();
         let started: Vec<(usize, Backend, Result<Worker, String>)> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..jobs)
-                .flat_map(|slot| backends.iter().map(move |&b| (slot, b)))
-                .map(|(slot, b)| {
-                    let paths = &paths;
-                    s.spawn(move || {
-                        let w = paths.find(b).and_then(|p| {
-                            Worker::spawn(&p, threads)
+            let handles: Vec<_> = launched
+                .into_iter()
+                .map(|(slot, b, w)| {
+                    let (threads, timeout) = (pool.threads, pool.timeout);
+                    let handle = std::thread::Builder::new().spawn_scoped(s, move || {
+                        w.and_then(|w| {
+                            w.handshake(threads, timeout)
                                 .map_err(|e| format!("{b} worker failed to start: {e}"))
-                        });
-                        (slot, b, w)
-                    })
+                        })
+                    });
+                    (slot, b, handle)
                 })
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().expect("worker start thread"))
+                .map(|(slot, b, h)| {
+                    let w = match h {
+                        Ok(h) => h.join().expect("worker start thread"),
+                        Err(e) => Err(format!("{b} worker: no thread for its handshake: {e}")),
+                    };
+                    (slot, b, w)
+                })
                 .collect()
         });
-        let mut available = HashMap::new();
         let mut info = BTreeMap::new();
         let mut ready: Vec<HashMap<Backend, Worker>> = (0..jobs).map(|_| HashMap::new()).collect();
         for (slot, b, w) in started {
@@ -198,9 +244,13 @@ impl Workers {
                     if slot == 0 {
                         info.insert(b, w.info.clone());
                         for &(_, d) in pairs.iter().filter(|p| p.0 == b) {
-                            let why = w
-                                .probe(d)
-                                .unwrap_or_else(|e| Some(format!("{b} worker: {e}")));
+                            let why = match w.probe(d, pool.timeout) {
+                                Ok(why) => why.map(|r| Skip::new(SkipKind::Absent, r)),
+                                Err(e) => Some(Skip::new(
+                                    SkipKind::BackendLost,
+                                    format!("{b} worker failed to answer a probe: {e}"),
+                                )),
+                            };
                             available.insert((b, d), why);
                         }
                     }
@@ -208,7 +258,8 @@ impl Workers {
                 }
                 Err(why) if slot == 0 => {
                     for &(_, d) in pairs.iter().filter(|p| p.0 == b) {
-                        available.insert((b, d), Some(why.clone()));
+                        available
+                            .insert((b, d), Some(Skip::new(SkipKind::BackendLost, why.clone())));
                     }
                 }
                 // Another slot's worker failed to start: that slot retries when it needs one.
@@ -217,8 +268,7 @@ impl Workers {
         }
         Workers {
             paths,
-            jobs,
-            threads,
+            pool: Pool { jobs, ..pool },
             available,
             ready: Mutex::new(ready),
             info,
@@ -227,11 +277,16 @@ impl Workers {
 }
 
 impl Backends for Workers {
-    fn unavailable(&self, backend: Backend, device: Device) -> Option<String> {
+    fn unavailable(&self, backend: Backend, device: Device) -> Option<Skip> {
         self.available
             .get(&(backend, device))
             .cloned()
-            .unwrap_or_else(|| Some(format!("{backend} on {device} was not probed")))
+            .unwrap_or_else(|| {
+                Some(Skip::new(
+                    SkipKind::BackendLost,
+                    format!("{backend} on {device} was not probed"),
+                ))
+            })
     }
     fn executor(&self, slot: usize) -> Box<dyn Executor + '_> {
         let workers = self
@@ -247,7 +302,7 @@ impl Backends for Workers {
         })
     }
     fn jobs(&self) -> usize {
-        self.jobs
+        self.pool.jobs
     }
 }
 
@@ -261,7 +316,7 @@ impl WorkerSet<'_> {
     fn worker(&mut self, b: Backend) -> Result<&mut Worker, String> {
         if !self.workers.contains_key(&b) {
             let path = self.owner.paths.find(b)?;
-            let w = Worker::spawn(&path, self.owner.threads)
+            let w = Worker::spawn(&path, self.owner.pool.threads, self.owner.pool.timeout)
                 .map_err(|e| format!("{b} worker failed to start: {e}"))?;
             self.workers.insert(b, w);
         }

@@ -12,7 +12,7 @@ pub mod executor;
 pub mod guard;
 pub mod runner;
 
-pub use executor::{Backends, Execution, Executor, InProcess, WorkerPaths, Workers};
+pub use executor::{Backends, Execution, Executor, InProcess, Pool, WorkerPaths, Workers};
 pub use runner::{
     run, run_in_process, run_streaming, CaseResult, Event, Run, RunOptions, DEFAULT_TIMEOUT,
 };

@@ -13,7 +13,7 @@ use super::dump;
 use super::executor::{Backends, Execution, Executor, InProcess};
 use super::guard::{self, Limits};
 use crate::case::Case;
-use crate::outcome::{Outcome, Tolerance};
+use crate::outcome::{Outcome, Skip, SkipKind, Tolerance};
 use crate::spec::Matrix;
 use crate::truth::judge::judge;
 use std::collections::{HashMap, VecDeque};
@@ -184,8 +184,11 @@ fn plan(matrix: &Matrix, indices: &[usize], backends: &dyn Backends, opts: &RunO
         let case = &matrix.cases[i];
         let why = backends
             .unavailable(case.point.backend, case.point.device)
-            .or_else(|| case.refused_by_peft().map(String::from))
-            .or_else(|| guard::refuse(case, &opts.limits));
+            .or_else(|| {
+                case.refused_by_peft()
+                    .map(|r| Skip::new(SkipKind::NotApplicable, r))
+            })
+            .or_else(|| guard::refuse(case, &opts.limits).map(|r| Skip::new(SkipKind::Absent, r)));
         match why {
             Some(reason) => {
                 let (factor, rel) = matrix.tolerance_for(case);
@@ -236,28 +239,39 @@ fn dispatch(
     let jobs = backends.jobs().max(1);
     let (tx, rx) = mpsc::channel::<Msg>();
     std::thread::scope(|s| {
-        for slot in 0..jobs {
-            let tx = tx.clone();
-            let (queue, cache) = (&queue, &cache);
-            s.spawn(move || {
-                let mut exec = backends.executor(slot);
-                loop {
-                    if opts.stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
-                    let Some(i) = next else { break };
-                    if tx.send(Msg::Started(i)).is_err() {
-                        break;
-                    }
-                    let r = run_one(i, matrix, cache, exec.as_mut(), opts);
-                    cache.release(&matrix.cases[i]);
-                    let Some(r) = r else { break };
-                    if tx.send(Msg::Finished(Box::new(r))).is_err() {
-                        break;
-                    }
+        let (queue, cache) = (&queue, &cache);
+        let work = |slot: usize, tx: mpsc::Sender<Msg>| {
+            let mut exec = backends.executor(slot);
+            loop {
+                if opts.stop.load(Ordering::Relaxed) {
+                    break;
                 }
-            });
+                let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+                let Some(i) = next else { break };
+                if tx.send(Msg::Started(i)).is_err() {
+                    break;
+                }
+                let r = run_one(i, matrix, cache, exec.as_mut(), opts);
+                cache.release(&matrix.cases[i]);
+                let Some(r) = r else { break };
+                if tx.send(Msg::Finished(Box::new(r))).is_err() {
+                    break;
+                }
+            }
+        };
+        for slot in 0..jobs {
+            let sender = tx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("slot-{slot}"))
+                .spawn_scoped(s, move || work(slot, sender));
+            if spawned.is_err() {
+                // Out of threads: the slots that started take every case; with none, this
+                // thread does (the channel keeps the events until the loop below reads them).
+                if slot == 0 {
+                    work(0, tx.clone());
+                }
+                break;
+            }
         }
         drop(tx);
         for msg in rx {

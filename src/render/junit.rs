@@ -1,6 +1,8 @@
 //! JUnit XML: one test case per matrix case, for CI systems that display test results.
 //! With a gate verdict, a case fails when the gate flags it; without one, when it failed. A
-//! failure the matrix expects is reported as skipped with type `xfail`, as pytest does.
+//! failure the matrix expects is reported as skipped with type `xfail`, as pytest does; a
+//! failure only the snapshot accepts (no expectation says why) as skipped with type
+//! `accepted`, never as a pass; a case whose backend was lost as a failure.
 
 use crate::report::Report;
 use crate::verdict::gate::Verdict;
@@ -25,7 +27,12 @@ pub fn render(report: &Report, verdict: Option<&Verdict>) -> String {
             esc(&c.id)
         ));
         let xfail = c.expected_failure();
+        let lost = c.skip_kind() == Some(crate::outcome::SkipKind::BackendLost);
         let failure = match verdict {
+            _ if lost => Some((
+                "backend lost".to_string(),
+                c.error.clone().unwrap_or_default(),
+            )),
             Some(v) => v
                 .failures()
                 .find(|ch| ch.id == c.id)
@@ -36,24 +43,39 @@ pub fn render(report: &Report, verdict: Option<&Verdict>) -> String {
             )),
             None => None,
         };
-        if let (Some(e), None) = (xfail, &failure) {
+        // (type, message) of a skip: none for a failure or a pass.
+        let skip = match (&failure, xfail) {
+            (Some(_), _) => None,
             // pytest's convention for an expected failure: skipped, of type xfail.
-            skipped += 1;
-            cases.push_str(&format!(
-                "      <skipped type=\"xfail\" message=\"{}\"/>\n",
-                esc(&format!(
+            (None, Some(e)) => Some((
+                " type=\"xfail\"",
+                format!(
                     "expected {} ({}): {}: {}",
                     e.outcome,
                     e.rule,
                     e.reason,
                     c.failure_detail()
-                ))
-            ));
-        } else if c.outcome == crate::outcome::OutcomeKind::Skipped {
+                ),
+            )),
+            // Failing, and the gate let it through only because the snapshot accepts it.
+            (None, None) if c.outcome.is_failure() => Some((
+                " type=\"accepted\"",
+                format!(
+                    "{} accepted by the snapshot, with no expectation saying why: {}",
+                    c.outcome,
+                    c.failure_detail()
+                ),
+            )),
+            (None, None) if c.outcome == crate::outcome::OutcomeKind::Skipped => {
+                Some(("", c.error.clone().unwrap_or_default()))
+            }
+            (None, None) => None,
+        };
+        if let Some((kind, message)) = skip {
             skipped += 1;
             cases.push_str(&format!(
-                "      <skipped message=\"{}\"/>\n",
-                esc(c.error.as_deref().unwrap_or(""))
+                "      <skipped{kind} message=\"{}\"/>\n",
+                esc(&message)
             ));
         } else if let Some((kind, detail)) = failure {
             failures += 1;

@@ -276,7 +276,11 @@ pub fn findings(report: &Report) -> Vec<Finding> {
 
 /// Lines under the table: groups skipped whole, expected failures by rule, rules inactive here.
 fn notes(report: &Report, grid: &Grid) -> Vec<String> {
-    let mut out = Vec::new();
+    let mut out: Vec<String> = report
+        .lost_backends()
+        .iter()
+        .map(|l| format!("LOST backend {}", l.describe()))
+        .collect();
     for (b, d, n, reasons) in &grid.skipped {
         out.push(format!(
             "skipped: {} {d} ({}): {}",

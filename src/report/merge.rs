@@ -17,6 +17,13 @@ pub enum MergeError {
     },
     #[error("case {id} is in both {a} and {b}")]
     Duplicate { id: String, a: String, b: String },
+    #[error("{part}: case `{id}` (index {index}) is not what its axes and shape name: {why}")]
+    BadCase {
+        part: String,
+        id: String,
+        index: usize,
+        why: String,
+    },
     #[error("the parts hold {got} of the {want} cases selected: missing {missing}")]
     Incomplete {
         got: usize,
@@ -51,8 +58,11 @@ pub fn merge(parts: Vec<(String, Report)>) -> Result<Report, MergeError> {
             b: name.clone(),
             what,
         };
-        if r.matrix != first.matrix || r.seed != first.seed {
+        if r.matrix != first.matrix || r.seed != first.seed || r.matrix_fnv != first.matrix_fnv {
             return Err(differ("matrix or seed"));
+        }
+        if r.threads != first.threads {
+            return Err(differ("--threads"));
         }
         if r.environment.libraries != first.environment.libraries {
             return Err(differ("library versions (use separate reports per build)"));
@@ -68,6 +78,18 @@ pub fn merge(parts: Vec<(String, Report)>) -> Result<Report, MergeError> {
         }
         elapsed = elapsed.max(r.summary.elapsed_s);
         for c in r.cases {
+            let id = crate::case::case_id(&crate::case::Coords {
+                point: c.point,
+                shape: &c.shape,
+            });
+            if id != c.id {
+                return Err(MergeError::BadCase {
+                    part: name,
+                    why: format!("they give `{id}`"),
+                    id: c.id,
+                    index: c.index,
+                });
+            }
             if let Some(prev) = owner.insert(c.id.clone(), name.clone()) {
                 return Err(MergeError::Duplicate {
                     id: c.id,
@@ -107,5 +129,8 @@ pub fn merge(parts: Vec<(String, Report)>) -> Result<Report, MergeError> {
         elapsed,
     );
     merged.inactive_expectations = first.inactive_expectations;
+    merged.threads = first.threads;
+    merged.matrix_fnv = first.matrix_fnv;
+    merged.filter = info.filter;
     Ok(merged)
 }

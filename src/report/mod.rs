@@ -6,7 +6,8 @@
 //!
 //! # JSON wire format (schema `peft-compat/report/v1`)
 //! - `schema`: `"peft-compat/report/v1"`; a field is renamed or removed only with a new version.
-//! - `matrix`: the matrix file's path as given; `seed`: its seed.
+//! - `matrix`: the matrix file's path as given; `seed`: its seed; `matrix_fnv`: a fingerprint
+//!   of its text.
 //! - `environment`: see [`Environment`] (`peft_compat`, `libraries` {`tch`, `libtorch`,
 //!   `candle`}, `cpu_model`, `cpu_flags`, `cpu_count`, `cuda`, `gpus`, `os`, `arch`).
 //! - `summary`: case counts per outcome and `total`; `elapsed_s`.
@@ -20,6 +21,9 @@
 //!   - `error`: the backend's message (unsupported), the panic message or the dead worker's
 //!     status and stderr tail (crashed), the deadline (timeout) or the skip reason (skipped,
 //!     including the resource guard's refusals); absent otherwise;
+//!   - `skip` (skipped cases): `absent` (no such device here, or not enough memory: not checked
+//!     here), `not_applicable` (PEFT refuses the combination), `declared` (`--skip-backend`) or
+//!     `backend_lost` (the backend's worker should have run and could not: the gate fails);
 //!   - `upcast`: where PEFT's fixed path casts to fp32 for this case, or absent when the
 //!     upcast path equals the native one here; `upcast_applied`: whether this case took it;
 //!   - `metrics` (cases that ran): `max_abs_err`, `max_rel_err` (relative to the output's
@@ -32,6 +36,10 @@
 //!     `nonfinite`, `unsupported`, `crashed`, `fail` or `flaky`), `reason`, `error` (the
 //!     pattern, if any), `rule` (`file:line`), `status` (`met`, `unexpected_pass`, `violated`,
 //!     `not_run`).
+//! - `threads` (reports of `run`): intra-op threads per worker; `filter`: the `--filter`
+//!   substrings that selected the cases (absent: all).
+//! - `gate` (reports written with `--check`): `passed`, `checked`, `not_checked`, `changes`
+//!   (`id`, `kind`, `detail`, `fails`), `problems` (lost backends, a changed seed).
 //! - `partition` (reports of one `--partition K/N` job only): `spec`, `selected` (the cases the
 //!   N parts add up to), `filter`. `peft-compat merge` joins the parts into the report a single
 //!   job gives, without this field.
@@ -43,10 +51,10 @@ pub mod stream;
 
 pub use merge::{merge, MergeError};
 
-use crate::case::{Coords, Point};
+use crate::case::{Backend, Coords, Point};
 use crate::environment::Environment;
 use crate::exec::CaseResult;
-use crate::outcome::{Metrics, OutcomeKind, Tolerance};
+use crate::outcome::{Metrics, OutcomeKind, SkipKind, Tolerance};
 use crate::spec::rules::Expected;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -67,6 +75,51 @@ pub struct Report {
     /// Present in the report of one `--partition K/N` job; `merge` joins the N of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partition: Option<PartitionInfo>,
+    /// Intra-op threads per worker (`--threads`): a multi-threaded GEMM sums in another order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
+    /// The matrix file's fingerprint (FNV-1a of its text, as the results stream has it): parts
+    /// of one run agree on it, and `merge` checks case ids against the file when it matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matrix_fnv: Option<String>,
+    /// The `--filter` substrings that selected the cases (none: every case of the matrix). The
+    /// gate judges the selected cases only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filter: Vec<String>,
+    /// The gate's verdict, in reports written with `--check`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateRecord>,
+}
+
+/// The gate's verdict as the JSON report carries it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GateRecord {
+    pub passed: bool,
+    /// Cases compared with the snapshot or governed by an expectation.
+    pub checked: usize,
+    /// Cases not checked here (device absent, backend declared not expected, not applicable).
+    pub not_checked: usize,
+    /// Each changed case once: `id`, `kind` (`regression`, `unexpected success`, ...),
+    /// `detail`, `fails` (whether it fails the gate).
+    pub changes: Vec<GateChange>,
+    /// Setup changes that fail the gate on their own (the seed changed), and lost backends.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GateChange {
+    pub id: String,
+    pub kind: String,
+    pub detail: String,
+    pub fails: bool,
+}
+
+impl Report {
+    /// Whether this report's selection includes the case `id` (every id without `--filter`).
+    pub fn selects(&self, id: &str) -> bool {
+        self.filter.is_empty() || self.filter.iter().any(|f| id.contains(f.as_str()))
+    }
 }
 
 /// Which share of the matrix a partial report holds.
@@ -101,6 +154,9 @@ pub struct CaseReport {
     pub outcome: OutcomeKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Skipped cases: whose doing the skip is (absent in reports that predate it: `absent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip: Option<SkipKind>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upcast: Option<String>,
     pub upcast_applied: bool,
@@ -119,7 +175,38 @@ pub struct CaseReport {
     pub expected: Option<CaseExpectation>,
 }
 
+/// A backend build that should have run here and could not: a failure of the run, unless the
+/// user declared it not expected (`--skip-backend`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostBackend {
+    pub backend: Backend,
+    /// Why, as the first of its cases says.
+    pub reason: String,
+    /// How many cases it cost.
+    pub cases: usize,
+}
+
+impl LostBackend {
+    /// `tch: <reason> (360 cases not run); if tch is not expected on this runner, pass
+    /// --skip-backend tch`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}: {} ({} not run); if {} is not expected on this runner, pass --skip-backend {}",
+            self.backend,
+            self.reason,
+            crate::util::plural(self.cases, "case"),
+            self.backend,
+            self.backend
+        )
+    }
+}
+
 impl CaseReport {
+    /// Whose doing the skip is, for a skipped case (`absent` where the report predates kinds).
+    pub fn skip_kind(&self) -> Option<SkipKind> {
+        (self.outcome == OutcomeKind::Skipped).then(|| self.skip.unwrap_or_default())
+    }
+
     /// Why the case failed, in one line: the error's first line, or the worst output's error
     /// against its tolerance.
     pub fn failure_detail(&self) -> String {
@@ -177,6 +264,7 @@ impl CaseReport {
             shape: c.shape.name.clone(),
             outcome: r.outcome.kind(),
             error: r.outcome.message().map(String::from),
+            skip: r.outcome.skip_kind(),
             upcast: c.upcast_site().map(String::from),
             upcast_applied: c.upcasts(),
             metrics: r.outcome.metrics().cloned(),
@@ -190,6 +278,23 @@ impl CaseReport {
 }
 
 impl Report {
+    /// The backends that should have run and could not, in backend order.
+    pub fn lost_backends(&self) -> Vec<LostBackend> {
+        let mut lost: BTreeMap<Backend, LostBackend> = BTreeMap::new();
+        for c in &self.cases {
+            if c.skip_kind() == Some(SkipKind::BackendLost) {
+                lost.entry(c.point.backend)
+                    .or_insert_with(|| LostBackend {
+                        backend: c.point.backend,
+                        reason: c.error.clone().unwrap_or_default(),
+                        cases: 0,
+                    })
+                    .cases += 1;
+            }
+        }
+        lost.into_values().collect()
+    }
+
     pub fn new(
         matrix: &str,
         seed: u64,
@@ -227,6 +332,10 @@ impl Report {
             cases,
             inactive_expectations: Vec::new(),
             partition: None,
+            threads: None,
+            matrix_fnv: None,
+            filter: Vec::new(),
+            gate: None,
         }
     }
 

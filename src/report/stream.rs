@@ -5,18 +5,24 @@
 //! # Format (`peft-compat/stream/v1`, JSON Lines)
 //! - Line 1, the header: `{"schema": "peft-compat/stream/v1", "matrix": path, "matrix_fnv":
 //!   hex hash of the matrix file's text, "seed", "selection": the --filter and --partition that
-//!   chose the cases, "total": cases selected}`.
+//!   chose the cases, "total": cases selected, "threads": intra-op threads per worker,
+//!   "environment": as in the JSON report}`. The header is written once the workers have
+//!   started, so it holds every backend build's libraries: a resumed run's report carries the
+//!   environment its cases ran in, and its expectations are judged against it.
 //! - Every further line: one case, as in the JSON report's `cases` (without `expected`, which
 //!   the report adds from the matrix), in the order cases finished.
 //!
-//! A line cut short by a kill is ignored on reading; its case runs again on resume.
+//! A last line cut short by a kill (no newline) is ignored on reading and cut off on resume;
+//! its case runs again. Any other line that does not read is an error naming `path:line`.
+//! One run writes a stream at a time: `<stream>.lock` is held (flock) while it does.
 
 use super::CaseReport;
+use crate::environment::Environment;
 use crate::spec::Matrix;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const SCHEMA: &str = "peft-compat/stream/v1";
@@ -29,12 +35,22 @@ pub struct Header {
     pub seed: u64,
     pub selection: String,
     pub total: usize,
+    /// Intra-op threads per worker: a multi-threaded GEMM sums in another order.
+    #[serde(default = "one")]
+    pub threads: usize,
+    /// Where the cases ran (streams that predate it have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<Environment>,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Header {
     /// The header of a run of `matrix` (named as the user gave it) over a selection of
     /// `total` cases.
-    pub fn new(matrix: &Matrix, selection: String, total: usize) -> Self {
+    pub fn new(matrix: &Matrix, selection: String, total: usize, threads: usize) -> Self {
         Header {
             schema: SCHEMA.into(),
             matrix: matrix.path.display().to_string(),
@@ -42,6 +58,8 @@ impl Header {
             seed: matrix.seed,
             selection,
             total,
+            threads,
+            environment: None,
         }
     }
 }
@@ -65,10 +83,74 @@ pub enum StreamError {
     )]
     Mismatch {
         path: PathBuf,
-        what: &'static str,
+        what: String,
         was: String,
         now: String,
     },
+    #[error("{path}:{line}: not a case ({message}); the stream is damaged: run without --resume to start over")]
+    Line {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error(
+        "{path} is being written by another peft-compat run ({holder}); wait for it to end, or \
+         give this run a stream of its own with --results PATH"
+    )]
+    Busy { path: PathBuf, holder: String },
+}
+
+/// The lock that makes a run the only writer of its results stream: `<stream>.lock`, held
+/// (flock) until dropped, holding the owner's pid for the message another run gets. The lock
+/// file stays (deleting it would let two runs lock two different files).
+#[derive(Debug)]
+pub struct Lock {
+    _file: File,
+}
+
+impl Lock {
+    /// Take the lock of the stream at `path`. `Ok(None)` when there is nothing to lock: the
+    /// stream is not a regular file (`/dev/null`), or its folder cannot hold a lock file (then
+    /// writing the stream fails too, and says so).
+    pub fn acquire(path: &Path) -> Result<Option<Lock>, StreamError> {
+        if path.exists() && !path.is_file() {
+            return Ok(None);
+        }
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(".lock");
+        let lock_path = path.with_file_name(name);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let Ok(mut file) = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+        else {
+            return Ok(None);
+        };
+        match file.try_lock() {
+            Ok(()) => {
+                let _ = file.set_len(0);
+                let _ = write!(file, "pid {}", std::process::id());
+                let _ = file.flush();
+                Ok(Some(Lock { _file: file }))
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&lock_path)
+                    .ok()
+                    .filter(|h| !h.trim().is_empty())
+                    .unwrap_or_else(|| "pid unknown".into());
+                Err(StreamError::Busy {
+                    path: path.to_path_buf(),
+                    holder: holder.trim().to_string(),
+                })
+            }
+            Err(std::fs::TryLockError::Error(_)) => Ok(None),
+        }
+    }
 }
 
 /// Where the stream goes: `--results PATH`, else beside the JSON report (`report.jsonl` for
@@ -109,24 +191,21 @@ impl Writer {
         Ok(w)
     }
 
-    /// Continue the stream at `path` (its header already checked by [`read`]).
-    pub fn append(path: &Path) -> Result<Writer, StreamError> {
-        let file = OpenOptions::new()
-            .append(true)
-            .open(path)
-            .map_err(|source| StreamError::Write {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        // A line cut short by a kill has no newline: start on a fresh one.
-        let mut w = Writer {
+    /// Continue the stream at `path` (its header already checked by [`read`]) after its
+    /// first `complete` bytes: a last line cut short by a kill is cut off.
+    pub fn append(path: &Path, complete: u64) -> Result<Writer, StreamError> {
+        let err = |source| StreamError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new().write(true).open(path).map_err(err)?;
+        file.set_len(complete).map_err(err)?;
+        drop(file);
+        let file = OpenOptions::new().append(true).open(path).map_err(err)?;
+        Ok(Writer {
             path: path.to_path_buf(),
             file,
-        };
-        if !ends_with_newline(path) {
-            w.line("")?;
-        }
-        Ok(w)
+        })
     }
 
     /// Append one finished case, on disk before this returns.
@@ -149,37 +228,28 @@ impl Writer {
     }
 }
 
-/// Whether the file's last byte is a newline (read alone: a stream can be long).
-fn ends_with_newline(path: &Path) -> bool {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut last = [b'\n'];
-    File::open(path)
-        .and_then(|mut f| {
-            if f.seek(SeekFrom::End(0))? > 0 {
-                f.seek(SeekFrom::End(-1))?;
-                f.read_exact(&mut last)?;
-            }
-            Ok(())
-        })
-        .map_or(true, |_| last[0] == b'\n')
+/// A stream read back.
+#[derive(Debug)]
+pub struct Read {
+    pub header: Header,
+    /// Every complete case line, in the order written.
+    pub cases: Vec<CaseReport>,
+    /// Bytes up to the end of the last complete line: where a resumed run appends.
+    pub complete: u64,
 }
 
-/// Read a stream back: its header and every complete case line.
-pub fn read(path: &Path) -> Result<(Header, Vec<CaseReport>), StreamError> {
-    let f = File::open(path).map_err(|source| StreamError::Read {
+/// Read a stream back: its header and every complete case line. A last line without its
+/// newline (a kill mid-write) is left out; any other line that does not read is an error that
+/// names it.
+pub fn read(path: &Path) -> Result<Read, StreamError> {
+    let bytes = std::fs::read(path).map_err(|source| StreamError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    let mut lines = BufReader::new(f).lines();
-    let first = lines
-        .next()
-        .transpose()
-        .map_err(|source| StreamError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?
-        .unwrap_or_default();
-    let header: Header = serde_json::from_str(&first).map_err(|e| StreamError::Format {
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let mut lines = bytes[..complete].split(|&b| b == b'\n');
+    let first = lines.next().unwrap_or_default();
+    let header: Header = serde_json::from_slice(first).map_err(|e| StreamError::Format {
         path: path.to_path_buf(),
         message: format!("line 1: {e}"),
     })?;
@@ -190,18 +260,26 @@ pub fn read(path: &Path) -> Result<(Header, Vec<CaseReport>), StreamError> {
         });
     }
     let mut cases = Vec::new();
-    for line in lines.map_while(Result::ok) {
-        // A partial last line (the process was killed mid-write) does not parse: skipped.
-        if let Ok(c) = serde_json::from_str::<CaseReport>(&line) {
-            cases.push(c);
-        }
+    // The split leaves an empty piece after the last newline.
+    let body: Vec<&[u8]> = lines.collect();
+    for (n, line) in body.iter().enumerate().take(body.len().saturating_sub(1)) {
+        let c = serde_json::from_slice::<CaseReport>(line).map_err(|e| StreamError::Line {
+            path: path.to_path_buf(),
+            line: n + 2,
+            message: e.to_string(),
+        })?;
+        cases.push(c);
     }
-    Ok((header, cases))
+    Ok(Read {
+        header,
+        cases,
+        complete: complete as u64,
+    })
 }
 
 /// Check that a stream read back belongs to the run about to resume it.
 pub fn check_resumable(path: &Path, was: &Header, now: &Header) -> Result<(), StreamError> {
-    let fields: [(&'static str, String, String); 4] = [
+    let fields: [(&'static str, String, String); 5] = [
         (
             "matrix file",
             was.matrix_fnv.clone(),
@@ -210,12 +288,17 @@ pub fn check_resumable(path: &Path, was: &Header, now: &Header) -> Result<(), St
         ("seed", was.seed.to_string(), now.seed.to_string()),
         ("selection", was.selection.clone(), now.selection.clone()),
         ("cases", was.total.to_string(), now.total.to_string()),
+        (
+            "--threads",
+            was.threads.to_string(),
+            now.threads.to_string(),
+        ),
     ];
     for (what, a, b) in fields {
         if a != b {
             return Err(StreamError::Mismatch {
                 path: path.to_path_buf(),
-                what,
+                what: what.to_string(),
                 was: a,
                 now: b,
             });
@@ -224,12 +307,57 @@ pub fn check_resumable(path: &Path, was: &Header, now: &Header) -> Result<(), St
     Ok(())
 }
 
+/// The environment a resumed run's report carries: the stream's (where its cases ran), with
+/// any backend build this run started that the stream's run did not. A build whose libraries
+/// changed since is refused: the stream's cases and this run's would come from different
+/// libraries.
+pub fn resumed_environment(
+    path: &Path,
+    was: Option<&Environment>,
+    now: &Environment,
+) -> Result<Environment, StreamError> {
+    let Some(was) = was else {
+        return Ok(now.clone());
+    };
+    let mut env = was.clone();
+    for (b, libs) in &now.backends {
+        match was.backends.get(b) {
+            Some(old) if old != libs => {
+                let show = |m: &std::collections::BTreeMap<String, String>| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                return Err(StreamError::Mismatch {
+                    path: path.to_path_buf(),
+                    what: format!("the {b} build"),
+                    was: show(old),
+                    now: show(libs),
+                });
+            }
+            Some(_) => {}
+            None => {
+                env.backends.insert(b.clone(), libs.clone());
+                for (k, v) in libs {
+                    env.libraries.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+            }
+        }
+    }
+    Ok(env)
+}
+
 /// Where an interrupted run stands: the cases its stream already holds (each selected case
 /// once, as it was first written) and the selected cases still to run.
 #[derive(Debug)]
 pub struct Resumed {
     pub finished: Vec<CaseReport>,
     pub remaining: Vec<usize>,
+    /// Where the stream's cases ran, as its header says.
+    pub environment: Option<Environment>,
+    /// Where to append: after the last complete line.
+    pub complete: u64,
 }
 
 /// Read the stream at `path` for a run of `matrix` over `selected` (matrix indices) with
@@ -240,7 +368,11 @@ pub fn resume(
     matrix: &Matrix,
     selected: &[usize],
 ) -> Result<Resumed, StreamError> {
-    let (was, cases) = read(path)?;
+    let Read {
+        header: was,
+        cases,
+        complete,
+    } = read(path)?;
     check_resumable(path, &was, header)?;
     let wanted: BTreeSet<usize> = selected.iter().copied().collect();
     let mut seen = BTreeSet::new();
@@ -259,6 +391,8 @@ pub fn resume(
     Ok(Resumed {
         finished,
         remaining,
+        environment: was.environment,
+        complete,
     })
 }
 
@@ -276,6 +410,8 @@ mod tests {
             seed: 1,
             selection: "all".into(),
             total: 3,
+            threads: 1,
+            environment: None,
         }
     }
 
@@ -296,6 +432,7 @@ mod tests {
             shape: format!("s{index}"),
             outcome: OutcomeKind::Skipped,
             error: Some("why".into()),
+            skip: None,
             upcast: None,
             upcast_applied: false,
             metrics: None,
@@ -325,13 +462,24 @@ mod tests {
         let mut text = std::fs::read_to_string(&path).unwrap();
         text.push_str(r#"{"index":2,"id":"tch/cpu"#);
         std::fs::write(&path, text).unwrap();
-        let (h, cases) = read(&path).unwrap();
+        let Read {
+            header: h,
+            cases,
+            complete,
+        } = read(&path).unwrap();
         assert_eq!(h, header);
         assert_eq!(cases, vec![case(0), case(1)]);
-        // Appending starts on a fresh line, so the resumed case reads back.
-        let mut w = Writer::append(&path).unwrap();
+        // Appending cuts the partial line off, so the resumed case reads back.
+        let mut w = Writer::append(&path, complete).unwrap();
         w.case(&case(2)).unwrap();
-        assert_eq!(read(&path).unwrap().1.len(), 3);
+        assert_eq!(read(&path).unwrap().cases, vec![case(0), case(1), case(2)]);
+
+        // A damaged line in the middle is named, never skipped.
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text = text.replacen("{\"index\":1", "{\"index\":oops", 1);
+        std::fs::write(&path, &text).unwrap();
+        let e = read(&path).unwrap_err().to_string();
+        assert!(e.contains("r.jsonl:3: not a case"), "{e}");
 
         let other = header_of("seed: 2\n");
         let e = check_resumable(&path, &h, &other).unwrap_err().to_string();
@@ -355,7 +503,7 @@ mod tests {
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.jsonl");
-        let header = Header::new(&m, "all".into(), 3);
+        let header = Header::new(&m, "all".into(), 3, 1);
         let mut w = Writer::create(&path, &header).unwrap();
         let mut first = case(0);
         first.id = m.cases[0].id();
@@ -370,7 +518,7 @@ mod tests {
         let r = resume(&path, &header, &m, &[0, 1, 2]).unwrap();
         assert_eq!(r.finished, vec![first]);
         assert_eq!(r.remaining, vec![1, 2]);
-        let other = Header::new(&m, "filter=[\"f16\"]".into(), 1);
+        let other = Header::new(&m, "filter=[\"f16\"]".into(), 1, 1);
         let e = resume(&path, &other, &m, &[1]).unwrap_err().to_string();
         assert!(
             e.contains("selection") && e.contains("without --resume"),

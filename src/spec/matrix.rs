@@ -77,6 +77,23 @@ impl ToleranceRule {
 /// the image, a finite alpha.
 fn check_shape(s: &Shape, src: &Source) -> Result<(), MatrixError> {
     let name = &s.name;
+    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+    if name.is_empty() || name.len() > 64 || !name.chars().all(valid) {
+        let printable: String = name.escape_debug().collect();
+        // A name with control characters is written quoted with escapes: find its opening.
+        let needle = match name.find(char::is_control) {
+            None if !name.is_empty() => name.clone(),
+            Some(at) if at > 0 => format!("\"{}", &name[..at]),
+            _ => "shapes:".to_string(),
+        };
+        return Err(src.error_in(
+            "shapes",
+            &needle,
+            format!("shape name \"{printable}\": a shape name is 1 to 64 of A-Z a-z 0-9 _ . -"),
+            "shape names become part of case ids and dump file names (`/` would split an id, and \
+             two names must never give one id): rename it, e.g. llama_7b-q_proj",
+        ));
+    }
     let fail = |message: String, help: &str| src.error_at(&format!("{name}:"), message, help);
     let zero = [
         ("batch", s.batch),

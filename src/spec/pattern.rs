@@ -58,6 +58,23 @@ pub struct Pattern {
 }
 
 impl Pattern {
+    /// Each key the pattern gives, with the pattern without it: to name the key that leaves a
+    /// rule matching nothing.
+    pub fn each_key_dropped(&self) -> Vec<(&'static str, Pattern)> {
+        let mut out = Vec::new();
+        macro_rules! drop_key {
+            ($($k:ident),*) => {$(
+                if self.$k.is_some() {
+                    let mut p = self.clone();
+                    p.$k = None;
+                    out.push((stringify!($k), p));
+                }
+            )*};
+        }
+        drop_key!(backend, device, dtype, adapter, op, precision, layer, profile, shape);
+        out
+    }
+
     pub fn matches(&self, c: &Coords) -> bool {
         fn ok<T: PartialEq<Q>, Q: ?Sized>(p: &Option<OneOrMany<T>>, v: &Q) -> bool {
             p.as_ref().is_none_or(|p| p.contains(v))

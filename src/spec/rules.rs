@@ -350,14 +350,31 @@ pub fn compile_all(
                 help,
             )
         })?;
-        if !cases
-            .iter()
-            .any(|c| rule.written.pattern.matches(&c.coords()))
-        {
+        let pattern = &rule.written.pattern;
+        if !cases.iter().any(|c| pattern.matches(&c.coords())) {
+            // The keys that, dropped alone, would let the rule match: the ones to look at.
+            let culprits: Vec<String> = pattern
+                .each_key_dropped()
+                .into_iter()
+                .filter(|(_, p)| cases.iter().any(|c| p.matches(&c.coords())))
+                .map(|(k, _)| format!("`{k}`"))
+                .collect();
+            let why = match culprits.len() {
+                0 => "no single key is to blame: the keys together select nothing".to_string(),
+                1 => format!(
+                    "its {} key leaves out every case the other keys select",
+                    culprits[0]
+                ),
+                _ => format!(
+                    "each of its {} keys alone leaves out every case the others select",
+                    culprits.join(", ")
+                ),
+            };
             return Err(src.error(
                 (line, None),
-                format!("expectation {} matches no case of the matrix", i + 1),
-                "a rule that governs nothing is out of date or misspelt: fix its pattern or remove it",
+                format!("expectation {} matches no case of the matrix: {why}", i + 1),
+                "a rule that governs nothing is out of date or misspelt: fix that key (compare \
+                 with `peft-compat list`) or remove the rule",
             ));
         }
         out.push(rule);

@@ -127,6 +127,7 @@ impl<'a> Source<'a> {
                 .rsplit_once(" at line ")
                 .map(|(m, _)| m.to_string())
                 .unwrap_or(text);
+            let message = number_from_one(&message);
             let help = deserialize_help(&message);
             self.error(
                 (
@@ -140,20 +141,38 @@ impl<'a> Source<'a> {
     }
 }
 
+/// serde's paths number list items from 0 (`expectations[0].expect`); every other message
+/// numbers them from 1, as a person counts: `expectations entry 1.expect`.
+fn number_from_one(message: &str) -> String {
+    let re = regex::Regex::new(r"([A-Za-z_]+)\[(\d+)\]").expect("valid regex");
+    re.replace_all(message, |c: &regex::Captures| {
+        let n: usize = c[2].parse().unwrap_or(0);
+        format!("{} entry {}", &c[1], n + 1)
+    })
+    .into_owned()
+}
+
 /// The fix to suggest for one of serde's messages.
 fn deserialize_help(message: &str) -> &'static str {
     let unknown = message.contains("unknown field") || message.contains("missing field");
-    if message.contains("unknown variant") || message.contains("unknown device") {
+    let number = ["expected usize", "expected u64", "expected u32"]
+        .iter()
+        .any(|t| message.contains(t));
+    if message.starts_with("expectations") && message.contains("unknown variant") {
+        "expect takes: pass, mismatch, nonfinite, unsupported, crashed, timeout, fail (any failure), flaky (pass or fail)"
+    } else if message.contains("unknown variant") || message.contains("unknown device") {
         HELP_AXES
+    } else if number {
+        "this key takes a whole number: sizes (batch, in_features, out_features, rank, kernel, \
+         image) and max_cases >= 1, seed >= 0; e.g. batch: 4"
     } else if message.starts_with("expectations") && unknown {
         "an expectation takes a case pattern (backend, device, dtype, adapter, op, precision, layer, profile, shape), \
          expect (pass, mismatch, nonfinite, unsupported, crashed, timeout, fail, flaky), reason, and optionally \
          error (a regular expression) and when (libtorch, tch, candle, cuda, cpu_flag, arch, gpu)"
-    } else if message.starts_with("expectations") && message.contains("unknown variant") {
-        "expect takes: pass, mismatch, nonfinite, unsupported, crashed, timeout, fail (any failure), flaky (pass or fail)"
     } else if unknown {
         "top-level keys: seed, max_cases, axes, shapes, exclude, include, tolerances, expectations; \
-         a shape takes batch, in_features, out_features, rank, alpha, bias, rslora, kernel, image"
+         a shape requires batch, in_features, out_features, rank, alpha and takes bias (default \
+         true), rslora (default false), kernel (default 3) and image (default 8)"
     } else {
         "check the YAML syntax near this position (indentation, a missing ':' or ']')"
     }

@@ -13,7 +13,12 @@
 //! - **unexpected success**: a case that failed now passes; fails the gate unless
 //!   `--allow-improvements`, and the message says how to accept it.
 //! - **missing**: a case of the matrix with no snapshot entry; **orphan**: a snapshot entry no
-//!   case produces.
+//!   case of the selection produces (with `--filter`, entries outside the filter are not
+//!   judged at all).
+//! - **tolerance changed**: a case's tolerance differs from the accepted one (a matrix rule or
+//!   the model changed): every error is judged against another bar, so it fails until accepted.
+//! - **seed changed**: the snapshot was recorded with another seed: every input differs; said
+//!   once, and it fails the gate.
 //! - **expectations**: where the matrix declares an expected outcome for a case (with a reason,
 //!   maybe an error pattern and an environment condition), the expectation decides: a case that
 //!   breaks it is a regression (or an unexpected success, when a declared failure passes) even if
@@ -23,13 +28,18 @@
 //!   no baseline to compare with, so it fails the gate unless `--allow-new`, and the `.snap.new`
 //!   carries the new entries beside every accepted one, so a GPU runner records its baseline
 //!   through the normal accept flow.
-//! - **not checked here**: a case skipped because its device or backend is absent; never a pass
-//!   and never an error.
+//! - **not checked here**: a case skipped because its device is absent (or too small, by the
+//!   resource guard), its backend is declared not expected here (`--skip-backend`), or PEFT
+//!   refuses the combination; never a pass and never an error.
+//! - **lost backend**: a backend whose worker should have run and could not (missing, not
+//!   executable, another protocol, died or hung at start). Its cases are not checked, and that
+//!   fails the gate: a CI runner whose libtorch stopped loading must not stay green.
 
 use super::snapshot::{self, Entry, Snapshot};
 use crate::outcome::OutcomeKind;
+use crate::outcome::SkipKind;
 use crate::report::Status;
-use crate::report::{CaseReport, Report};
+use crate::report::{CaseReport, GateChange, GateRecord, LostBackend, Report};
 use crate::spec::rules::Expected;
 use std::collections::BTreeSet;
 
@@ -54,6 +64,8 @@ pub enum ChangeKind {
     /// The outcome differs from the snapshot, as a matrix expectation says it should: a note,
     /// never a failure.
     Expected,
+    /// The case's tolerance differs from the accepted one.
+    ToleranceChanged,
 }
 
 impl ChangeKind {
@@ -65,6 +77,7 @@ impl ChangeKind {
             ChangeKind::Orphan => "orphan snapshot entry",
             ChangeKind::New => "new here (no baseline)",
             ChangeKind::Expected => "changed as expected",
+            ChangeKind::ToleranceChanged => "tolerance changed",
         }
     }
 }
@@ -75,6 +88,9 @@ pub struct Change {
     pub kind: ChangeKind,
     /// `before -> after, numbers, error text`.
     pub detail: String,
+    /// The matrix rule (`file:line`) this change breaks, when an expectation decided it: the
+    /// fix is in the matrix, not in the snapshot.
+    pub rule: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -88,6 +104,16 @@ pub struct Verdict {
     pub allow_improvements: bool,
     /// `--allow-new`: new cases are noted, not failures.
     pub allow_new: bool,
+    /// Backends that should have run and could not: each fails the gate.
+    pub lost: Vec<LostBackend>,
+    /// Setup changes that fail the gate on their own, said once (the seed changed).
+    pub problems: Vec<String>,
+    /// Failing cases the snapshot accepts with no expectation to say why: not a change, but
+    /// never silent either.
+    pub unexplained: Vec<String>,
+    /// The command that records an accepted change (`peft-compat run M --check`, with the
+    /// user's `--snapshot`); `None`: the plain one for the matrix.
+    pub command: Option<String>,
 }
 
 impl Verdict {
@@ -107,7 +133,43 @@ impl Verdict {
     }
 
     pub fn passed(&self) -> bool {
-        self.failures().next().is_none()
+        self.failures().next().is_none() && self.lost.is_empty() && self.problems.is_empty()
+    }
+
+    /// The verdict as the JSON report carries it.
+    pub fn record(&self) -> GateRecord {
+        GateRecord {
+            passed: self.passed(),
+            checked: self.checked,
+            not_checked: self.not_checked.len(),
+            changes: self
+                .changes
+                .iter()
+                .map(|c| GateChange {
+                    id: c.id.clone(),
+                    kind: c.kind.as_str().to_string(),
+                    detail: c.detail.clone(),
+                    fails: self.fails(c),
+                })
+                .collect(),
+            problems: self
+                .lost
+                .iter()
+                .map(|l| format!("backend lost: {}", l.describe()))
+                .chain(self.problems.iter().cloned())
+                .collect(),
+        }
+    }
+
+    /// Fail the gate once when the snapshot was recorded with another seed than the run's.
+    pub fn check_seed(&mut self, accepted: Option<u64>, now: u64) {
+        if let Some(was) = accepted.filter(|&was| was != now) {
+            self.problems.push(format!(
+                "the seed changed: the snapshot was recorded with seed {was}, this matrix has \
+                 seed {now}, so every input differs; restore the seed, or record the snapshot \
+                 again"
+            ));
+        }
     }
 }
 
@@ -184,22 +246,29 @@ pub fn check_with(report: &Report, accepted: &Snapshot, policy: GatePolicy) -> V
     let mut v = Verdict {
         allow_improvements: policy.allow_improvements,
         allow_new: policy.allow_new,
+        lost: report.lost_backends(),
         ..Verdict::default()
     };
     let produced: BTreeSet<&str> = report.cases.iter().map(|c| c.id.as_str()).collect();
     for c in &report.cases {
-        // Every skip means the device or backend is absent here.
-        if c.outcome == OutcomeKind::Skipped {
-            v.not_checked
-                .push((c.id.clone(), c.error.clone().unwrap_or_default()));
-            continue;
+        match c.skip_kind() {
+            // Counted once per backend in `lost`.
+            Some(SkipKind::BackendLost) => continue,
+            Some(_) => {
+                v.not_checked
+                    .push((c.id.clone(), c.error.clone().unwrap_or_default()));
+                continue;
+            }
+            None => {}
         }
         if c.expected_failure().is_some() {
             v.expected_failures += 1;
         }
         let now = snapshot::entry(c);
+        let mut rule = None;
         let change = if let Some(change) = expectation_change(c, &now) {
             v.checked += 1;
+            rule = c.expected.as_ref().map(|e| e.rule.clone());
             Some(change)
         } else {
             match accepted.get(&c.id) {
@@ -237,10 +306,16 @@ pub fn check_with(report: &Report, accepted: &Snapshot, policy: GatePolicy) -> V
                 id: c.id.clone(),
                 kind,
                 detail,
+                rule,
             });
+        } else if c.outcome.is_failure() && c.expected.is_none() {
+            v.unexplained.push(c.id.clone());
         }
     }
-    for id in accepted.keys().filter(|id| !produced.contains(id.as_str())) {
+    let orphans = accepted
+        .keys()
+        .filter(|id| !produced.contains(id.as_str()) && report.selects(id));
+    for id in orphans {
         v.changes.push(Change {
             id: id.clone(),
             kind: ChangeKind::Orphan,
@@ -248,6 +323,7 @@ pub fn check_with(report: &Report, accepted: &Snapshot, policy: GatePolicy) -> V
                 "accepted as {} but no case of the matrix produces it",
                 describe(&accepted[id])
             ),
+            rule: None,
         });
     }
     v
@@ -267,6 +343,15 @@ fn compare(before: &Entry, now: &Entry, c: &CaseReport) -> Option<(ChangeKind, S
                 e.rule, e.reason
             )),
         )),
+        (_, false) if tolerance_changed(before, now) => Some((
+            ChangeKind::ToleranceChanged,
+            detail(format!(
+                "the tolerance changed from {:.2e} to {:.2e} (a tolerance rule of the matrix, or \
+                 the model, changed): errors are now held to another bar",
+                before.tolerance.unwrap_or_default(),
+                now.tolerance.unwrap_or_default()
+            )),
+        )),
         (Some(e), false) if e.outcome == Expected::Flaky => None,
         (_, false) => {
             let tol_units = tolerance / c.point.dtype.unit_roundoff();
@@ -282,6 +367,11 @@ fn compare(before: &Entry, now: &Entry, c: &CaseReport) -> Option<(ChangeKind, S
             (false, false) => (ChangeKind::Regression, detail("fails differently".into())),
         }),
     }
+}
+
+/// Whether both entries record a tolerance and they differ (both are rounded alike).
+fn tolerance_changed(before: &Entry, now: &Entry) -> bool {
+    matches!((before.tolerance, now.tolerance), (Some(a), Some(b)) if a != b)
 }
 
 /// The drift rules for two runs that both produced numbers.

@@ -6,7 +6,12 @@
 //! - errors are stored in units of the dtype's roundoff (`err_units`) with 2 significant digits;
 //! - each output's L2 norm (`norm`) and L1 checksum (`l1`) with 4 significant digits (a relative
 //!   resolution of 1e-3, coarser than f32 noise and finer than any real change in a result);
-//! - failure texts as a class: the first line, with digits replaced by `#`.
+//! - failure texts as a class: the first line, with digits replaced by `#`;
+//! - each case's tolerance (`tolerance`, 2 significant digits): a tolerance raised in the matrix
+//!   would otherwise let a worse error pass unnoticed.
+//!
+//! The insta header's `info` records the matrix's `seed`: another seed draws other inputs, so
+//! every number moves, and the gate says that once instead of case by case.
 //!
 //! The gate does not compare this text for equality: it applies the drift rules in `gate` to the
 //! parsed numbers, so a rounding boundary crossed by noise does not fail CI.
@@ -33,6 +38,9 @@ pub struct Entry {
     pub error_class: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub outputs: BTreeMap<String, OutputEntry>,
+    /// The allowed `max_rel_err` (absent in snapshots that predate it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerance: Option<f64>,
 }
 
 /// A whole snapshot: case id -> entry.
@@ -84,6 +92,7 @@ pub fn entry(c: &CaseReport) -> Entry {
             _ => None,
         },
         outputs,
+        tolerance: (c.outcome != OutcomeKind::Skipped).then(|| sig(c.tolerance.rel, 2)),
     }
 }
 
@@ -95,20 +104,44 @@ pub fn from_report(report: &Report) -> Snapshot {
         .collect()
 }
 
-/// The snapshot to propose after a failed gate: the observed entries, except for cases skipped
-/// here (e.g. GPU cases on a CPU machine), which keep their accepted entry.
+/// The snapshot to propose after a failed gate: the accepted one, with every case this run
+/// produced replaced by what it observed (except cases skipped here, e.g. GPU cases on a CPU
+/// machine, which keep their accepted entry) and the entries no case of the selection produces
+/// dropped. Entries outside the selection (`--filter`) stay as they are: accepting a filtered
+/// run's proposal never wipes the rest of the baseline.
 pub fn observed(report: &Report, accepted: &Snapshot) -> Snapshot {
-    let mut s = from_report(report);
-    for c in report
-        .cases
+    let mut s: Snapshot = accepted
         .iter()
-        .filter(|c| c.outcome == OutcomeKind::Skipped)
-    {
-        if let Some(e) = accepted.get(&c.id) {
-            s.insert(c.id.clone(), e.clone());
-        }
+        .filter(|(id, _)| !report.selects(id))
+        .map(|(id, e)| (id.clone(), e.clone()))
+        .collect();
+    for c in &report.cases {
+        let kept = accepted
+            .get(&c.id)
+            .filter(|_| c.outcome == OutcomeKind::Skipped);
+        s.insert(c.id.clone(), kept.cloned().unwrap_or_else(|| entry(c)));
     }
     s
+}
+
+/// What a snapshot's insta header records besides the entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Info {
+    /// The matrix's seed when it was recorded (absent in snapshots that predate it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+/// The whole file: its insta header (`source`, `expression`, `info`), then the entries.
+pub fn to_file_text(matrix: &str, info: &Info, s: &Snapshot) -> String {
+    let info = match info.seed {
+        Some(seed) => format!("info:\n  seed: {seed}\n"),
+        None => String::new(),
+    };
+    format!(
+        "---\nsource: peft-compat\nexpression: {matrix}\n{info}---\n{}",
+        to_text(s)
+    )
 }
 
 /// The snapshot body (what insta stores under its header).
@@ -131,6 +164,11 @@ pub enum SnapshotError {
     Missing(PathBuf),
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    #[error("cannot read the snapshot {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source}")]
     Write {
         path: PathBuf,
@@ -140,27 +178,100 @@ pub enum SnapshotError {
 
 /// Read an insta `.snap` file (a `---` header, then the body).
 pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|_| SnapshotError::Missing(path.to_path_buf()))?;
-    let body = strip_header(&text);
-    serde_yaml::from_str(body).map_err(|e| SnapshotError::Invalid {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    read_with_info(path).map(|(_, s)| s)
 }
 
-fn strip_header(text: &str) -> &str {
+/// Read an insta `.snap` file strictly: UTF-8 (the first bad byte named), each case id once.
+pub fn read_with_info(path: &Path) -> Result<(Info, Snapshot), SnapshotError> {
+    let bytes = std::fs::read(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => SnapshotError::Missing(path.to_path_buf()),
+        _ => SnapshotError::Read {
+            path: path.to_path_buf(),
+            source,
+        },
+    })?;
+    let invalid = |message: String| SnapshotError::Invalid {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let before = &e.as_bytes()[..at];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let column = at - before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) + 1;
+        invalid(format!(
+            "line {line}, column {column}: not UTF-8 text (byte 0x{:02x}); snapshots are written by \
+             peft-compat, restore it from version control or record it again",
+            e.as_bytes()[at]
+        ))
+    })?;
+    let (header, body) = split_header(&text);
+    let info = header
+        .and_then(|h| {
+            serde_yaml::from_str::<serde_yaml::Value>(h)
+                .ok()?
+                .get("info")
+                .cloned()
+        })
+        .map(|v| serde_yaml::from_value::<Info>(v).map_err(|e| invalid(format!("info: {e}"))))
+        .transpose()?
+        .unwrap_or_default();
+    let Strict(entries) = serde_yaml::from_str(body).map_err(|e| invalid(e.to_string()))?;
+    Ok((info, entries))
+}
+
+/// A snapshot body that refuses an id listed twice (a map would keep the last one silently).
+struct Strict(Snapshot);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Strict;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map from case id to entry")
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Strict, E> {
+                Ok(Strict(Snapshot::new()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Strict, A::Error> {
+                let mut out = Snapshot::new();
+                while let Some((id, e)) = map.next_entry::<String, Entry>()? {
+                    if out.contains_key(&id) {
+                        return Err(serde::de::Error::custom(format!(
+                            "case `{id}` is listed twice; keep one entry"
+                        )));
+                    }
+                    out.insert(id, e);
+                }
+                Ok(Strict(out))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+/// The insta header (between the `---` lines), if any, and the body.
+fn split_header(text: &str) -> (Option<&str>, &str) {
     if let Some(rest) = text.strip_prefix("---\n") {
         if let Some(i) = rest.find("\n---\n") {
-            return &rest[i + 5..];
+            return (Some(&rest[..i]), &rest[i + 5..]);
         }
     }
-    text
+    (None, text)
 }
 
 /// Write a pending snapshot beside the accepted one (`NAME.snap.new`, insta's format), for
 /// `cargo insta review` / `cargo insta accept`. Never called when `CI` is set.
-pub fn write_pending(path: &Path, matrix: &str, s: &Snapshot) -> Result<PathBuf, SnapshotError> {
+pub fn write_pending(
+    path: &Path,
+    matrix: &str,
+    info: &Info,
+    s: &Snapshot,
+) -> Result<PathBuf, SnapshotError> {
     let pending = PathBuf::from(format!("{}.new", path.display()));
     if let Some(dir) = pending.parent() {
         std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Write {
@@ -168,13 +279,12 @@ pub fn write_pending(path: &Path, matrix: &str, s: &Snapshot) -> Result<PathBuf,
             source,
         })?;
     }
-    let text = format!(
-        "---\nsource: peft-compat\nexpression: {matrix}\n---\n{}",
-        to_text(s)
-    );
-    std::fs::write(&pending, text).map_err(|source| SnapshotError::Write {
-        path: pending.clone(),
-        source,
+    let text = to_file_text(matrix, info, s);
+    crate::util::write_atomic(&pending, text.as_bytes()).map_err(|source| {
+        SnapshotError::Write {
+            path: pending.clone(),
+            source,
+        }
     })?;
     Ok(pending)
 }

@@ -8,7 +8,11 @@
 //!   failed" and aborts);
 //! - `panic`: panics (the worker survives and answers `panicked`);
 //! - `stdout`: prints junk on stdout first, then runs normally (the protocol must skip it);
-//! - `slow`: sleeps 150 ms first, then runs normally (for interrupting a run midway).
+//! - `slow`: sleeps 150 ms first, then runs normally (for interrupting a run midway);
+//! - `flood`: writes to stdout without end, in lines of 1 MiB with no newline at all (the
+//!   runner's memory must stay bounded; the case times out);
+//! - `hugeframe`: answers with a frame header that claims a 1 TB payload (the runner must refuse
+//!   it before allocating anything; the case is `crashed`).
 //!
 //! Every other case runs on candle, as the real worker does.
 
@@ -18,6 +22,7 @@ use peft_compat::worker::ops::OpResult;
 use peft_compat::worker::WorkerBackend;
 use peft_compat_worker_candle::Candle;
 use std::collections::BTreeMap;
+use std::io::Write;
 
 struct Faulty {
     faults: Vec<(String, String)>,
@@ -68,6 +73,23 @@ impl WorkerBackend for Faulty {
             Some("slow") => {
                 std::thread::sleep(std::time::Duration::from_millis(150));
                 Candle.run(case, inputs)
+            }
+            Some("flood") => {
+                let junk = vec![b'x'; 1 << 20];
+                let mut out = std::io::stdout();
+                loop {
+                    if out.write_all(&junk).is_err() {
+                        std::process::exit(3);
+                    }
+                }
+            }
+            Some("hugeframe") => {
+                let mut out = std::io::stdout();
+                let header = r#"PCW1 {"type":"outputs","compute_ms":1.0,"tensors":[{"name":"result","dtype":"f32","shape":[262144,1048576],"bytes":1099511627776}]}"#;
+                let _ = writeln!(out, "{header}");
+                let _ = out.flush();
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                unreachable!()
             }
             Some("stdout") => {
                 println!("fault_worker: stray output on stdout");

@@ -4,7 +4,7 @@
 
 use peft_compat::case::{Backend, Case, Device};
 use peft_compat::environment::Environment;
-use peft_compat::exec::{self, CaseResult, InProcess, RunOptions, WorkerPaths, Workers};
+use peft_compat::exec::{self, CaseResult, InProcess, Pool, RunOptions, WorkerPaths, Workers};
 use peft_compat::spec::Matrix;
 use peft_compat::worker::io::{Inputs, Outputs};
 use peft_compat::worker::ops::OpResult;
@@ -87,7 +87,14 @@ pub fn run_workers_env(
         .collect();
     pairs.sort();
     pairs.dedup();
-    let workers = Workers::start(WorkerPaths::default(), &pairs, jobs, 1);
+    let workers = Workers::start(
+        WorkerPaths::default(),
+        &pairs,
+        Pool {
+            jobs,
+            ..Pool::default()
+        },
+    );
     let results = exec::run(m, None, &workers, opts, &mut |_| {}).results;
     (results, Environment::of_workers(&workers.info))
 }
@@ -98,4 +105,37 @@ pub fn run_workers_with(m: &Matrix, jobs: usize, opts: &RunOptions) -> Vec<CaseR
 
 pub fn run_workers(m: &Matrix) -> Vec<CaseResult> {
     run_workers_with(m, 2, &RunOptions::default())
+}
+
+/// The `peft-compat` binary, as a user runs it: no colour, outside CI, every backend expected.
+pub fn bin() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_peft-compat"));
+    c.env("NO_COLOR", "1")
+        .env_remove("CI")
+        .env_remove("PEFT_COMPAT_SKIP_LIBTORCH_2_1");
+    c
+}
+
+/// Write `body` to `dir/name`; its path.
+pub fn write(dir: &std::path::Path, name: &str, body: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+/// A JSON file read back.
+pub fn json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The report with what legitimately differs between two runs (timings, paths) taken out.
+pub fn masked(mut r: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    r["summary"]["elapsed_s"] = Value::Null;
+    r["matrix"] = Value::Null;
+    for c in r["cases"].as_array_mut().unwrap() {
+        c["duration_ms"] = Value::Null;
+        c["compute_ms"] = Value::Null;
+    }
+    r
 }

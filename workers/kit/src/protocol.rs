@@ -198,15 +198,17 @@ pub fn lossless_dtype(t: &HostTensor, preferred: DType) -> DType {
 
 /// Read a tensor back from its bytes.
 pub fn decode(h: &TensorHeader, bytes: &[u8]) -> io::Result<HostTensor> {
-    let n: usize = h.shape.iter().product();
-    if bytes.len() != n * h.dtype.size() {
+    let n = h.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    let Some(n) = n.filter(|n| n.checked_mul(h.dtype.size()) == Some(bytes.len())) else {
         return Err(bad(format!(
-            "tensor `{}`: {} bytes for {n} {} values",
+            "tensor `{}`: {} bytes for shape {:?} of {}",
             h.name,
             bytes.len(),
+            h.shape,
             h.dtype
         )));
-    }
+    };
+    debug_assert_eq!(n * h.dtype.size(), bytes.len());
     Ok(HostTensor::from_le_bytes(h.shape.clone(), h.dtype, bytes))
 }
 
@@ -238,32 +240,115 @@ pub struct Frame<M> {
     pub stray: Vec<String>,
 }
 
-/// Read the next frame; `Ok(None)` at end of stream. `tensors` tells how long the payload is.
+/// The longest header line read (a header lists a few tensors: a few KiB at most).
+pub const MAX_HEADER: usize = 1 << 20;
+/// How much stray (non-protocol) output is kept per frame: a library printing a banner fits, a
+/// worker flooding stdout does not grow the reader.
+pub const MAX_STRAY: usize = 16 << 10;
+
+/// Read one line into `line`, keeping at most `keep` bytes of it (the rest is read and dropped,
+/// so a line without an end never fills memory); returns the bytes read (0 at end of stream) and
+/// whether the line was cut.
+fn read_line_bounded(
+    r: &mut impl BufRead,
+    line: &mut Vec<u8>,
+    keep: usize,
+) -> io::Result<(usize, bool)> {
+    let mut read = 0;
+    let mut cut = false;
+    loop {
+        let buf = match r.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if buf.is_empty() {
+            return Ok((read, cut));
+        }
+        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..=i], true),
+            None => (buf, false),
+        };
+        let room = keep.saturating_sub(line.len());
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        cut |= chunk.len() > room;
+        let n = chunk.len();
+        r.consume(n);
+        read += n;
+        if done {
+            return Ok((read, cut));
+        }
+    }
+}
+
+/// Read the next frame; `Ok(None)` at end of stream. `tensors` tells how long the payload is;
+/// `max_payload` (asked once the header is read, so it may follow the request in flight) is the
+/// most a frame may carry: a header that claims more is an error quoting it, never an
+/// allocation. Header lines are at most [`MAX_HEADER`] bytes; stray lines are kept up to
+/// [`MAX_STRAY`] bytes in all, the rest counted.
 pub fn read_frame<M: for<'de> Deserialize<'de>>(
     r: &mut impl BufRead,
-    tensors: impl Fn(&M) -> usize,
+    tensors: impl Fn(&M) -> Option<usize>,
+    max_payload: impl Fn() -> usize,
 ) -> io::Result<Option<Frame<M>>> {
     let mut stray = Vec::new();
+    let mut kept = 0usize;
+    let mut dropped = 0usize;
+    let summary = |stray: &[String], dropped: usize| {
+        let mut s = stray.join(" | ");
+        if dropped > 0 {
+            s.push_str(&format!(" (and {dropped} more bytes)"));
+        }
+        s
+    };
     loop {
         let mut line = Vec::new();
-        if r.read_until(b'\n', &mut line)? == 0 {
-            return if stray.is_empty() {
+        let (n, cut) = read_line_bounded(r, &mut line, MAX_HEADER)?;
+        if n == 0 {
+            return if stray.is_empty() && dropped == 0 {
                 Ok(None)
             } else {
                 Err(bad(format!(
                     "the stream ended after non-protocol output: {}",
-                    stray.join(" | ")
+                    summary(&stray, dropped)
                 )))
             };
         }
-        let text = String::from_utf8_lossy(&line);
-        let Some(json) = text.strip_prefix(MAGIC) else {
-            stray.push(text.trim_end().to_string());
+        let Some(json) = line.strip_prefix(MAGIC.as_bytes()) else {
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim_end();
+            let room = MAX_STRAY.saturating_sub(kept);
+            if room >= text.len() && !cut {
+                kept += text.len();
+                stray.push(text.to_string());
+            } else {
+                dropped += n;
+            }
             continue;
         };
-        let message: M = serde_json::from_str(json.trim_end())
-            .map_err(|e| bad(format!("unreadable header ({e}): {}", json.trim_end())))?;
-        let mut payload = vec![0u8; tensors(&message)];
+        let json = String::from_utf8_lossy(json);
+        let json = json.trim_end();
+        if cut {
+            return Err(bad(format!(
+                "a header line longer than {MAX_HEADER} bytes: {}...",
+                quote(json)
+            )));
+        }
+        let message: M = serde_json::from_str(json)
+            .map_err(|e| bad(format!("unreadable header ({e}): {}", quote(json))))?;
+        let limit = max_payload();
+        let len = match tensors(&message) {
+            Some(len) if len <= limit => len,
+            claimed => {
+                return Err(bad(format!(
+                    "a frame claims {} payload bytes, more than the {limit} this request can \
+                     need: {}",
+                    claimed.map_or("more than 2^64".to_string(), |c| c.to_string()),
+                    quote(json)
+                )))
+            }
+        };
+        let mut payload = vec![0u8; len];
         r.read_exact(&mut payload)?;
         return Ok(Some(Frame {
             message,
@@ -273,33 +358,48 @@ pub fn read_frame<M: for<'de> Deserialize<'de>>(
     }
 }
 
+/// A header as quoted in an error: its first 300 characters.
+fn quote(json: &str) -> String {
+    match json.char_indices().nth(300) {
+        Some((i, _)) => format!("{}...", &json[..i]),
+        None => json.to_string(),
+    }
+}
+
+/// The sum of a frame's tensor lengths, or `None` when it does not fit in a `usize`.
+fn payload_len(tensors: &[TensorHeader]) -> Option<usize> {
+    tensors
+        .iter()
+        .try_fold(0usize, |a, t| a.checked_add(t.bytes))
+}
+
 /// Payload length of a request.
-pub fn request_bytes(r: &Request) -> usize {
+pub fn request_bytes(r: &Request) -> Option<usize> {
     match r {
-        Request::Run { tensors, .. } => tensors.iter().map(|t| t.bytes).sum(),
-        Request::Hello { .. } | Request::Probe { .. } => 0,
+        Request::Run { tensors, .. } => payload_len(tensors),
+        Request::Hello { .. } | Request::Probe { .. } => Some(0),
     }
 }
 
 /// Payload length of a reply.
-pub fn reply_bytes(r: &Reply) -> usize {
+pub fn reply_bytes(r: &Reply) -> Option<usize> {
     match r {
-        Reply::Outputs { tensors, .. } => tensors.iter().map(|t| t.bytes).sum(),
+        Reply::Outputs { tensors, .. } => payload_len(tensors),
         Reply::Hello { .. }
         | Reply::Probe { .. }
         | Reply::Refused { .. }
         | Reply::Panicked { .. }
-        | Reply::Error { .. } => 0,
+        | Reply::Error { .. } => Some(0),
     }
 }
 
 /// Split a payload into tensors, in header order.
 pub fn split_payload(headers: &[TensorHeader], payload: &[u8]) -> io::Result<Vec<HostTensor>> {
-    let mut at = 0;
+    let mut at = 0usize;
     headers
         .iter()
         .map(|h| {
-            let end = at + h.bytes;
+            let end = at.saturating_add(h.bytes);
             let bytes = payload
                 .get(at..end)
                 .ok_or_else(|| bad(format!("payload too short for `{}`", h.name)))?;
@@ -330,6 +430,23 @@ pub fn run_request(id: &str, case: &Case, inputs: &Inputs) -> (Request, Vec<Enco
         tensors: payload.iter().map(|e| e.header.clone()).collect(),
     };
     (req, payload)
+}
+
+/// The most bytes a reply to `case`'s `run` request can carry: every output name at f64, each
+/// as large as the inputs together or the layer's output, whichever is larger. A header that
+/// claims more is a broken worker, refused before anything is allocated for it.
+pub fn max_reply_bytes(case: &Case, inputs: &Inputs) -> usize {
+    let inputs: usize = inputs.named().iter().map(|(_, t)| t.data.len()).sum();
+    let s = &case.shape;
+    let output = s
+        .batch
+        .saturating_mul(s.out_features)
+        .saturating_mul(s.image.max(1).saturating_pow(2));
+    crate::io::names::ALL
+        .len()
+        .saturating_mul(8)
+        .saturating_mul(inputs.max(output))
+        .saturating_add(1 << 20)
 }
 
 /// Rebuild a case's inputs from a `run` request's tensors.
@@ -395,7 +512,9 @@ mod tests {
         let mut buf = b"some library printed this\n".to_vec();
         write_frame(&mut buf, &reply, &[enc]).unwrap();
         let mut r = io::BufReader::new(&buf[..]);
-        let f = read_frame::<Reply>(&mut r, reply_bytes).unwrap().unwrap();
+        let f = read_frame::<Reply>(&mut r, reply_bytes, || usize::MAX)
+            .unwrap()
+            .unwrap();
         assert_eq!(f.stray, vec!["some library printed this".to_string()]);
         let Reply::Outputs { tensors, .. } = &f.message else {
             panic!()
@@ -403,7 +522,9 @@ mod tests {
         let back = split_payload(tensors, &f.payload).unwrap();
         assert_eq!(back[0].data[..3], t.data[..3]);
         assert!(back[0].data[3].is_nan());
-        assert!(read_frame::<Reply>(&mut r, reply_bytes).unwrap().is_none());
+        assert!(read_frame::<Reply>(&mut r, reply_bytes, || usize::MAX)
+            .unwrap()
+            .is_none());
     }
 
     #[test]

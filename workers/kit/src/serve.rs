@@ -45,20 +45,23 @@ pub fn serve(backend: &dyn WorkerBackend) -> i32 {
     let mut input = BufReader::new(io::stdin().lock());
     let mut output = BufWriter::new(io::stdout().lock());
     loop {
-        let frame = match protocol::read_frame::<Request>(&mut input, protocol::request_bytes) {
-            Ok(Some(f)) => f,
-            Ok(None) => return 0,
-            Err(e) => {
-                let _ = protocol::write_frame(
-                    &mut output,
-                    &Reply::Error {
-                        message: format!("unreadable request: {e}"),
-                    },
-                    &[],
-                );
-                return 2;
-            }
-        };
+        let frame =
+            match protocol::read_frame::<Request>(&mut input, protocol::request_bytes, || {
+                usize::MAX
+            }) {
+                Ok(Some(f)) => f,
+                Ok(None) => return 0,
+                Err(e) => {
+                    let _ = protocol::write_frame(
+                        &mut output,
+                        &Reply::Error {
+                            message: format!("unreadable request: {e}"),
+                        },
+                        &[],
+                    );
+                    return 2;
+                }
+            };
         let (reply, payload) = answer(backend, frame.message, &frame.payload);
         if protocol::write_frame(&mut output, &reply, &payload).is_err() {
             return 2;
