@@ -497,6 +497,7 @@ fn a_huge_frame_and_a_stdout_flood_cost_one_case_each() {
     assert_eq!(flood["outcome"], "timeout", "{flood}");
     assert_eq!(r["summary"]["outcomes"]["pass"], 2);
     // Children's peak: the runner and its workers; the flood alone would be GBs unbounded.
+    eprintln!("peak resident memory of the run: {} MB", peak >> 20);
     assert!(peak < 1 << 30, "peak {} MB", peak >> 20);
 }
 
