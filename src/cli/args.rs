@@ -72,6 +72,10 @@ pub enum Command {
         /// How many differing cases to list.
         #[arg(long, default_value_t = 60)]
         max_differences: usize,
+        /// Write the comparison as one self-contained HTML page to PATH: the builds side by
+        /// side, differing cells marked, every report's cases a click away.
+        #[arg(long, value_name = "PATH")]
+        html: Option<PathBuf>,
     },
     /// Print the case ids a matrix expands to, without running them.
     List {
@@ -136,6 +140,11 @@ pub struct OutputArgs {
     /// skipped with type xfail).
     #[arg(long, value_name = "PATH")]
     pub junit: Option<PathBuf>,
+    /// Write the report as one self-contained HTML page to PATH (no network request: styles,
+    /// script and data inline): the support grid, each cell's cases a click away, the precision
+    /// picture, filters by axis value.
+    #[arg(long, value_name = "PATH")]
+    pub html: Option<PathBuf>,
     /// Colour the table.
     #[arg(long, value_enum, default_value_t = ColorChoice::Auto)]
     pub color: ColorChoice,

@@ -108,16 +108,19 @@ pub fn emit(
     } else {
         None
     };
-    if let Some(path) = &out.json {
-        let json = match &verdict {
-            Some(v) => {
-                let mut with_gate = report.clone();
-                with_gate.gate = Some(v.record());
-                with_gate.to_json()
-            }
-            None => report.to_json(),
-        };
-        write(path, "the JSON report", json, problems);
+    if out.json.is_some() || out.html.is_some() {
+        // What the files carry beyond the run's cases: the gate's verdict and the command.
+        let mut full = report.clone();
+        full.gate = verdict.as_ref().map(|v| v.record());
+        if full.command.is_none() {
+            full.command = Some(super::command_line());
+        }
+        if let Some(path) = &out.json {
+            write(path, "the JSON report", full.to_json(), problems);
+        }
+        if let Some(path) = &out.html {
+            write(path, "the HTML page", render::html::page(&full), problems);
+        }
     }
     if let Some(path) = &out.markdown {
         let gate = verdict.as_ref().map(|v| (v, matrix_name));

@@ -77,6 +77,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             reports,
             label,
             max_differences,
+            html,
         } => {
             let mut labeled = Vec::new();
             for (i, p) in reports.iter().enumerate() {
@@ -94,7 +95,13 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 &c,
                 false,
                 max_differences,
-            ))
+            ))?;
+            let mut problems = Problems::default();
+            if let Some(path) = &html {
+                let page = crate::render::html::compare_page(&labeled, &command_line());
+                emit::write(path, "the HTML page", page, &mut problems);
+            }
+            exit_with(exit::OK, &problems, "the comparison")
         }
         Command::List { matrix, max_cases } => list(&matrix, max_cases),
         Command::Env {
@@ -206,4 +213,20 @@ fn merge(args: MergeArgs) -> Result<(), Failure> {
     let mut problems = Problems::default();
     let code = emit::emit(&report, &args.out, &matrix_path, &mut problems)?;
     exit_with(code, &problems, &report.matrix)
+}
+
+/// This process's command line as a shell would take it back (`peft-compat run m.yaml ...`).
+pub(crate) fn command_line() -> String {
+    let mut args = std::env::args();
+    let program = args.next().map(|p| {
+        Path::new(&p)
+            .file_name()
+            .map_or(p.clone(), |n| n.to_string_lossy().into_owned())
+    });
+    program
+        .into_iter()
+        .chain(args)
+        .map(|a| crate::util::shell_quote(&a))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

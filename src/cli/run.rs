@@ -130,6 +130,7 @@ fn execute(
         report.threads = Some(plan.pool.threads);
         report.filter = args.filter.clone();
         report.matrix_fnv = Some(plan.matrix.fingerprint.clone());
+        report.dump = args.dump.as_ref().map(|d| d.display().to_string());
         reports.push(report);
         if stopped {
             interrupted = true;

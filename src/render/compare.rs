@@ -3,22 +3,31 @@
 //! only some reports, and every case that behaves differently.
 
 use super::grid::{backend_label, Grid, MAX_WIDTH};
+use super::sheet::{CaseRef, Sheet, SheetCell, Tone};
 use crate::case::{Adapter, Backend, DType, Device, Op};
 use crate::util::plural;
 use crate::verdict::compare::{Comparison, Labeled};
 use comfy_table::{presets, Cell, CellAlignment, ContentArrangement, Table};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// The support table of `reports`, or one per backend build when one would be wider than
-/// [`MAX_WIDTH`] (as `run` does).
-pub fn tables(reports: &[Labeled], color: bool) -> Vec<String> {
+/// The side-by-side grid of `reports` as a [`Sheet`] (cells `A / B / ...`, one verdict per
+/// report, `·` where a report has no such cell; tone `Differs` where they disagree) and each
+/// column's backend build.
+fn layout(reports: &[Labeled]) -> (Sheet, Vec<Backend>) {
     let grids: Vec<Grid> = reports.iter().map(|l| Grid::new(&l.report)).collect();
     let mut labels: BTreeMap<Backend, String> = BTreeMap::new();
-    for l in reports {
-        for c in &l.report.cases {
+    type Key = (Adapter, Op, Backend, Device, DType);
+    let mut cases: BTreeMap<Key, Vec<CaseRef>> = BTreeMap::new();
+    for (r, l) in reports.iter().enumerate() {
+        for (i, c) in l.report.cases.iter().enumerate() {
+            let p = c.point;
             labels
-                .entry(c.point.backend)
-                .or_insert_with(|| backend_label(&l.report, c.point.backend));
+                .entry(p.backend)
+                .or_insert_with(|| backend_label(&l.report, p.backend));
+            cases
+                .entry((p.adapter, p.op, p.backend, p.device, p.dtype))
+                .or_default()
+                .push((r, i));
         }
     }
     let mut columns: BTreeSet<(Backend, Device, DType)> = BTreeSet::new();
@@ -29,7 +38,53 @@ pub fn tables(reports: &[Labeled], color: bool) -> Vec<String> {
         }
         rows.extend(g.rows.iter().copied());
     }
-    let table_of = |cols: &[&(Backend, Device, DType)]| {
+    let sheet_rows = rows
+        .iter()
+        .map(|(a, op)| {
+            let cells = columns
+                .iter()
+                .map(|(b, d, dt)| {
+                    let key = (*a, *op, *b, *d, *dt);
+                    let parts: Vec<String> = grids
+                        .iter()
+                        .map(|g| g.cell_text(&key, " ").unwrap_or_else(|| "·".to_string()))
+                        .collect();
+                    let tone = match grids.iter().find_map(|g| g.cells.get(&key)) {
+                        _ if parts.iter().any(|p| *p != parts[0]) => Tone::Differs,
+                        Some(v) => Tone::of_color(v.color()),
+                        None => Tone::Skipped,
+                    };
+                    Some(SheetCell {
+                        text: parts.join(" / "),
+                        tone,
+                        cases: cases.get(&key).cloned().unwrap_or_default(),
+                    })
+                })
+                .collect();
+            (format!("{a} {op}"), cells)
+        })
+        .collect();
+    let sheet = Sheet {
+        title: "side by side".into(),
+        columns: columns
+            .iter()
+            .map(|(b, d, dt)| format!("{} {d} {dt}", labels[b]))
+            .collect(),
+        rows: sheet_rows,
+    };
+    (sheet, columns.iter().map(|c| c.0).collect())
+}
+
+/// The side-by-side grid of `reports` (see [`layout`]).
+pub fn sheet(reports: &[Labeled]) -> Sheet {
+    layout(reports).0
+}
+
+/// The support table of `reports`, or one per backend build when one would be wider than
+/// [`MAX_WIDTH`] (as `run` does).
+pub fn tables(reports: &[Labeled], color: bool) -> Vec<String> {
+    let (sheet, builds) = layout(reports);
+    let table_of = |cols: &[usize]| {
         let mut t = Table::new();
         t.set_content_arrangement(ContentArrangement::Disabled);
         t.load_preset(presets::UTF8_FULL_CONDENSED);
@@ -37,41 +92,43 @@ pub fn tables(reports: &[Labeled], color: bool) -> Vec<String> {
             t.force_no_tty();
         }
         let mut header = vec![Cell::new("adapter / op")];
-        header.extend(cols.iter().map(|(b, d, dt)| {
-            Cell::new(format!("{} {d}\n{dt}", labels[b])).set_alignment(CellAlignment::Center)
+        header.extend(cols.iter().map(|&k| {
+            // `tch 2.11.0 cpu f16` -> build and device over the dtype.
+            let label = &sheet.columns[k];
+            let (head, dt) = label.rsplit_once(' ').unwrap_or((label, ""));
+            Cell::new(format!("{head}\n{dt}")).set_alignment(CellAlignment::Center)
         }));
         t.set_header(header);
-        for (a, op) in &rows {
-            let mut row = vec![Cell::new(format!("{a} {op}"))];
-            for (b, d, dt) in cols {
-                let parts: Vec<String> = grids
-                    .iter()
-                    .map(|g| {
-                        g.cell_text(&(*a, *op, *b, *d, *dt), " ")
-                            .unwrap_or_else(|| "·".to_string())
-                    })
-                    .collect();
-                row.push(Cell::new(parts.join(" / ")).set_alignment(CellAlignment::Center));
+        for (label, cells) in &sheet.rows {
+            let mut row = vec![Cell::new(label)];
+            for &k in cols {
+                let text = cells[k].as_ref().map_or("", |c| c.text.as_str());
+                row.push(Cell::new(text).set_alignment(CellAlignment::Center));
             }
             t.add_row(row);
         }
         t.to_string()
     };
-    let all: Vec<&(Backend, Device, DType)> = columns.iter().collect();
+    let all: Vec<usize> = (0..sheet.columns.len()).collect();
     let whole = table_of(&all);
     let width = whole.lines().next().map_or(0, |l| l.chars().count());
-    let tables = if width <= MAX_WIDTH {
-        vec![whole]
-    } else {
-        // As `run` does: one table per backend build when one would be too wide to read.
-        let mut builds: Vec<Backend> = columns.iter().map(|c| c.0).collect();
-        builds.dedup();
-        builds
-            .into_iter()
-            .map(|b| table_of(&all.iter().copied().filter(|c| c.0 == b).collect::<Vec<_>>()))
-            .collect()
-    };
-    tables
+    if width <= MAX_WIDTH {
+        return vec![whole];
+    }
+    // As `run` does: one table per backend build when one would be too wide to read.
+    let mut distinct = builds.clone();
+    distinct.dedup();
+    distinct
+        .into_iter()
+        .map(|b| {
+            table_of(
+                &all.iter()
+                    .copied()
+                    .filter(|&k| builds[k] == b)
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .collect()
 }
 
 /// The comparison: tables of `reports`, then what `c` found, at most `max_differences` cases.

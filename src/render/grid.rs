@@ -2,6 +2,7 @@
 //! does the native path work, does only PEFT's upcast path work, or neither. Pure functions of
 //! a report; `render` composes it into the document and `render::compare` reuses its cells.
 
+use super::sheet::{CaseRef, Sheet, SheetCell, Tone};
 use crate::case::{Adapter, Backend, DType, Device, Op, Precision};
 use crate::outcome::OutcomeKind;
 use crate::report::{CaseReport, Report, Status};
@@ -67,7 +68,7 @@ impl CellVerdict {
         }
     }
 
-    fn color(&self) -> Color {
+    pub(crate) fn color(&self) -> Color {
         match self {
             CellVerdict::Native => Color::Green,
             CellVerdict::UpcastOnly => Color::Yellow,
@@ -250,6 +251,57 @@ impl Grid {
             t.push_str("(unexpected pass)");
         }
         Some(t)
+    }
+
+    /// The grid as a [`Sheet`] of `report` (the report it was made from, its index `r` among
+    /// the reports a page shows): each cell's text as Markdown shows it and its cases.
+    pub fn sheet(&self, report: &Report, r: usize) -> Sheet {
+        type Key = (Adapter, Op, Backend, Device, DType);
+        let mut cases: BTreeMap<Key, Vec<CaseRef>> = BTreeMap::new();
+        for (i, c) in report.cases.iter().enumerate() {
+            let p = c.point;
+            cases
+                .entry((p.adapter, p.op, p.backend, p.device, p.dtype))
+                .or_default()
+                .push((r, i));
+        }
+        let keys: Vec<(Backend, Device, DType)> = self
+            .columns
+            .iter()
+            .flat_map(|(b, d, dtypes)| dtypes.iter().map(move |dt| (*b, *d, *dt)))
+            .collect();
+        let rows = self
+            .rows
+            .iter()
+            .map(|(a, op)| {
+                let cells = keys
+                    .iter()
+                    .map(|(b, d, dt)| {
+                        let key = (*a, *op, *b, *d, *dt);
+                        let v = self.cells.get(&key)?;
+                        let tone = if self.surprises.contains(&key) {
+                            Tone::Surprise
+                        } else {
+                            Tone::of_color(v.color())
+                        };
+                        Some(SheetCell {
+                            text: self.cell_text(&key, " ")?,
+                            tone,
+                            cases: cases.remove(&key).unwrap_or_default(),
+                        })
+                    })
+                    .collect();
+                (format!("{a} {op}"), cells)
+            })
+            .collect();
+        Sheet {
+            title: "adapter and op by backend, device and dtype".into(),
+            columns: keys
+                .iter()
+                .map(|(b, d, dt)| format!("{} {d} {dt}", self.labels[b]))
+                .collect(),
+            rows,
+        }
     }
 
     /// `sep` separates a cell's lines: a line break in a terminal, a space in Markdown.

@@ -10,9 +10,11 @@
 pub mod compare;
 pub mod gate;
 pub mod grid;
+pub mod html;
 pub mod junit;
 pub mod paths;
 pub mod progress;
+pub mod sheet;
 
 use crate::case::{Backend, Device};
 use crate::outcome::OutcomeKind;
@@ -215,7 +217,7 @@ fn findings_section(f: &[Finding], flavor: Flavor, max: usize) -> String {
     out
 }
 
-fn summary_line(report: &Report) -> String {
+pub(crate) fn summary_line(report: &Report) -> String {
     let expected = |k: OutcomeKind| {
         report
             .cases
@@ -275,7 +277,7 @@ pub fn findings(report: &Report) -> Vec<Finding> {
 }
 
 /// Lines under the table: groups skipped whole, expected failures by rule, rules inactive here.
-fn notes(report: &Report, grid: &Grid) -> Vec<String> {
+pub(crate) fn notes(report: &Report, grid: &Grid) -> Vec<String> {
     let mut out: Vec<String> = report
         .lost_backends()
         .iter()

@@ -4,6 +4,7 @@
 //! Then the figures: the gaps `init_noop`, `parity` and `roundtrip` measure, as numbers.
 
 use super::grid::backend_label;
+use super::sheet::{positions, Sheet, SheetCell, Tone};
 use crate::case::{Adapter, Backend, DType, Device, Layer, Op, Precision, Profile};
 use crate::outcome::OutcomeKind;
 use crate::report::{CaseReport, Report};
@@ -318,6 +319,16 @@ fn figure(cases: &[&CaseReport]) -> String {
     }
 }
 
+/// Whether a case's numbers go in the figures tables: a self-check op, profile `normal`.
+fn is_figure(c: &CaseReport) -> bool {
+    matches!(c.point.op, Op::InitNoop | Op::Parity | Op::Roundtrip)
+        && c.point.profile == Profile::Normal
+}
+
+fn figures_title(layer: Layer, _: Profile) -> String {
+    format!("figures, layer {layer}")
+}
+
 /// The figures tables (profile `normal`, one per layer): each cell gives native, upcast and
 /// autocast's figure, `–` where the case did not run or failed without figures, `·` where the
 /// path is not in the matrix.
@@ -327,11 +338,7 @@ fn figure_tables(
     max_width: usize,
     style: &dyn Fn(&mut Table) -> String,
 ) -> Vec<(String, String)> {
-    let keep = |c: &CaseReport| {
-        matches!(c.point.op, Op::InitNoop | Op::Parity | Op::Roundtrip)
-            && c.point.profile == Profile::Normal
-    };
-    let g = groups(report, keep, |layer, _| format!("figures, layer {layer}"));
+    let g = groups(report, is_figure, figures_title);
     render_groups(
         report,
         &g,
@@ -391,3 +398,52 @@ pub fn render(
 pub const FIGURES_NOTE: &str = "figures: max relative gap, native upcast autocast: init_noop = adapted layer at init vs \
 the base layer alone (0 = an exact no-op), parity = unmerged vs merged forward, roundtrip = weight after merge and \
 unmerge vs the original (profile normal; every case's figures are in --json)";
+
+/// The support tables and then the figures tables as [`Sheet`]s of `report` (index `r` among
+/// the reports a page shows), with the terminal's symbols, colours and figures.
+pub fn sheets(report: &Report, r: usize) -> Vec<Sheet> {
+    let at = positions(report);
+    let as_sheets = |groups: Vec<Group>, cell: &dyn Fn(&[&CaseReport]) -> (String, Tone)| {
+        groups
+            .into_iter()
+            .filter(|g| !g.columns.is_empty())
+            .map(|g| Sheet {
+                columns: g
+                    .columns
+                    .iter()
+                    .map(|(b, d, dt)| format!("{} {d} {dt}", backend_label(report, *b)))
+                    .collect(),
+                rows: g
+                    .rows
+                    .iter()
+                    .map(|(a, op)| {
+                        let cells = g
+                            .columns
+                            .iter()
+                            .map(|col| {
+                                let v = g.cells.get(&(*a, *op, *col))?;
+                                let (text, tone) = cell(v);
+                                Some(SheetCell {
+                                    text,
+                                    tone,
+                                    cases: v.iter().map(|c| (r, at[c.id.as_str()])).collect(),
+                                })
+                            })
+                            .collect();
+                        (format!("{a} {op}"), cells)
+                    })
+                    .collect(),
+                title: g.title,
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut out = as_sheets(groups(report, |_| true, title), &|v| {
+        let text = by_path(v, symbol);
+        let tone = Tone::of_color(paint(&text));
+        (text, tone)
+    });
+    out.extend(as_sheets(groups(report, is_figure, figures_title), &|v| {
+        (by_path(v, figure), Tone::Plain)
+    }));
+    out
+}

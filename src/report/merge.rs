@@ -132,5 +132,8 @@ pub fn merge(parts: Vec<(String, Report)>) -> Result<Report, MergeError> {
     merged.threads = first.threads;
     merged.matrix_fnv = first.matrix_fnv;
     merged.filter = info.filter;
+    merged.shapes = first.shapes;
+    merged.units = first.units;
+    merged.dump = first.dump;
     Ok(merged)
 }

@@ -28,7 +28,12 @@
 //!     upcast path equals the native one here; `upcast_applied`: whether this case took it;
 //!   - `metrics` (cases that ran): `max_abs_err`, `max_rel_err` (relative to the output's
 //!     scale), `tolerance` (allowed `max_rel_err`), `worst_output`, and `outputs` with the same
-//!     figures per output tensor plus `err_units` (error in units of the dtype's roundoff);
+//!     figures per output tensor plus `err_units` (`max_rel_err / u`, u the dtype's unit
+//!     roundoff: see `units`), `scale` (`max|reference|`, the denominator of `max_rel_err`),
+//!     `norm` and `l1` (the L2 norm and the L1 sum of the output's finite values: figures that
+//!     move when the output does, kept in snapshots), `nonfinite` (NaN/inf elements),
+//!     `reference_nonfinite` (of those, where the f64 reference is not finite either) and
+//!     `elements`;
 //!   - `tolerance`: the tolerance model's value for the case, `factor`, `overridden`;
 //!   - `index`: the case's position in the matrix's expansion;
 //!   - `duration_ms`, and `compute_ms`: the part the backend spent computing (in its worker);
@@ -43,6 +48,10 @@
 //! - `partition` (reports of one `--partition K/N` job only): `spec`, `selected` (the cases the
 //!   N parts add up to), `filter`. `peft-compat merge` joins the parts into the report a single
 //!   job gives, without this field.
+//! - `shapes`: each shape the cases use, by name: `batch`, `in_features`, `out_features`,
+//!   `rank`, `alpha`, `bias`, `rslora`, and `kernel`/`image` for a shape a Conv2d case uses;
+//!   `units`: `u` per dtype the cases use (`f16` 2^-11, `bf16` 2^-8, `f32` 2^-24, `f64` 2^-53).
+//! - `command` (reports of `run` and `merge`): the command line; `dump`: the `--dump` folder.
 //! - `inactive_expectations` (when any): rules whose `when` does not hold here: `rule`,
 //!   `expect`, `reason`, `unmet` (each condition with what this environment has).
 
@@ -89,6 +98,53 @@ pub struct Report {
     /// The gate's verdict, in reports written with `--check`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<GateRecord>,
+    /// The dimensions of every shape the cases use, by name: a reader needs no matrix at hand.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub shapes: BTreeMap<String, ShapeInfo>,
+    /// The unit roundoff `u` of each dtype the cases use: `err_units` is `max_rel_err / u`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub units: BTreeMap<String, f64>,
+    /// The command line that made the report (`run`, `merge`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// The `--dump` folder, when the run wrote tensor dumps (one file per case, named by
+    /// `exec::dump::file_name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dump: Option<String>,
+}
+
+/// A shape's dimensions, as the matrix gives them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShapeInfo {
+    pub batch: usize,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub rank: usize,
+    pub alpha: f64,
+    pub bias: bool,
+    pub rslora: bool,
+    /// Conv2d only: the kernel's side and the input image's side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<usize>,
+}
+
+impl ShapeInfo {
+    /// `conv`: whether a Conv2d case uses the shape (kernel and image mean nothing elsewhere).
+    pub fn of(s: &crate::case::Shape, conv: bool) -> ShapeInfo {
+        ShapeInfo {
+            batch: s.batch,
+            in_features: s.in_features,
+            out_features: s.out_features,
+            rank: s.rank,
+            alpha: s.alpha,
+            bias: s.bias,
+            rslora: s.rslora,
+            kernel: conv.then_some(s.kernel),
+            image: conv.then_some(s.image),
+        }
+    }
 }
 
 /// The gate's verdict as the JSON report carries it.
@@ -336,6 +392,10 @@ impl Report {
             matrix_fnv: None,
             filter: Vec::new(),
             gate: None,
+            shapes: BTreeMap::new(),
+            units: BTreeMap::new(),
+            command: None,
+            dump: None,
         }
     }
 

@@ -26,5 +26,33 @@ pub fn assemble(
     cases.sort_by_key(|c| c.index);
     let mut report = Report::from_cases(name, matrix.seed, environment, cases, elapsed_s);
     expectations::annotate(&mut report, &matrix.expectations);
+    describe(&mut report, matrix);
     report
+}
+
+/// Give the report what a reader needs without the matrix: each used shape's dimensions and
+/// each used dtype's unit roundoff.
+pub fn describe(report: &mut Report, matrix: &Matrix) {
+    use crate::case::Layer;
+    use crate::report::ShapeInfo;
+    for c in &report.cases {
+        if let Some(s) = matrix
+            .cases
+            .get(c.index)
+            .map(|m| &m.shape)
+            .filter(|s| s.name == c.shape)
+        {
+            let conv = c.point.layer == Layer::Conv2d;
+            let info = report
+                .shapes
+                .entry(c.shape.clone())
+                .or_insert_with(|| ShapeInfo::of(s, conv));
+            if conv && info.kernel.is_none() {
+                *info = ShapeInfo::of(s, true);
+            }
+        }
+        report
+            .units
+            .insert(c.point.dtype.to_string(), c.point.dtype.unit_roundoff());
+    }
 }
