@@ -489,7 +489,15 @@ fn cli_record_and_check_with_markdown_summary() {
     );
     let rec = dir.path().join("rec.yaml");
     let out = bin()
-        .args(["run", "-q", "--repeats", "2", "--record"])
+        .args([
+            "run",
+            "-q",
+            "--results",
+            "/dev/null",
+            "--repeats",
+            "2",
+            "--record",
+        ])
         .arg(&rec)
         .arg(&m)
         .output()
@@ -520,7 +528,7 @@ fn cli_record_and_check_with_markdown_summary() {
     std::fs::write(&m, body).unwrap();
     let snap = dir.path().join("m.snap");
     let out = bin()
-        .args(["run", "-q", "--snapshot-out"])
+        .args(["run", "-q", "--results", "/dev/null", "--snapshot-out"])
         .arg(&snap)
         .arg(&m)
         .env_remove("CI")
@@ -529,7 +537,14 @@ fn cli_record_and_check_with_markdown_summary() {
     assert_eq!(out.status.code(), Some(0));
     let md = dir.path().join("summary.md");
     let out = bin()
-        .args(["run", "-q", "--check", "--snapshot"])
+        .args([
+            "run",
+            "-q",
+            "--results",
+            "/dev/null",
+            "--check",
+            "--snapshot",
+        ])
         .arg(&snap)
         .arg("--markdown")
         .arg(&md)
@@ -555,7 +570,14 @@ fn cli_record_and_check_with_markdown_summary() {
     let body = std::fs::read_to_string(&m).unwrap();
     std::fs::write(&m, body.replace("expect: mismatch", "expect: nonfinite")).unwrap();
     let out = bin()
-        .args(["run", "-q", "--check", "--snapshot"])
+        .args([
+            "run",
+            "-q",
+            "--results",
+            "/dev/null",
+            "--check",
+            "--snapshot",
+        ])
         .arg(&snap)
         .arg(&m)
         .env_remove("CI")
@@ -577,7 +599,13 @@ fn cli_record_and_check_with_markdown_summary() {
         &["--repeats", "2"][..],
         &["--check", "--record", "x.yaml"][..],
     ] {
-        let out = bin().arg("run").args(args).arg(&m).output().unwrap();
+        let out = bin()
+            .arg("run")
+            .args(["--results", "/dev/null"])
+            .args(args)
+            .arg(&m)
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
     }
 }

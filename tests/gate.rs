@@ -251,7 +251,7 @@ fn cli_check_exits_1_on_a_regression_and_writes_nothing_under_ci() {
     let bin = env!("CARGO_BIN_EXE_peft-compat");
     let run = |ci: bool| {
         let mut c = Command::new(bin);
-        c.args(["run", "-q", "--check", "--junit"])
+        c.args(["run", "-q", "--results", "/dev/null", "--check", "--junit"])
             .arg(dir.path().join("j.xml"))
             .arg(&m)
             .arg("--snapshot")
@@ -314,7 +314,7 @@ fn cli_exit_code_and_message_for_each_planted_change() {
     let snap = dir.path().join("m.snap");
     let bin = env!("CARGO_BIN_EXE_peft-compat");
     let out = Command::new(bin)
-        .args(["run", "-q", "--snapshot-out"])
+        .args(["run", "-q", "--results", "/dev/null", "--snapshot-out"])
         .arg(&snap)
         .arg(&m)
         .env_remove("CI")
@@ -328,7 +328,14 @@ fn cli_exit_code_and_message_for_each_planted_change() {
         plant(&mut s);
         std::fs::write(&snap, snapshot::to_text(&s)).unwrap();
         let out = Command::new(bin)
-            .args(["run", "-q", "--check", "--snapshot"])
+            .args([
+                "run",
+                "-q",
+                "--results",
+                "/dev/null",
+                "--check",
+                "--snapshot",
+            ])
             .arg(&snap)
             .args(extra)
             .arg(&m)

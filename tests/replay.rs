@@ -57,6 +57,8 @@ fn pissa_embedding_and_conv2d_dumps_replay_in_peft() {
                 "run",
                 "matrices/failures.yaml",
                 "-q",
+                "--results",
+                "/dev/null",
                 "--filter",
                 id,
                 "--dump",

@@ -343,7 +343,7 @@ fn an_unwritable_dump_folder_is_refused_up_front() {
     let out = bin()
         .arg("run")
         .arg(&m)
-        .arg("--dump")
+        .args(["--results", "/dev/null", "--dump"])
         .arg(file.join("dumps"))
         .output()
         .unwrap();

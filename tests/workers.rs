@@ -310,6 +310,8 @@ fn partitions_merge_into_the_single_run_report_whatever_the_jobs() {
             "run",
             "matrices/default.yaml",
             "-q",
+            "--results",
+            "/dev/null",
             "--partition",
             "1/3",
             "--check",
