@@ -4,7 +4,7 @@
 //! code, and PEFT's numbers match peft-compat's; an output it cannot replay is an error. Needs `.venv` with torch and peft (scripts/test installs both); without
 //! them the test says so and checks nothing.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn python() -> Option<&'static str> {
@@ -14,6 +14,30 @@ fn python() -> Option<&'static str> {
         .output()
         .is_ok_and(|o| o.status.success());
     ok.then_some(py)
+}
+
+/// Run the failures matrix's case `id` with `--dump dir`; its dump file.
+fn dumped(dir: &Path, id: &str) -> PathBuf {
+    let out = Command::new(env!("CARGO_BIN_EXE_peft-compat"))
+        .args([
+            "run",
+            "matrices/failures.yaml",
+            "-q",
+            "--results",
+            "/dev/null",
+        ])
+        .args(["--filter", id, "--dump"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = dir.join(peft_compat::exec::dump::file_name(id));
+    assert!(file.exists(), "{}", file.display());
+    file
 }
 
 /// `(what, difference)` for each "what: peft vs output: D" line of replay.py's output.
@@ -83,27 +107,7 @@ fn pissa_embedding_and_conv2d_dumps_replay_in_peft() {
         ),
     ];
     for (id, lines, allowed) in cases {
-        let out = Command::new(env!("CARGO_BIN_EXE_peft-compat"))
-            .args([
-                "run",
-                "matrices/failures.yaml",
-                "-q",
-                "--results",
-                "/dev/null",
-                "--filter",
-                id,
-                "--dump",
-            ])
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let file = dir.path().join(peft_compat::exec::dump::file_name(id));
-        assert!(Path::new(&file).exists(), "{}", file.display());
+        let file = dumped(dir.path(), id);
         let out = Command::new(py)
             .arg("scripts/replay.py")
             .arg(&file)
@@ -146,20 +150,7 @@ fn an_output_replay_cannot_check_is_named_and_exits_2() {
     };
     let dir = tempfile::tempdir().unwrap();
     let id = "tch/cpu/f32/lora/forward/native/small";
-    let out = Command::new(env!("CARGO_BIN_EXE_peft-compat"))
-        .args([
-            "run",
-            "matrices/failures.yaml",
-            "-q",
-            "--results",
-            "/dev/null",
-        ])
-        .args(["--filter", id, "--dump"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let file = dir.path().join(peft_compat::exec::dump::file_name(id));
+    let file = dumped(dir.path(), id);
     let odd = dir.path().join("odd.safetensors");
     let script = "import sys, torch\nfrom safetensors import safe_open\nfrom safetensors.torch import save_file\n\
         with safe_open(sys.argv[1], 'pt') as f:\n    m = f.metadata(); t = {k: f.get_tensor(k) for k in f.keys()}\n\
