@@ -10,6 +10,11 @@
 #   libtorch-2.1.txt .libtorch/2.1.2: the torch 2.1.2 wheel and the two CUDA runtime wheels
 #                    its libtorch_cpu links against (taken apart, not installed)
 #   cuda-toolkit.txt .cuda-toolkit: nvcc and the CUDA 13.0 libraries the candle CUDA build needs
+#   peft-torch-2.1.2.txt .peft/torch-2.1.2: the Python environment of the PEFT builds on torch
+#                    2.1.2 (torch with its CUDA 12.1 runtime wheels, which its import loads, and
+#                    PEFT's dependencies as of spring 2024: numpy 1.x, transformers 4.40)
+#   peft-X.Y.Z.txt   .peft/peft-X.Y.Z: one PEFT release, without dependencies (they come from
+#                    the torch environment it runs in)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="$root/scripts/locks"
@@ -48,3 +53,9 @@ lock libtorch-2.1 no torch==2.1.2 nvidia-cuda-runtime-cu12==12.1.105 nvidia-cuda
 lock cuda-toolkit no nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 \
   nvidia-cuda-cccl==13.0.85 nvidia-cuda-runtime==13.0.96 nvidia-cublas==13.1.0.3 \
   nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88
+lock peft-torch-2.1.2 yes torch==2.1.2 numpy==1.26.4 transformers==4.40.2 accelerate==0.30.1 \
+  huggingface_hub==0.23.0 safetensors==0.4.3
+lock peft-0.10.0 no peft==0.10.0
+lock peft-0.11.0 no peft==0.11.0
+# For the test of a release without DoRA (DoRA arrived in 0.9.0), provisioned on demand.
+lock peft-0.8.2 no peft==0.8.2
