@@ -154,6 +154,19 @@ shapes:
   s: {batch: 4, in_features: 256, out_features: 512, rank: 16, alpha: 16}
 ";
 
+const PEFT_VS_TCH: &str = "\
+seed: 7
+axes:
+  backend: [tch, peft]
+  device: [cpu]
+  dtype: [f32, f16, bf16]
+  adapter: [lora, dora]
+  op: [init, forward, backward, merge, unmerge]
+  precision: [native]
+shapes:
+  s: {batch: 4, in_features: 256, out_features: 512, rank: 16, alpha: 16}
+";
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let dir = std::env::temp_dir().join(format!("peft-compat-bench-{}", std::process::id()));
@@ -190,6 +203,42 @@ fn main() {
         "   with -j 1: {:.3} s wall; per case {c1:.2} ms compute, {o1:.2} ms harness overhead",
         one.wall.as_secs_f64()
     );
+
+    // 1b. The PEFT worker beside the tch worker, same cases, -j 1: what the Python worker adds
+    // per case beyond PEFT's own compute (the runner's share is the same for both).
+    if Path::new(".venv/bin/python").is_file() {
+        let both = dir.join("peft.yaml");
+        std::fs::write(&both, PEFT_VS_TCH).unwrap();
+        let mut per = Vec::new();
+        for b in ["tch", "peft"] {
+            let r = dir.join(format!("{b}.json"));
+            let m = measure(run_cmd(
+                &both,
+                &[
+                    "-j",
+                    "1",
+                    "--filter",
+                    &format!("{b}/"),
+                    "--json",
+                    r.to_str().unwrap(),
+                ],
+            ));
+            let (o, c) = per_case(&r);
+            per.push((b, m.wall.as_secs_f64(), o, c));
+        }
+        println!(
+            "1b. the PEFT worker (30 cases, 256->512, r=16, -j 1, start-up included in wall):"
+        );
+        for (b, wall, o, c) in &per {
+            println!("   {b}: {wall:.2} s wall; per case {c:.2} ms compute, {o:.2} ms outside it");
+        }
+        println!(
+            "   the Python worker's own share per case (framing, decode, encode): {:.2} ms",
+            per[1].2 - per[0].2
+        );
+    } else {
+        println!("1b. the PEFT worker: SKIPPED (no .venv; scripts/test makes it)");
+    }
 
     // 2. The default matrix.
     let d = best_of(3, || {

@@ -124,7 +124,7 @@ impl Environment {
     /// the default ones.
     pub fn for_backend(&self, backend: crate::case::Backend) -> Environment {
         let mut env = self.clone();
-        if let Some(libs) = self.backends.get(backend.as_str()) {
+        if let Some(libs) = self.backends.get(&backend.to_string()) {
             for (k, v) in libs {
                 if k == "cuda" {
                     env.cuda = Some(v.clone());
@@ -154,7 +154,7 @@ impl Environment {
             if let Some(c) = &info.cuda {
                 libs.insert("cuda".into(), c.clone());
             }
-            backends.insert(b.as_str().to_string(), libs);
+            backends.insert(b.to_string(), libs);
         }
         let mut env = Environment::detect(libraries, cuda);
         env.backends = backends;

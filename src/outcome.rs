@@ -87,6 +87,18 @@ pub enum Outcome {
     Skipped(Skip),
 }
 
+/// How far a PEFT build's outputs are from the `tch` build's on the same libtorch, for the same
+/// case (same device, dtype, path, inputs): the restatement held to PEFT itself.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Agreement {
+    /// The tch case's id.
+    pub with: String,
+    /// The largest difference over the outputs both produced, relative to the tch output's
+    /// largest magnitude, in units of roundoff of the case dtype (infinite where one has a
+    /// non-finite value the other has not, or a shape the other has not).
+    pub max_u: f64,
+}
+
 /// Why a case did not run. What the gate makes of a skip depends on its kind: an absent GPU is
 /// "not checked here", a worker that should have run and could not is a failure of the run.
 #[derive(Debug, Clone, PartialEq)]

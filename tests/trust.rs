@@ -85,19 +85,19 @@ fn the_gate_fails_with_a_missing_tch_worker_and_passes_with_it_declared() {
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
     assert!(
-        stdout.contains("FAIL backend lost: tch: tch worker /nonexistent/peft-compat-worker-tch does not exist (--worker) (240 cases not run); if tch is not expected on this runner, pass --skip-backend tch"),
+        stdout.contains("FAIL backend lost: tch: tch worker /nonexistent/peft-compat-worker-tch does not exist (--worker) (320 cases not run); if tch is not expected on this runner, pass --skip-backend tch"),
         "{stdout}"
     );
     assert!(stdout.contains("gate FAILED"), "{stdout}");
     // In JUnit, each of the lost backend's cases is a failure, not a skip.
     let xml = std::fs::read_to_string(&junit).unwrap();
-    assert_eq!(xml.matches("<failure type=\"backend lost\"").count(), 240);
+    assert_eq!(xml.matches("<failure type=\"backend lost\"").count(), 320);
 
     let out = run(&["--skip-backend", "tch"]);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
     assert!(
-        stdout.contains("not checked here: 360 cases")
+        stdout.contains("not checked here: 600 cases")
             && stdout.contains("tch is declared not expected on this runner (--skip-backend tch)")
             && stdout.contains("gate passed"),
         "{stdout}"
@@ -697,7 +697,7 @@ fn a_filtered_check_leaves_the_snapshot_whole() {
             .count()
     };
     let entries = count(&accepted);
-    assert_eq!(entries, 600);
+    assert_eq!(entries, 1280);
     let id = "candle/cpu/f32/lora/forward/native/small:";
     let at = accepted.find(id).unwrap();
     let planted = format!(

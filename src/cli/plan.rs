@@ -50,8 +50,10 @@ pub struct RunPlan {
 }
 
 /// The backends declared not expected here, with where that was said: `--skip-backend`, and
-/// the environment variable the provisioning scripts' opt-out sets.
-pub fn not_expected(flags: &[Backend]) -> BTreeMap<Backend, String> {
+/// the environment variables the provisioning scripts' opt-outs honour
+/// (`PEFT_COMPAT_SKIP_LIBTORCH_2_1`: tch@2.1.2; `PEFT_COMPAT_SKIP_PEFT_BUILDS`: every PEFT build
+/// of `builds` but the pinned `peft`).
+pub fn not_expected(flags: &[Backend], builds: &[Backend]) -> BTreeMap<Backend, String> {
     let mut m: BTreeMap<Backend, String> = flags
         .iter()
         .map(|&b| (b, format!("--skip-backend {b}")))
@@ -59,6 +61,16 @@ pub fn not_expected(flags: &[Backend]) -> BTreeMap<Backend, String> {
     if std::env::var("PEFT_COMPAT_SKIP_LIBTORCH_2_1").is_ok_and(|v| !v.is_empty() && v != "0") {
         m.entry(Backend::Tch212)
             .or_insert_with(|| "PEFT_COMPAT_SKIP_LIBTORCH_2_1 is set".to_string());
+    }
+    if std::env::var("PEFT_COMPAT_SKIP_PEFT_BUILDS").is_ok_and(|v| !v.is_empty() && v != "0") {
+        for &b in builds {
+            if b.peft()
+                .is_some_and(|p| p != crate::case::PeftBuild::PINNED)
+            {
+                m.entry(b)
+                    .or_insert_with(|| "PEFT_COMPAT_SKIP_PEFT_BUILDS is set".to_string());
+            }
+        }
     }
     m
 }
@@ -129,6 +141,9 @@ pub fn plan(args: &RunArgs) -> Result<RunPlan, Failure> {
         },
         stop: Arc::default(),
     };
+    let mut builds: Vec<Backend> = matrix.cases.iter().map(|c| c.point.backend).collect();
+    builds.sort();
+    builds.dedup();
     Ok(RunPlan {
         name: args.matrix.display().to_string(),
         matrix,
@@ -144,7 +159,7 @@ pub fn plan(args: &RunArgs) -> Result<RunPlan, Failure> {
             jobs,
             threads: args.threads as usize,
             timeout: Duration::from_secs_f64(args.timeout),
-            not_expected: not_expected(&args.skip_backend),
+            not_expected: not_expected(&args.skip_backend, &builds),
         },
         options,
         runs: if args.record.is_some() {

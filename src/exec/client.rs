@@ -10,9 +10,10 @@ use crate::environment::WorkerInfo;
 use crate::worker::io::{Inputs, Outputs};
 use crate::worker::protocol::{self, Reply, Request, VERSION};
 use std::collections::{BTreeMap, VecDeque};
+use std::ffi::OsString;
 use std::io::{BufReader, BufWriter, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -53,12 +54,42 @@ fn tail_suffix(stderr: &str) -> String {
     }
 }
 
+/// How to start one worker: a Rust worker is its binary; the PEFT worker is a Python
+/// interpreter with the worker script and the build as arguments, and the release first on
+/// `PYTHONPATH`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Launch {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    pub env: Vec<(String, OsString)>,
+}
+
+impl Launch {
+    /// A worker binary, started without arguments.
+    pub fn binary(program: PathBuf) -> Launch {
+        Launch {
+            program,
+            args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    /// The command line, for messages.
+    pub fn display(&self) -> String {
+        std::iter::once(self.program.display().to_string())
+            .chain(self.args.iter().map(|a| a.to_string_lossy().into_owned()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
 /// What a case's run came back as.
 #[derive(Debug)]
 pub enum RunReply {
     Outputs { outputs: Outputs, compute: Duration },
     Refused(String),
     Panicked(String),
+    NotApplicable(String),
 }
 
 /// What the stdout reader forwards: a frame, or why there is none.
@@ -72,7 +103,7 @@ enum ReadEnd {
 }
 
 pub struct Worker {
-    program: PathBuf,
+    program: String,
     child: Child,
     stdin: BufWriter<ChildStdin>,
     frames: Receiver<FrameResult>,
@@ -112,7 +143,11 @@ pub fn describe_status(s: ExitStatus) -> String {
 
 impl Worker {
     /// Start `program`, say hello with `threads`, and wait up to `timeout` for its answer.
-    pub fn spawn(program: &Path, threads: usize, timeout: Duration) -> Result<Worker, WorkerError> {
+    pub fn spawn(
+        program: &Launch,
+        threads: usize,
+        timeout: Duration,
+    ) -> Result<Worker, WorkerError> {
         Self::launch(program, threads)?.handshake(threads, timeout)
     }
 
@@ -120,8 +155,12 @@ impl Worker {
     /// the handshake waits for the library to load, so callers start many workers from one
     /// long-lived thread (a worker dies with the thread that started it) and shake hands in
     /// parallel.
-    pub fn launch(program: &Path, threads: usize) -> Result<Worker, WorkerError> {
-        let mut cmd = Command::new(program);
+    pub fn launch(program: &Launch, threads: usize) -> Result<Worker, WorkerError> {
+        let mut cmd = Command::new(&program.program);
+        cmd.args(&program.args);
+        for (k, v) in &program.env {
+            cmd.env(k, v);
+        }
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -147,7 +186,7 @@ impl Worker {
             });
         }
         let mut child = cmd.spawn().map_err(|e| WorkerError::Spawn {
-            program: program.display().to_string(),
+            program: program.display(),
             message: e.to_string(),
         })?;
         let stdin = BufWriter::with_capacity(1 << 16, child.stdin.take().expect("piped"));
@@ -200,13 +239,13 @@ impl Worker {
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(WorkerError::Spawn {
-                    program: program.display().to_string(),
+                    program: program.display(),
                     message: format!("cannot start a thread to read it: {e}"),
                 });
             }
         };
         Ok(Worker {
-            program: program.to_path_buf(),
+            program: program.display(),
             child,
             stdin,
             frames,
@@ -243,7 +282,7 @@ impl Worker {
                     w.kill();
                     return Err(WorkerError::Protocol(format!(
                         "{} speaks protocol {protocol}, this peft-compat speaks {VERSION}: rebuild both",
-                        w.program.display()
+                        w.program
                     )));
                 }
                 w.info = WorkerInfo {
@@ -313,6 +352,7 @@ impl Worker {
             }
             (Reply::Refused { message }, _) => Ok(RunReply::Refused(message)),
             (Reply::Panicked { message }, _) => Ok(RunReply::Panicked(message)),
+            (Reply::NotApplicable { message }, _) => Ok(RunReply::NotApplicable(message)),
             (other, _) => Err(self.fail(format!("unexpected reply {other:?}"))),
         }
     }

@@ -132,6 +132,7 @@ pub fn write(
             ("alpha", shape.alpha.to_string()),
             ("scaling", inputs.scaling.to_string()),
             ("rslora", shape.rslora.to_string()),
+            ("upcast_applied", case.upcasts().to_string()),
             ("outcome", outcome.kind().to_string()),
         ])
         .map(|(k, v)| (k.to_string(), v))

@@ -4,8 +4,8 @@
 //! ([`crate::worker`]), replaced when it dies or hangs. [`InProcess`] runs a function in this
 //! process; tests use it to plant broken kernels and refusals.
 
-use super::client::{RunReply, Worker, WorkerError};
-use crate::case::{Backend, Case, Device};
+use super::client::{Launch, RunReply, Worker, WorkerError};
+use crate::case::{Backend, Case, Device, PeftBuild};
 use crate::environment::WorkerInfo;
 use crate::outcome::{Skip, SkipKind};
 use crate::worker::io::{Inputs, Outputs};
@@ -29,6 +29,9 @@ pub enum Execution {
     /// A panic, or the worker died: what we know.
     Crashed(String),
     TimedOut(String),
+    /// The build cannot express the case (a PEFT release without the adapter, layer or
+    /// option): a skip with the reason.
+    NotApplicable(String),
     /// The run was stopped while this case ran; it is not reported.
     Interrupted,
 }
@@ -103,24 +106,37 @@ impl Backends for InProcess<'_> {
     }
 }
 
-/// The worker binary of each backend: `--worker BACKEND=PATH`, else `peft-compat-worker-BACKEND`
-/// beside the running binary (or one folder up, where test binaries live).
+/// How each backend's worker starts: `--worker BACKEND=PATH`, else `peft-compat-worker-BACKEND`
+/// beside the running binary (or one folder up, where test binaries live); a PEFT build is the
+/// Python worker (`workers/peft/worker.py`) in its build's environment (for a PEFT build,
+/// `--worker` names the Python interpreter of a ready environment).
 #[derive(Debug, Clone, Default)]
 pub struct WorkerPaths {
     pub overrides: BTreeMap<Backend, PathBuf>,
 }
 
+/// The peft-compat checkout: `PEFT_COMPAT_ROOT` (scripts/env.sh sets it), else where this binary
+/// was built from. The PEFT worker, its provisioning script and its environments live there.
+pub fn checkout_root() -> PathBuf {
+    std::env::var_os("PEFT_COMPAT_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 impl WorkerPaths {
     /// `peft-compat-worker-tch`, `peft-compat-worker-tch-2.1.2`, `peft-compat-worker-candle`.
     pub fn file_name(b: Backend) -> String {
-        format!("peft-compat-worker-{}", b.as_str().replace('@', "-"))
+        format!("peft-compat-worker-{}", b.to_string().replace('@', "-"))
     }
 
-    /// Where `b`'s worker is, or why it cannot be found.
-    pub fn find(&self, b: Backend) -> Result<PathBuf, String> {
+    /// How to start `b`'s worker, or why it cannot be.
+    pub fn find(&self, b: Backend) -> Result<Launch, String> {
+        if let Backend::Peft(build) = b {
+            return self.find_peft(b, build);
+        }
         if let Some(p) = self.overrides.get(&b) {
             return if p.is_file() {
-                Ok(p.clone())
+                Ok(Launch::binary(p.clone()))
             } else {
                 Err(format!(
                     "{b} worker {} does not exist (--worker)",
@@ -132,17 +148,102 @@ impl WorkerPaths {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let dir = exe.parent().unwrap_or(Path::new("."));
         let candidates = [dir.join(&name), dir.join("..").join(&name)];
-        candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
-            format!(
-                "{b} worker not built: no {name} beside {} ({}, or name one with --worker {b}=PATH)",
-                exe.display(),
-                match b {
-                    Backend::Tch212 => "scripts/peft-compat provisions libtorch 2.1.2 and builds it".to_string(),
-                    _ => format!("build it with `cargo build --release -p {name}`"),
-                }
-            )
+        candidates
+            .iter()
+            .find(|p| p.is_file())
+            .cloned()
+            .map(Launch::binary)
+            .ok_or_else(|| {
+                format!(
+                    "{b} worker not built: no {name} beside {} ({}, or name one with --worker {b}=PATH)",
+                    exe.display(),
+                    match b {
+                        Backend::Tch212 => "scripts/peft-compat provisions libtorch 2.1.2 and builds it".to_string(),
+                        _ => format!("build it with `cargo build --release -p {name}`"),
+                    }
+                )
+            })
+    }
+
+    /// The PEFT worker for `build`: its environment provisioned first when it is not there yet
+    /// (scripts/peft-env.sh; minutes, once), or why it cannot be made (pip's own words).
+    fn find_peft(&self, b: Backend, build: PeftBuild) -> Result<Launch, String> {
+        let root = checkout_root();
+        let script = root.join("workers/peft/worker.py");
+        if !script.is_file() {
+            return Err(format!(
+                "{b}: the PEFT worker {} does not exist (set PEFT_COMPAT_ROOT to the peft-compat checkout)",
+                script.display()
+            ));
+        }
+        let mut env = vec![("PYTHONNOUSERSITE".to_string(), "1".into())];
+        let python = if let Some(p) = self.overrides.get(&b) {
+            if !p.is_file() {
+                return Err(format!(
+                    "{b}: Python interpreter {} does not exist (--worker)",
+                    p.display()
+                ));
+            }
+            p.clone()
+        } else {
+            let pinned = build == PeftBuild::PINNED;
+            let torch = if build.torch == PeftBuild::PINNED.torch {
+                root.join(".venv")
+            } else {
+                root.join(format!(".peft/torch-{}", build.torch))
+            };
+            let release = root.join(format!(".peft/peft-{}", build.peft));
+            let ready = |dir: &Path| dir.join(".peft-compat-lock").is_file();
+            let torch_ready = if build.torch == PeftBuild::PINNED.torch {
+                torch.join("bin/python").is_file()
+            } else {
+                ready(&torch)
+            };
+            if !torch_ready || !(pinned || ready(&release)) {
+                provision(&root, build)?;
+            }
+            if !pinned {
+                env.push(("PYTHONPATH".into(), release.into_os_string()));
+            }
+            torch.join("bin/python")
+        };
+        Ok(Launch {
+            program: python,
+            args: vec![script.into_os_string(), b.to_string().into()],
+            env,
         })
     }
+}
+
+/// Run scripts/peft-env.sh for `build`; its stderr's tail is the error when it fails.
+fn provision(root: &Path, build: PeftBuild) -> Result<(), String> {
+    let b = Backend::Peft(build);
+    let script = root.join("scripts/peft-env.sh");
+    if build == PeftBuild::PINNED {
+        return Err(format!(
+            "{b}: {} has no Python environment; scripts/peft-compat makes it (scripts/env.sh)",
+            root.display()
+        ));
+    }
+    eprintln!("peft-compat: provisioning {b} (once; {})", script.display());
+    let out = std::process::Command::new(&script)
+        .arg(build.peft.to_string())
+        .arg(build.torch.to_string())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("{b}: cannot run {}: {e}", script.display()))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    let tail: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = tail[tail.len().saturating_sub(4)..].join(" | ");
+    Err(format!(
+        "{b}: its environment cannot be made (scripts/peft-env.sh {} {}: {}): {tail}",
+        build.peft,
+        build.torch,
+        super::client::describe_status(out.status)
+    ))
 }
 
 /// How the workers of a run are started.
@@ -356,6 +457,7 @@ impl Executor for WorkerSet<'_> {
             Ok(RunReply::Outputs { outputs, compute }) => Execution::Ran { outputs, compute },
             Ok(RunReply::Refused(m)) => Execution::Refused(m),
             Ok(RunReply::Panicked(m)) => Execution::Crashed(format!("panicked: {m}")),
+            Ok(RunReply::NotApplicable(m)) => Execution::NotApplicable(m),
             Err(WorkerError::Interrupted) => Execution::Interrupted,
             Err(e @ WorkerError::TimedOut { .. }) => Execution::TimedOut(e.to_string()),
             Err(e) => Execution::Crashed(e.to_string()),

@@ -11,6 +11,7 @@ pub mod dump;
 pub mod executor;
 pub mod guard;
 pub mod runner;
+pub mod twins;
 
 pub use executor::{Backends, Execution, Executor, InProcess, Pool, WorkerPaths, Workers};
 pub use runner::{

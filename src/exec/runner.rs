@@ -12,10 +12,12 @@ use super::cache::Cache;
 use super::dump;
 use super::executor::{Backends, Execution, Executor, InProcess};
 use super::guard::{self, Limits};
+use super::twins::Twins;
 use crate::case::Case;
-use crate::outcome::{Outcome, Skip, SkipKind, Tolerance};
+use crate::outcome::{Agreement, Outcome, Skip, SkipKind, Tolerance};
 use crate::spec::Matrix;
 use crate::truth::judge::judge;
+use crate::worker::io::Outputs;
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,6 +43,10 @@ pub struct CaseResult {
     pub compute: Option<Duration>,
     /// Why `--dump` could not write this case's file, if it could not.
     pub dump_error: Option<String>,
+    /// A PEFT case's distance to its tch twin ([`super::twins`]).
+    pub agreement: Option<Agreement>,
+    /// The outputs, while the dispatcher pairs twins; taken before the result is reported.
+    pub outputs: Option<Outputs>,
 }
 
 /// What the runner tells its observers.
@@ -198,6 +204,8 @@ fn plan(matrix: &Matrix, indices: &[usize], backends: &dyn Backends, opts: &RunO
                     outcome: Outcome::Skipped(reason),
                     tolerance: Tolerance::for_case(case, 1.0, factor, rel),
                     duration: Duration::ZERO,
+                    agreement: None,
+                    outputs: None,
                     compute: None,
                     dump_error: None,
                 });
@@ -234,6 +242,7 @@ fn dispatch(
     on_event: &mut dyn FnMut(Event),
 ) -> usize {
     let mut done = 0;
+    let mut twins = Twins::new(matrix, &to_run);
     let cache = Cache::new(matrix.seed, to_run.iter().map(|&i| &matrix.cases[i]));
     let queue = Mutex::new(to_run.into_iter().collect::<VecDeque<usize>>());
     let jobs = backends.jobs().max(1);
@@ -281,12 +290,18 @@ fn dispatch(
                     case: &matrix.cases[i],
                 }),
                 Msg::Finished(r) => {
-                    on_event(Event::CaseFinished { result: &r });
-                    done += 1;
+                    for r in twins.finished(*r) {
+                        on_event(Event::CaseFinished { result: &r });
+                        done += 1;
+                    }
                 }
             }
         }
     });
+    for r in twins.unpaired() {
+        on_event(Event::CaseFinished { result: &r });
+        done += 1;
+    }
     done
 }
 
@@ -320,6 +335,11 @@ fn run_one(
         Execution::Refused(m) => (Outcome::Unsupported(m), None, None),
         Execution::Crashed(m) => (Outcome::Crashed(m), None, None),
         Execution::TimedOut(m) => (Outcome::Timeout(m), None, None),
+        Execution::NotApplicable(m) => (
+            Outcome::Skipped(Skip::new(SkipKind::NotApplicable, m)),
+            None,
+            None,
+        ),
         Execution::Interrupted => return None,
     };
     let mut result = CaseResult {
@@ -330,12 +350,15 @@ fn run_one(
         duration: t0.elapsed(),
         compute,
         dump_error: None,
+        agreement: None,
+        outputs: None,
     };
     if let Some(dir) = &opts.dump_dir {
         result.dump_error = dump::write(dir, case, &result.outcome, inputs, got.as_ref(), want)
             .err()
             .map(|e| e.to_string());
     }
+    result.outputs = got;
     Some(result)
 }
 

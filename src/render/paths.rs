@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 /// Whether the report needs the three-path tables instead of the two-path grid.
 pub fn is_extended(report: &Report) -> bool {
     report.cases.iter().any(|c| {
-        c.point.precision == Precision::Autocast
+        matches!(c.point.precision, Precision::Autocast | Precision::Fp32Init)
             || c.point.layer != Layer::Linear
             || c.point.profile != Profile::Normal
     })
@@ -23,7 +23,7 @@ pub fn is_extended(report: &Report) -> bool {
 pub const LEGEND: &[(&str, &str)] = &[
     (
         "✓ ✗ ...",
-        "one symbol per precision path, in the order native upcast autocast",
+        "one symbol per precision path, in the order native upcast autocast (fp32_init fourth, where the report has it)",
     ),
     ("✓", "every case of the path passes"),
     (
@@ -42,7 +42,19 @@ pub const LEGEND: &[(&str, &str)] = &[
     ),
 ];
 
-const PATHS: [Precision; 3] = [Precision::Native, Precision::Upcast, Precision::Autocast];
+/// The paths a cell shows, in order: the three always (`·` where the matrix lacks one, so the
+/// columns read alike in every report), `fp32_init` where the report has it.
+fn paths(report: &Report) -> Vec<Precision> {
+    let mut p = vec![Precision::Native, Precision::Upcast, Precision::Autocast];
+    if report
+        .cases
+        .iter()
+        .any(|c| c.point.precision == Precision::Fp32Init)
+    {
+        p.push(Precision::Fp32Init);
+    }
+    p
+}
 
 /// The symbol of one path of one cell.
 fn symbol(cases: &[&CaseReport]) -> String {
@@ -230,8 +242,12 @@ fn render_groups(
     out
 }
 
-fn by_path(cases: &[&CaseReport], f: impl Fn(&[&CaseReport]) -> String) -> String {
-    PATHS
+fn by_path(
+    paths: &[Precision],
+    cases: &[&CaseReport],
+    f: impl Fn(&[&CaseReport]) -> String,
+) -> String {
+    paths
         .iter()
         .map(|p| {
             let v: Vec<&CaseReport> = cases
@@ -281,7 +297,7 @@ fn support_tables(
         &g,
         sep,
         max_width,
-        &|v| by_path(v, symbol),
+        &|v| by_path(&paths(report), v, symbol),
         paint,
         style,
     )
@@ -344,7 +360,7 @@ fn figure_tables(
         &g,
         sep,
         max_width,
-        &|v| by_path(v, figure),
+        &|v| by_path(&paths(report), v, figure),
         None,
         style,
     )
@@ -438,12 +454,12 @@ pub fn sheets(report: &Report, r: usize) -> Vec<Sheet> {
             .collect::<Vec<_>>()
     };
     let mut out = as_sheets(groups(report, |_| true, title), &|v| {
-        let text = by_path(v, symbol);
+        let text = by_path(&paths(report), v, symbol);
         let tone = Tone::of_color(paint(&text));
         (text, tone)
     });
     out.extend(as_sheets(groups(report, is_figure, figures_title), &|v| {
-        (by_path(v, figure), Tone::Plain)
+        (by_path(&paths(report), v, figure), Tone::Plain)
     }));
     out
 }

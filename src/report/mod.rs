@@ -229,6 +229,10 @@ pub struct CaseReport {
     /// The matrix's expectation for this case, judged against the outcome.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected: Option<CaseExpectation>,
+    /// A PEFT build's case: how far its outputs are from the tch build's on the same libtorch
+    /// (`{"with": "<tch case id>", "max_u": <units of roundoff>}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<crate::outcome::Agreement>,
 }
 
 /// A backend build that should have run here and could not: a failure of the run, unless the
@@ -329,6 +333,7 @@ impl CaseReport {
             compute_ms: r.compute.map(|d| d.as_secs_f64() * 1e3),
             dump_error: r.dump_error.clone(),
             expected: None,
+            agreement: r.agreement.clone(),
         }
     }
 }

@@ -446,6 +446,7 @@ mod tests {
             compute_ms: None,
             dump_error: None,
             expected: None,
+            agreement: None,
         }
     }
 

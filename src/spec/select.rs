@@ -5,7 +5,8 @@
 //! As cargo-nextest partitions tests: `count:K/N` (or plain `K/N`) takes every N-th case of
 //! the (filtered) expansion starting at the K-th, which balances jobs when neighbouring cases
 //! cost alike; `hash:K/N` takes the cases whose id hashes to K, which keeps a case in the same
-//! partition when others are added or removed.
+//! partition when others are added or removed. A PEFT build's case follows its tch twin (see
+//! `exec::twins`), so their agreement is measured in whichever part runs them.
 
 use super::matrix::Matrix;
 use crate::util::fnv1a;
@@ -114,12 +115,15 @@ pub fn select(
     }
     let before_partition = indices.len();
     if let Some(p) = &partition {
-        indices = indices
-            .iter()
-            .enumerate()
-            .filter(|(pos, &i)| p.contains(*pos, &matrix.cases[i].id()))
-            .map(|(_, &i)| i)
-            .collect();
+        // A PEFT case goes where its tch twin goes, so that each part can measure their
+        // agreement and the merged report is the single run's.
+        let twins = crate::exec::twins::twin_pairs(matrix, &indices);
+        let pos: std::collections::HashMap<usize, usize> =
+            indices.iter().enumerate().map(|(n, &i)| (i, n)).collect();
+        indices.retain(|i| {
+            let anchor = twins.get(i).copied().unwrap_or(*i);
+            p.contains(pos[&anchor], &matrix.cases[anchor].id())
+        });
     }
     Ok(Selection {
         indices,

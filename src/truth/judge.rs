@@ -99,6 +99,26 @@ impl Tolerance {
     }
 }
 
+/// The agreement of two backends' outputs for one case (see [`crate::outcome::Agreement`]): the
+/// largest, over the outputs both hold, of `measure`'s error in units, with `twin` as the yardstick;
+/// `None` when they share no output.
+pub fn agreement_units(got: &Outputs, twin: &Outputs, dtype: DType) -> Option<f64> {
+    let mut worst: Option<f64> = None;
+    for (name, t) in twin {
+        let Some((_, g)) = got.iter().find(|(n, _)| n == name) else {
+            continue;
+        };
+        let m = measure(name, g, t, 0.0, dtype);
+        let units = if m.nonfinite != m.reference_nonfinite {
+            f64::INFINITY
+        } else {
+            m.err_units
+        };
+        worst = Some(worst.map_or(units, |w: f64| w.max(units)));
+    }
+    worst
+}
+
 fn measure(
     name: &str,
     got: &HostTensor,

@@ -30,6 +30,20 @@ pub fn judge(rule: &Expectation, outcome: OutcomeKind, error: Option<&str>) -> S
     }
 }
 
+/// The builds rules are judged for: the default ones and every build the environment records
+/// (a `peft@X+torchY` a matrix named).
+fn builds(env: &Environment) -> Vec<Backend> {
+    let mut v: Vec<Backend> = Backend::ALL.to_vec();
+    v.extend(
+        env.backends
+            .keys()
+            .filter_map(|k| k.parse::<Backend>().ok()),
+    );
+    v.sort();
+    v.dedup();
+    v
+}
+
 /// The rules whose conditions hold, per backend build (each judged against its own library
 /// versions), in file order; evaluated once per build rather than once per case.
 pub struct Active<'a> {
@@ -39,9 +53,9 @@ pub struct Active<'a> {
 impl<'a> Active<'a> {
     pub fn new(rules: &'a [Expectation], env: &Environment) -> Active<'a> {
         Active {
-            by_backend: Backend::ALL
-                .iter()
-                .map(|&b| {
+            by_backend: builds(env)
+                .into_iter()
+                .map(|b| {
                     let env = env.for_backend(b);
                     (b, rules.iter().filter(|r| r.active(&env)).collect())
                 })

@@ -399,6 +399,14 @@ fn numeric_drift(before: &Entry, now: &Entry, tolerance: f64, tol_units: f64) ->
             ));
         }
     }
+    if let (Some(b), Some(n)) = (before.agreement, now.agreement) {
+        if !(n <= DRIFT_FACTOR * b || n - b <= NOISE_UNITS) {
+            return Some(format!(
+                "agreement with the tch build grew from {b} u to {n} u (allowed: x{DRIFT_FACTOR} \
+                 and +{NOISE_UNITS} u): our restatement and PEFT's code drift apart"
+            ));
+        }
+    }
     now.outputs
         .keys()
         .find(|k| !before.outputs.contains_key(*k))

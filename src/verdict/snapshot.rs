@@ -8,7 +8,9 @@
 //!   resolution of 1e-3, coarser than f32 noise and finer than any real change in a result);
 //! - failure texts as a class: the first line, with digits replaced by `#`;
 //! - each case's tolerance (`tolerance`, 2 significant digits): a tolerance raised in the matrix
-//!   would otherwise let a worse error pass unnoticed.
+//!   would otherwise let a worse error pass unnoticed;
+//! - a PEFT case's agreement with its tch twin (`agreement`, in units, 2 significant digits):
+//!   held like an error, so the restatement drifting from PEFT fails the gate.
 //!
 //! The insta header's `info` records the matrix's `seed`: another seed draws other inputs, so
 //! every number moves, and the gate says that once instead of case by case.
@@ -41,6 +43,9 @@ pub struct Entry {
     /// The allowed `max_rel_err` (absent in snapshots that predate it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerance: Option<f64>,
+    /// A PEFT case's agreement with its tch twin, in units of roundoff (2 significant digits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<f64>,
 }
 
 /// A whole snapshot: case id -> entry.
@@ -93,6 +98,7 @@ pub fn entry(c: &CaseReport) -> Entry {
         },
         outputs,
         tolerance: (c.outcome != OutcomeKind::Skipped).then(|| sig(c.tolerance.rel, 2)),
+        agreement: c.agreement.as_ref().map(|a| sig(a.max_u, 2)),
     }
 }
 

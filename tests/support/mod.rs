@@ -16,9 +16,11 @@ pub fn run_on_backend(case: &Case, inputs: &Inputs) -> OpResult<Outputs> {
     match case.point.backend {
         Backend::Tch => peft_compat_worker_tch::run(case, inputs),
         Backend::Candle => peft_compat_worker_candle::run(case, inputs),
-        Backend::Tch212 => Err(peft_compat::worker::ops::BackendError::new(
-            "tch@2.1.2 runs only in its worker process",
-        )),
+        b @ (Backend::Tch212 | Backend::Peft(_)) => {
+            Err(peft_compat::worker::ops::BackendError::new(format!(
+                "{b} runs only in its worker process"
+            )))
+        }
     }
 }
 
@@ -27,7 +29,9 @@ pub fn unavailable(backend: Backend, device: Device) -> Option<String> {
     match backend {
         Backend::Tch => peft_compat_worker_tch::ops::unavailable(device),
         Backend::Candle => peft_compat_worker_candle::ops::unavailable(device),
-        Backend::Tch212 => Some("tch@2.1.2 runs only in its worker process".into()),
+        b @ (Backend::Tch212 | Backend::Peft(_)) => {
+            Some(format!("{b} runs only in its worker process"))
+        }
     }
 }
 

@@ -46,12 +46,209 @@ macro_rules! axis_enum {
     };
 }
 
-axis_enum!(
-    /// Which tensor library build runs the case: `tch` is libtorch 2.11 through tch 0.24;
-    /// `tch@2.1.2` is libtorch 2.1.2 through tch 0.14 (the last libtorch without a CPU fp16
-    /// matmul); each build is a worker binary of its own.
-    Backend { Tch => "tch", Tch212 => "tch@2.1.2", Candle => "candle" }
-);
+/// A release number `X.Y.Z` (PEFT's or torch's), ordered numerically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Version {
+    pub major: u16,
+    pub minor: u16,
+    pub patch: u16,
+}
+
+impl Version {
+    pub const fn new(major: u16, minor: u16, patch: u16) -> Version {
+        Version {
+            major,
+            minor,
+            patch,
+        }
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+impl std::str::FromStr for Version {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split('.').collect();
+        let num = |p: &str| {
+            (!p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| p.parse::<u16>().ok())
+                .flatten()
+        };
+        match parts.as_slice() {
+            [a, b, c] => match (num(a), num(b), num(c)) {
+                (Some(a), Some(b), Some(c)) => Ok(Version::new(a, b, c)),
+                _ => Err(format!("`{s}` is not a release number X.Y.Z")),
+            },
+            _ => Err(format!("`{s}` is not a release number X.Y.Z")),
+        }
+    }
+}
+
+/// One PEFT release on one torch release, run by the Python worker (`workers/peft/worker.py`)
+/// in a virtual environment of its own (`scripts/peft-env.sh`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeftBuild {
+    pub peft: Version,
+    pub torch: Version,
+}
+
+impl PeftBuild {
+    /// `peft`: the PEFT pinned in scripts/locks/venv.txt, on the project's torch (the libtorch
+    /// the `tch` worker links).
+    pub const PINNED: PeftBuild = PeftBuild {
+        peft: Version::new(0, 21, 2),
+        torch: Version::new(2, 11, 0),
+    };
+    /// The releases on each side of PEFT #1653 (DoRA's init product in fp32), on the torch of
+    /// the original report.
+    pub const BEFORE_1653: PeftBuild = PeftBuild {
+        peft: Version::new(0, 10, 0),
+        torch: Version::new(2, 1, 2),
+    };
+    pub const AFTER_1653: PeftBuild = PeftBuild {
+        peft: Version::new(0, 11, 0),
+        torch: Version::new(2, 1, 2),
+    };
+}
+
+/// Which library build runs the case: `tch` is libtorch 2.11 through tch 0.24; `tch@2.1.2` is
+/// libtorch 2.1.2 through tch 0.14 (the last libtorch without a CPU fp16 matmul); `candle`;
+/// `peft` is PEFT's own code (the pinned release on torch 2.11.0) and `peft@X+torchY` PEFT X on
+/// torch Y, each through the Python worker. Every build is a worker process of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Backend {
+    Tch,
+    Tch212,
+    Candle,
+    Peft(PeftBuild),
+}
+
+impl Backend {
+    /// The builds this tree provisions and tables list by default, in table order; every other
+    /// `peft@X+torchY` parses too and is provisioned when a matrix names it.
+    pub const ALL: &'static [Backend] = &[
+        Backend::Tch,
+        Backend::Tch212,
+        Backend::Candle,
+        Backend::Peft(PeftBuild::PINNED),
+        Backend::Peft(PeftBuild::BEFORE_1653),
+        Backend::Peft(PeftBuild::AFTER_1653),
+    ];
+
+    /// Valid spellings, for error messages.
+    pub fn valid() -> String {
+        "tch, tch@2.1.2, candle, peft, peft@PEFT+torchTORCH (e.g. peft@0.10.0+torch2.1.2)".into()
+    }
+
+    /// The library, whatever its build: `tch` for every libtorch build, `peft` for every PEFT
+    /// build.
+    pub fn family(self) -> Backend {
+        match self {
+            Backend::Tch | Backend::Tch212 => Backend::Tch,
+            Backend::Candle => Backend::Candle,
+            Backend::Peft(_) => Backend::Peft(PeftBuild::PINNED),
+        }
+    }
+
+    /// Whether a matrix pattern's `backend` value covers this build: `tch` covers every
+    /// libtorch build and `peft` every PEFT build; `tch@2.1.2` or `peft@0.10.0+torch2.1.2`
+    /// only that one.
+    pub fn matches(self, pattern: Backend) -> bool {
+        self == pattern
+            || (matches!(pattern, Backend::Tch | Backend::Peft(PeftBuild::PINNED))
+                && self.family() == pattern)
+    }
+
+    /// The libtorch release a build computes with (`None` for candle): a PEFT build and the tch
+    /// build on the same libtorch run the same kernels, so their outputs are compared
+    /// (`agreement`).
+    pub fn libtorch(self) -> Option<Version> {
+        match self {
+            Backend::Tch => Some(PeftBuild::PINNED.torch),
+            Backend::Tch212 => Some(Version::new(2, 1, 2)),
+            Backend::Candle => None,
+            Backend::Peft(b) => Some(b.torch),
+        }
+    }
+
+    /// The PEFT build, for a PEFT backend.
+    pub fn peft(self) -> Option<PeftBuild> {
+        match self {
+            Backend::Peft(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The tch build a PEFT build is held to: the one on its libtorch, when there is one.
+    pub fn tch_twin(self) -> Option<Backend> {
+        let torch = self.peft()?.torch;
+        [Backend::Tch, Backend::Tch212]
+            .into_iter()
+            .find(|t| t.libtorch() == Some(torch))
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Backend::Tch => f.write_str("tch"),
+            Backend::Tch212 => f.write_str("tch@2.1.2"),
+            Backend::Candle => f.write_str("candle"),
+            Backend::Peft(b) if *b == PeftBuild::PINNED => f.write_str("peft"),
+            Backend::Peft(b) => write!(f, "peft@{}+torch{}", b.peft, b.torch),
+        }
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let unknown = |why: String| {
+            format!(
+                "unknown backend `{s}`{why}; valid values: {}",
+                Backend::valid()
+            )
+        };
+        match s {
+            "tch" => Ok(Backend::Tch),
+            "tch@2.1.2" => Ok(Backend::Tch212),
+            "candle" => Ok(Backend::Candle),
+            "peft" => Ok(Backend::Peft(PeftBuild::PINNED)),
+            _ => {
+                let rest = s
+                    .strip_prefix("peft@")
+                    .ok_or_else(|| unknown(String::new()))?;
+                let (peft, torch) = rest
+                    .split_once("+torch")
+                    .ok_or_else(|| unknown(" (a PEFT build is peft@PEFT+torchTORCH)".into()))?;
+                let v = |x: &str| x.parse::<Version>().map_err(|e| unknown(format!(": {e}")));
+                Ok(Backend::Peft(PeftBuild {
+                    peft: v(peft)?,
+                    torch: v(torch)?,
+                }))
+            }
+        }
+    }
+}
+
+impl Serialize for Backend {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Backend {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 axis_enum!(
     /// Element type every tensor of the case is stored in.
     DType { F32 => "f32", F16 => "f16", Bf16 => "bf16", F64 => "f64" }
@@ -77,7 +274,12 @@ axis_enum!(
     /// `autocast`: PEFT's default since 0.12 (`autocast_adapter_dtype=True`): the adapter is
     /// initialised in the base dtype (through the fixed path), then stored in fp32, and its
     /// branch runs in fp32 on an fp32 copy of the input; the result is cast back.
-    Precision { Native => "native", Upcast => "upcast", Autocast => "autocast" }
+    /// `fp32_init`: the original article's last advice: build and initialise the adapted layer
+    /// in fp32 on the case's device, then cast the base layer and adapter to the case dtype and
+    /// run the op there, through PEFT's code as it is today (its fp32 products included: what a
+    /// PEFT build runs after `model.to(dtype)`); for ops without an init it is the upcast path
+    /// after an fp32 construction.
+    Precision { Native => "native", Upcast => "upcast", Autocast => "autocast", Fp32Init => "fp32_init" }
 );
 axis_enum!(
     /// The layer the adapter wraps. `embedding`: in_features = num_embeddings, out_features =
@@ -93,22 +295,6 @@ axis_enum!(
     /// outputs stay in range: what overflows is the computation, not the data.
     Profile { Normal => "normal", Llm => "llm", ZeroRows => "zero_rows", Large => "large", Tiny => "tiny" }
 );
-
-impl Backend {
-    /// The library, whatever its build: `tch` for every libtorch build.
-    pub fn family(self) -> Backend {
-        match self {
-            Backend::Tch | Backend::Tch212 => Backend::Tch,
-            Backend::Candle => Backend::Candle,
-        }
-    }
-
-    /// Whether a matrix pattern's `backend` value covers this build: `tch` covers every
-    /// libtorch build, `tch@2.1.2` only that one.
-    pub fn matches(self, pattern: Backend) -> bool {
-        self == pattern || (pattern == Backend::Tch && self.family() == Backend::Tch)
-    }
-}
 
 impl Adapter {
     /// DoRA's magnitude is part of the adapter.
@@ -365,6 +551,9 @@ impl Case {
     /// PiSSA and OLoRA are Linear-only in PEFT, and once initialised they are LoRA (or DoRA)
     /// adapters: their own question is the init, and whether the layer still computes W.
     pub fn not_a_case(&self) -> Option<&'static str> {
+        if self.point.backend.peft().is_some() && self.point.precision == Precision::Upcast {
+            return Some("upcast is peft-compat's model of PEFT's fix, not a PEFT switch: a PEFT build's native path runs the release's own fixes");
+        }
         if self.point.adapter.is_data_init() {
             if self.point.layer != Layer::Linear {
                 return Some("PEFT initialises PiSSA and OLoRA on Linear layers only");
@@ -386,6 +575,24 @@ impl Case {
             });
         }
         None
+    }
+
+    /// `fp32_init` on an op that initialises the adapter: the layer is built and initialised in
+    /// fp32, then cast to the case dtype (for other ops the init is not part of the op, and the
+    /// path runs as `native` on the case's inputs).
+    pub fn inits_in_fp32(&self) -> bool {
+        self.point.precision == Precision::Fp32Init
+            && matches!(self.point.op, Op::Init | Op::InitNoop)
+    }
+
+    /// A PEFT build's case: where its tch twin sits (the tch build on the same libtorch, every
+    /// other axis and the shape the same), whose outputs it is held to.
+    pub fn twin_point(&self) -> Option<Point> {
+        let backend = self.point.backend.tch_twin()?;
+        Some(Point {
+            backend,
+            ..self.point
+        })
     }
 
     /// The dtype the adapter's tensors (A, B, magnitude) are kept in: fp32 under `autocast`
@@ -426,7 +633,7 @@ impl Case {
 
     /// Whether the fp32 products are actually taken in this case. PEFT's autocast default
     /// initialises through the fixed path too (the fix is in the code it runs), and keeps the
-    /// delta weight's fp32 product on CPU.
+    /// delta weight's fp32 product on CPU; so does `fp32_init` after its cast.
     pub fn upcasts(&self) -> bool {
         self.point.precision != Precision::Native && self.upcast_site().is_some()
     }

@@ -35,8 +35,17 @@
 //!   time the backend spent on them.
 //! - `refused` {`message`}: the library refused an operation (its message verbatim): the case is
 //!   `unsupported`.
-//! - `panicked` {`message`}: the backend code panicked; the worker stays usable: `crashed`.
+//! - `panicked` {`message`}: the backend code panicked (the Python worker: an exception raised in
+//!   its own code); the worker stays usable: `crashed`.
+//! - `not_applicable` {`message`} (since version 3): the build cannot express the case (a PEFT
+//!   release without DoRA, without PiSSA, without the autocast option): the case is skipped with
+//!   the message, never a pass.
 //! - `error` {`message`}: the worker could not read the request (a bug on one side).
+//!
+//! Two implementations speak it: the Rust workers (`serve.rs`) and the PEFT worker
+//! (`workers/peft/worker.py`); tests/conformance.rs drives both with the same requests. For that
+//! test both honour `PEFT_COMPAT_WORKER_TEST`: `stray` writes a non-protocol line before every
+//! reply, `panic` fails every run in the worker's own code, `abort` aborts the process on a run.
 //!
 //! End of stdin ends the worker. A worker that exits, is killed by a signal or stops answering
 //! costs the case in flight (`crashed` with the status and the tail of its stderr, or `timeout`)
@@ -50,7 +59,7 @@ use std::collections::BTreeMap;
 use std::io::{self, BufRead, Write};
 
 /// Bumped on any change that an old peer would misread.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// Every header line starts with this.
 pub const MAGIC: &str = "PCW1 ";
@@ -159,6 +168,9 @@ pub enum Reply {
         message: String,
     },
     Panicked {
+        message: String,
+    },
+    NotApplicable {
         message: String,
     },
     Error {
@@ -389,6 +401,7 @@ pub fn reply_bytes(r: &Reply) -> Option<usize> {
         | Reply::Probe { .. }
         | Reply::Refused { .. }
         | Reply::Panicked { .. }
+        | Reply::NotApplicable { .. }
         | Reply::Error { .. } => Some(0),
     }
 }

@@ -63,9 +63,34 @@ pub fn serve(backend: &dyn WorkerBackend) -> i32 {
                 }
             };
         let (reply, payload) = answer(backend, frame.message, &frame.payload);
+        if test_hook() == Some(TestHook::Stray) {
+            use std::io::Write;
+            let _ = writeln!(
+                output,
+                "a stray line on stdout (PEFT_COMPAT_WORKER_TEST=stray)"
+            );
+        }
         if protocol::write_frame(&mut output, &reply, &payload).is_err() {
             return 2;
         }
+    }
+}
+
+/// The protocol's test levers (`PEFT_COMPAT_WORKER_TEST`, see `protocol`), honoured by every
+/// worker so that one conformance test can drive them all.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum TestHook {
+    Stray,
+    Panic,
+    Abort,
+}
+
+fn test_hook() -> Option<TestHook> {
+    match std::env::var("PEFT_COMPAT_WORKER_TEST").ok()?.as_str() {
+        "stray" => Some(TestHook::Stray),
+        "panic" => Some(TestHook::Panic),
+        "abort" => Some(TestHook::Abort),
+        _ => None,
     }
 }
 
@@ -96,6 +121,9 @@ fn answer(
             vec![],
         ),
         Request::Run { case, tensors, .. } => {
+            if test_hook() == Some(TestHook::Abort) {
+                std::process::abort();
+            }
             let case = case.case();
             let inputs = match protocol::inputs_from(&case, &tensors, payload) {
                 Ok(i) => i,
@@ -109,7 +137,15 @@ fn answer(
                 }
             };
             let t0 = Instant::now();
-            match catch_unwind(AssertUnwindSafe(|| backend.run(&case, &inputs))) {
+            let planted = test_hook() == Some(TestHook::Panic);
+            match catch_unwind(AssertUnwindSafe(|| {
+                if planted {
+                    panic!(
+                        "planted failure in the worker's own code (PEFT_COMPAT_WORKER_TEST=panic)"
+                    );
+                }
+                backend.run(&case, &inputs)
+            })) {
                 Ok(Ok(outputs)) => {
                     protocol::outputs_reply(&case, &outputs, t0.elapsed().as_secs_f64() * 1e3)
                 }

@@ -40,8 +40,12 @@ pub struct Uploaded<T> {
 /// [`Case::adapter_dtype`], token ids as f32 (exact; the backend's `embedding` reads them as
 /// integers).
 pub fn upload<O: TensorOps>(ops: &O, case: &Case, inp: &Inputs) -> OpResult<Uploaded<O::Tensor>> {
-    let dt = case.point.dtype;
-    let adt = case.adapter_dtype();
+    // fp32_init builds the layer in fp32; `initialise` casts it to the case dtype.
+    let (dt, adt) = if case.inits_in_fp32() {
+        (DType::F32, DType::F32)
+    } else {
+        (case.point.dtype, case.adapter_dtype())
+    };
     let kind = case.point.layer;
     let norm_len = match kind {
         Kind::Embedding => inp.weight.shape[1],
@@ -63,7 +67,7 @@ pub fn upload<O: TensorOps>(ops: &O, case: &Case, inp: &Inputs) -> OpResult<Uplo
     let x_dtype = if kind == Kind::Embedding {
         DType::F32
     } else {
-        dt
+        case.point.dtype
     };
     Ok(Uploaded {
         layer,
@@ -104,7 +108,8 @@ fn adapted<O: TensorOps>(
 }
 
 /// PEFT's `update_layer`: PiSSA/OLoRA cut A, B and the residual out of W; DoRA's magnitude is
-/// the norm of what the init leaves, stored in the adapter dtype.
+/// the norm of what the init leaves, stored in the adapter dtype. Under `fp32_init` the layer
+/// arrives in fp32 and leaves cast to the case dtype (`model.to(dtype)` after the init).
 fn initialise<O: TensorOps>(
     ops: &O,
     case: &Case,
@@ -114,11 +119,21 @@ fn initialise<O: TensorOps>(
     if case.point.adapter.is_data_init() {
         init::data_init(ops, case.point.adapter, layer, upcast)?;
     }
-    if case.point.adapter.is_dora() {
-        let m = dora::init_magnitude(ops, layer, upcast)?;
-        return Ok(Some(ops.cast(&m, case.adapter_dtype())?));
+    let m = if case.point.adapter.is_dora() {
+        Some(dora::init_magnitude(ops, layer, upcast)?)
+    } else {
+        None
+    };
+    if case.inits_in_fp32() {
+        let dt = case.point.dtype;
+        layer.weight = ops.cast(&layer.weight, dt)?;
+        layer.bias = layer.bias.as_ref().map(|b| ops.cast(b, dt)).transpose()?;
+        layer.lora_a = ops.cast(&layer.lora_a, dt)?;
+        layer.lora_b = ops.cast(&layer.lora_b, dt)?;
+        layer.dtype = dt;
+        layer.adapter_dtype = dt;
     }
-    Ok(None)
+    m.map(|m| ops.cast(&m, case.adapter_dtype())).transpose()
 }
 
 /// `init`. PiSSA/OLoRA: the residual weight and the part of W the adapter now holds. DoRA: the
@@ -157,8 +172,9 @@ fn init_noop<O: TensorOps>(
 ) -> OpResult<Outputs> {
     let Uploaded { mut layer, x, .. } = u;
     let w = ops.upload(&inp.weight, case.point.dtype)?;
-    let base = lora::base_with(ops, &layer, &w, &x)?;
+    // After the init (which leaves the bias as it was, cast to the case dtype under fp32_init).
     let m = initialise(ops, case, &mut layer)?;
+    let base = lora::base_with(ops, &layer, &w, &x)?;
     Ok(vec![
         (
             names::RESULT,
