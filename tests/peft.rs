@@ -210,6 +210,23 @@ fn peft_cases_carry_their_agreement_with_the_tch_build() {
         seen += 1;
     }
     assert_eq!(seen, 8);
+    // The table's figures section: one row per PEFT build, its tch twin named.
+    let dir = tempfile::tempdir().unwrap();
+    let m = write(dir.path(), "m.yaml", &body);
+    let out = bin()
+        .arg("run")
+        .arg(&m)
+        .args(["--results", "/dev/null"])
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("agreement: the largest difference of a PEFT build's outputs")
+            && text.contains("PEFT build (vs tch)")
+            && text.contains("vs tch "),
+        "{text}"
+    );
 }
 
 /// The accepted agreement is part of the snapshot, and an agreement that grows past the drift

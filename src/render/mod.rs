@@ -7,6 +7,7 @@
 //! autocast, layers or profiles), [`gate`] (the gate's verdict), [`compare`] (reports side by
 //! side), [`junit`] (JUnit XML) and [`progress`] (the bar or CI lines while a run goes).
 
+pub mod agreement;
 pub mod compare;
 pub mod gate;
 pub mod grid;
@@ -140,6 +141,11 @@ pub fn document(
         for (sym, meaning) in LEGEND {
             out.push_str(&flavor.legend(sym, meaning));
         }
+    }
+    if let Some(t) = agreement::table(report, flavor.sep(), &style) {
+        out.push_str(&flavor.note(agreement::NOTE));
+        out.push_str(&t);
+        out.push_str(if flavor.markdown() { "\n\n" } else { "\n" });
     }
     for line in notes(report, &grid) {
         out.push_str(&flavor.note(&line));
