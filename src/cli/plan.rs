@@ -58,11 +58,12 @@ pub fn not_expected(flags: &[Backend], builds: &[Backend]) -> BTreeMap<Backend, 
         .iter()
         .map(|&b| (b, format!("--skip-backend {b}")))
         .collect();
-    if std::env::var("PEFT_COMPAT_SKIP_LIBTORCH_2_1").is_ok_and(|v| !v.is_empty() && v != "0") {
+    let set = |var: &str| std::env::var(var).is_ok_and(|v| !v.is_empty() && v != "0");
+    if set("PEFT_COMPAT_SKIP_LIBTORCH_2_1") {
         m.entry(Backend::Tch212)
             .or_insert_with(|| "PEFT_COMPAT_SKIP_LIBTORCH_2_1 is set".to_string());
     }
-    if std::env::var("PEFT_COMPAT_SKIP_PEFT_BUILDS").is_ok_and(|v| !v.is_empty() && v != "0") {
+    if set("PEFT_COMPAT_SKIP_PEFT_BUILDS") {
         for &b in builds {
             if b.peft()
                 .is_some_and(|p| p != crate::case::PeftBuild::PINNED)

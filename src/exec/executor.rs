@@ -176,43 +176,49 @@ impl WorkerPaths {
                 script.display()
             ));
         }
-        let mut env = vec![("PYTHONNOUSERSITE".to_string(), "1".into())];
-        let python = if let Some(p) = self.overrides.get(&b) {
-            if !p.is_file() {
+        let (python, release) = match self.overrides.get(&b) {
+            Some(p) if !p.is_file() => {
                 return Err(format!(
                     "{b}: Python interpreter {} does not exist (--worker)",
                     p.display()
-                ));
+                ))
             }
-            p.clone()
-        } else {
-            let pinned = build == PeftBuild::PINNED;
-            let torch = if build.torch == PeftBuild::PINNED.torch {
-                root.join(".venv")
-            } else {
-                root.join(format!(".peft/torch-{}", build.torch))
-            };
-            let release = root.join(format!(".peft/peft-{}", build.peft));
-            let ready = |dir: &Path| dir.join(".peft-compat-lock").is_file();
-            let torch_ready = if build.torch == PeftBuild::PINNED.torch {
-                torch.join("bin/python").is_file()
-            } else {
-                ready(&torch)
-            };
-            if !torch_ready || !(pinned || ready(&release)) {
-                provision(&root, build)?;
+            Some(p) => (p.clone(), None),
+            None => {
+                let (python, release, ready) = peft_layout(&root, build);
+                if !ready {
+                    provision(&root, build)?;
+                }
+                (python, release)
             }
-            if !pinned {
-                env.push(("PYTHONPATH".into(), release.into_os_string()));
-            }
-            torch.join("bin/python")
         };
+        let mut env = vec![("PYTHONNOUSERSITE".to_string(), "1".into())];
+        env.extend(release.map(|r| ("PYTHONPATH".to_string(), r.into_os_string())));
         Ok(Launch {
             program: python,
             args: vec![script.into_os_string(), b.to_string().into()],
             env,
         })
     }
+}
+
+/// Where scripts/peft-env.sh puts `build`: its Python (`.venv`'s for torch 2.11.0, else
+/// `.peft/torch-T`'s), the folder of its PEFT release to put on `PYTHONPATH` (none for the
+/// pinned one, which `.venv` holds), and whether both are made (each marked by its lock).
+fn peft_layout(root: &Path, build: PeftBuild) -> (PathBuf, Option<PathBuf>, bool) {
+    let made = |dir: &Path| dir.join(".peft-compat-lock").is_file();
+    let (torch, torch_made) = if build.torch == PeftBuild::PINNED.torch {
+        (root.join(".venv"), true)
+    } else {
+        let dir = root.join(format!(".peft/torch-{}", build.torch));
+        let m = made(&dir);
+        (dir, m)
+    };
+    let python = torch.join("bin/python");
+    let release =
+        (build != PeftBuild::PINNED).then(|| root.join(format!(".peft/peft-{}", build.peft)));
+    let ready = torch_made && python.is_file() && release.as_deref().is_none_or(made);
+    (python, release, ready)
 }
 
 /// Run scripts/peft-env.sh for `build`; its stderr's tail is the error when it fails.

@@ -19,8 +19,8 @@ use std::collections::HashMap;
 pub struct Twins {
     /// PEFT case -> its tch twin (both in this run).
     twin_of: HashMap<usize, usize>,
-    /// tch case -> how many of its PEFT twins have not finished.
-    waiting: HashMap<usize, usize>,
+    /// tch case -> its PEFT twins that have not finished.
+    waiting: HashMap<usize, Vec<usize>>,
     /// Finished tch cases with waiting twins: id and outputs.
     kept: HashMap<usize, (String, Option<Outputs>)>,
     /// Finished PEFT cases whose twin has not: the result and its outputs.
@@ -31,9 +31,9 @@ impl Twins {
     /// Pair the cases of `to_run`.
     pub fn new(matrix: &Matrix, to_run: &[usize]) -> Twins {
         let twin_of = twin_pairs(matrix, to_run);
-        let mut waiting: HashMap<usize, usize> = HashMap::new();
-        for &j in twin_of.values() {
-            *waiting.entry(j).or_default() += 1;
+        let mut waiting: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (&p, &t) in &twin_of {
+            waiting.entry(t).or_default().push(p);
         }
         Twins {
             twin_of,
@@ -47,36 +47,28 @@ impl Twins {
     pub fn finished(&mut self, mut r: CaseResult) -> Vec<CaseResult> {
         let outputs = r.outputs.take();
         if let Some(&t) = self.twin_of.get(&r.index) {
-            return match self.kept.get(&t) {
-                Some((id, twin)) => {
-                    let id = id.clone();
-                    attach(&mut r, outputs.as_ref(), &id, twin.as_ref());
-                    self.release(t);
-                    vec![r]
-                }
-                None => {
-                    self.held.insert(r.index, (r, outputs));
-                    vec![]
-                }
+            let Some((id, twin)) = self.kept.get(&t) else {
+                self.held.insert(r.index, (r, outputs));
+                return vec![];
             };
+            attach(&mut r, outputs.as_ref(), id, twin.as_ref());
+            self.release(t, r.index);
+            return vec![r];
         }
+        let Some(twins) = self.waiting.get(&r.index).cloned() else {
+            return vec![r];
+        };
+        let id = r.case.id();
         let mut out = vec![];
-        if self.waiting.contains_key(&r.index) {
-            let id = r.case.id();
-            let ready: Vec<usize> = self
-                .twin_of
-                .iter()
-                .filter(|(p, &t)| t == r.index && self.held.contains_key(p))
-                .map(|(&p, _)| p)
-                .collect();
-            self.kept.insert(r.index, (id.clone(), outputs));
-            for p in ready {
-                let (mut pr, pout) = self.held.remove(&p).expect("held");
-                let twin = self.kept.get(&r.index).and_then(|k| k.1.as_ref());
-                attach(&mut pr, pout.as_ref(), &id, twin);
+        for p in twins {
+            if let Some((mut pr, pout)) = self.held.remove(&p) {
+                attach(&mut pr, pout.as_ref(), &id, outputs.as_ref());
                 out.push(pr);
-                self.release(r.index);
+                self.release(r.index, p);
             }
+        }
+        if self.waiting.contains_key(&r.index) {
+            self.kept.insert(r.index, (id, outputs));
         }
         out.insert(0, r);
         out
@@ -90,10 +82,11 @@ impl Twins {
         v
     }
 
-    fn release(&mut self, tch: usize) {
-        if let Some(n) = self.waiting.get_mut(&tch) {
-            *n -= 1;
-            if *n == 0 {
+    /// PEFT case `peft` has its agreement: its tch twin's outputs go once no twin waits.
+    fn release(&mut self, tch: usize, peft: usize) {
+        if let Some(w) = self.waiting.get_mut(&tch) {
+            w.retain(|&p| p != peft);
+            if w.is_empty() {
                 self.waiting.remove(&tch);
                 self.kept.remove(&tch);
             }

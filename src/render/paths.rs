@@ -292,12 +292,13 @@ fn support_tables(
 ) -> Vec<(String, String)> {
     let g = groups(report, |_| true, title);
     let paint: Option<&dyn Fn(&str) -> Color> = if color { Some(&paint) } else { None };
+    let paths = paths(report);
     render_groups(
         report,
         &g,
         sep,
         max_width,
-        &|v| by_path(&paths(report), v, symbol),
+        &|v| by_path(&paths, v, symbol),
         paint,
         style,
     )
@@ -355,12 +356,13 @@ fn figure_tables(
     style: &dyn Fn(&mut Table) -> String,
 ) -> Vec<(String, String)> {
     let g = groups(report, is_figure, figures_title);
+    let paths = paths(report);
     render_groups(
         report,
         &g,
         sep,
         max_width,
-        &|v| by_path(&paths(report), v, figure),
+        &|v| by_path(&paths, v, figure),
         None,
         style,
     )
@@ -419,6 +421,7 @@ unmerge vs the original (profile normal; every case's figures are in --json)";
 /// the reports a page shows), with the terminal's symbols, colours and figures.
 pub fn sheets(report: &Report, r: usize) -> Vec<Sheet> {
     let at = positions(report);
+    let paths = paths(report);
     let as_sheets = |groups: Vec<Group>, cell: &dyn Fn(&[&CaseReport]) -> (String, Tone)| {
         groups
             .into_iter()
@@ -454,12 +457,12 @@ pub fn sheets(report: &Report, r: usize) -> Vec<Sheet> {
             .collect::<Vec<_>>()
     };
     let mut out = as_sheets(groups(report, |_| true, title), &|v| {
-        let text = by_path(&paths(report), v, symbol);
+        let text = by_path(&paths, v, symbol);
         let tone = Tone::of_color(paint(&text));
         (text, tone)
     });
     out.extend(as_sheets(groups(report, is_figure, figures_title), &|v| {
-        (by_path(&paths(report), v, figure), Tone::Plain)
+        (by_path(&paths, v, figure), Tone::Plain)
     }));
     out
 }

@@ -173,7 +173,9 @@ def run_case(case, t, device="cpu"):
             on[same] = on.pop(name)
     x = on["input"].long() if embedding else on["input"]
     w = on["base_layer.weight"]
-    original = make_base(case, w, on.get("base_layer.bias"), dt, dev)
+    # init_noop's yardstick: the base layer alone, as the case gives it (before PiSSA/OLoRA
+    # rewrite the weight).
+    original = make_base(case, w, on.get("base_layer.bias"), dt, dev) if op == "init_noop" else None
     base = make_base(case, w, on.get("base_layer.bias"), build, dev)
     cfg = config(case)
     model = wrap(base, cfg, precision == "autocast")

@@ -6,6 +6,25 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+/// Serialize a type as its spelling (`Display`) and read it back with `FromStr`, so JSON, YAML
+/// and the protocol carry the same string a matrix file does.
+macro_rules! serde_as_spelled {
+    ($t:ty) => {
+        impl Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
 macro_rules! axis_enum {
     ($(#[$doc:meta])* $name:ident { $($variant:ident => $s:literal),+ $(,)? }) => {
         $(#[$doc])*
@@ -236,18 +255,7 @@ impl std::str::FromStr for Backend {
     }
 }
 
-impl Serialize for Backend {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Backend {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
+serde_as_spelled!(Backend);
 
 axis_enum!(
     /// Element type every tensor of the case is stored in.
@@ -384,18 +392,7 @@ impl std::str::FromStr for Device {
     }
 }
 
-impl Serialize for Device {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Device {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
+serde_as_spelled!(Device);
 
 /// One named layer geometry from the matrix file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
