@@ -2,7 +2,8 @@
 //! LoRA and DoRA adapters, measured for real against a float64 reference.
 //!
 //! The pipeline, one stage per folder, data flowing one way: a matrix file ([`spec`]) expands
-//! into [`case`]s; [`exec`] plans and dispatches them to backend [`worker`] processes (one per
+//! into [`case`]s (a [`checkpoint`]'s real layers standing in for shapes where it names one);
+//! [`exec`] plans and dispatches them to backend [`worker`] processes (one per
 //! backend build, each running the LoRA/DoRA math written once in the worker kit) and collects
 //! their outputs; [`truth`] draws the inputs, computes the f64 reference from the same rounded
 //! values and judges each output into an [`outcome`]; the outcomes become the [`report`] (also
@@ -17,6 +18,7 @@ pub use peft_compat_kit as worker;
 /// in the worker kit, which every worker links).
 pub use peft_compat_kit::case;
 
+pub mod checkpoint;
 pub mod cli;
 pub mod environment;
 pub mod exec;

@@ -6,6 +6,7 @@
 //! the last one finishes, the entry goes, so memory stays flat however long the matrix is.
 
 use crate::case::{Adapter, Case, DType, Layer, Op, Profile};
+use crate::checkpoint::Weights;
 use crate::truth::draws::Draws;
 use crate::truth::reference;
 use crate::worker::io::{Inputs, Outputs};
@@ -15,6 +16,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// A case's inputs and, computed on first use, its reference outputs and conditioning.
 pub struct Prepared {
     pub inputs: Inputs,
+    /// A checkpoint layer's case: how many stored weight values the case dtype rounded.
+    pub weight_rounded: Option<usize>,
     reference: OnceLock<(Outputs, f64)>,
     adapter: Adapter,
     op: Op,
@@ -48,8 +51,9 @@ struct Slot<T> {
 
 pub struct Cache {
     seed: u64,
-    draws: Mutex<HashMap<DrawKey, Slot<Draws>>>,
-    prepared: Mutex<HashMap<Key, Slot<Prepared>>>,
+    weights: Weights,
+    draws: Mutex<HashMap<DrawKey, Slot<Result<Draws, String>>>>,
+    prepared: Mutex<HashMap<Key, Slot<Result<Prepared, String>>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -57,10 +61,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Cache {
-    /// A cache for exactly `cases`: each will `get` once and `release` once.
-    pub fn new<'a>(seed: u64, cases: impl IntoIterator<Item = &'a Case>) -> Cache {
-        let mut draws: HashMap<DrawKey, Slot<Draws>> = HashMap::new();
-        let mut prepared: HashMap<Key, Slot<Prepared>> = HashMap::new();
+    /// A cache for exactly `cases`: each will `get` once and `release` once. `weights` gives
+    /// the checkpoint layers that stand in for shapes.
+    pub fn new<'a>(
+        seed: u64,
+        weights: &Weights,
+        cases: impl IntoIterator<Item = &'a Case>,
+    ) -> Cache {
+        let mut draws: HashMap<DrawKey, Slot<Result<Draws, String>>> = HashMap::new();
+        let mut prepared: HashMap<Key, Slot<Result<Prepared, String>>> = HashMap::new();
         for c in cases {
             draws
                 .entry(draw_key(c))
@@ -79,13 +88,15 @@ impl Cache {
         }
         Cache {
             seed,
+            weights: weights.clone(),
             draws: Mutex::new(draws),
             prepared: Mutex::new(prepared),
         }
     }
 
-    /// The inputs of `case` (computed by the first caller; others wait for it).
-    pub fn get(&self, case: &Case) -> Arc<Prepared> {
+    /// The inputs of `case` (computed by the first caller; others wait for it), or why a
+    /// checkpoint's tensors could not be read.
+    pub fn get(&self, case: &Case) -> Arc<Result<Prepared, String>> {
         let cell = Arc::clone(
             &lock(&self.prepared)
                 .get(&key(case))
@@ -94,16 +105,21 @@ impl Cache {
         );
         Arc::clone(cell.get_or_init(|| {
             let draws = self.draws(case);
-            Arc::new(Prepared {
-                inputs: draws.inputs(case.point.dtype, case.point.adapter, case.point.op),
-                reference: OnceLock::new(),
-                adapter: case.point.adapter,
-                op: case.point.op,
+            let (dtype, adapter, op) = (case.point.dtype, case.point.adapter, case.point.op);
+            Arc::new(match draws.as_ref() {
+                Ok(d) => Ok(Prepared {
+                    inputs: d.inputs(dtype, adapter, op),
+                    weight_rounded: d.weight_rounded(dtype),
+                    reference: OnceLock::new(),
+                    adapter,
+                    op,
+                }),
+                Err(e) => Err(e.clone()),
             })
         }))
     }
 
-    fn draws(&self, case: &Case) -> Arc<Draws> {
+    fn draws(&self, case: &Case) -> Arc<Result<Draws, String>> {
         let cell = Arc::clone(
             &lock(&self.draws)
                 .get(&draw_key(case))
@@ -111,12 +127,15 @@ impl Cache {
                 .value,
         );
         Arc::clone(cell.get_or_init(|| {
-            Arc::new(Draws::generate(
-                &case.shape,
-                case.point.layer,
-                case.point.profile,
-                self.seed,
-            ))
+            Arc::new(match self.weights.layer(&case.shape.name) {
+                Some(source) => Draws::from_checkpoint(&case.shape, source, self.seed),
+                None => Ok(Draws::generate(
+                    &case.shape,
+                    case.point.layer,
+                    case.point.profile,
+                    self.seed,
+                )),
+            })
         }))
     }
 

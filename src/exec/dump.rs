@@ -15,10 +15,13 @@
 //! reference of each under a `reference.` prefix. Metadata (all strings): `backend`, `device`,
 //! `dtype`, `adapter`, `op`, `precision`, `layer` (`Linear`, `Embedding`, `Conv2d`), `profile`,
 //! `shape`, `rank`, `alpha`, `scaling`, `rslora`, `kernel`, `image`, `id`, `outcome`, and
-//! `error` when the case failed to run.
+//! `error` when the case failed to run; a checkpoint layer's case adds `tensor` (the weight's
+//! stored name), `stored_dtype`, `checkpoint` (the file holding it) and `adapter` (the saved
+//! adapter's folder, when it has one).
 
 use crate::case::Case;
 use crate::case::{DType, Layer, Point};
+use crate::checkpoint::CheckpointLayer;
 use crate::outcome::Outcome;
 use crate::worker::io::{Inputs, Outputs};
 use crate::worker::protocol::lossless_dtype;
@@ -61,6 +64,7 @@ pub fn write(
     inputs: &Inputs,
     outputs: Option<&Outputs>,
     reference: &Outputs,
+    origin: Option<&CheckpointLayer>,
 ) -> Result<PathBuf, DumpError> {
     std::fs::create_dir_all(dir).map_err(|source| DumpError::Dir {
         path: dir.to_path_buf(),
@@ -139,6 +143,17 @@ pub fn write(
         .collect();
     if let Some(msg) = outcome.message() {
         meta.insert("error".into(), msg.to_string());
+    }
+    if let Some(o) = origin {
+        meta.insert("tensor".into(), o.tensor.clone());
+        meta.insert("stored_dtype".into(), o.stored());
+        meta.insert(
+            "checkpoint".into(),
+            o.weight.file.path.display().to_string(),
+        );
+        if let Some(a) = &o.adapter {
+            meta.insert("adapter".into(), a.lora_a.file.path.display().to_string());
+        }
     }
     let write_error = |message: String| DumpError::Write {
         path: path.clone(),

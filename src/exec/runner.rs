@@ -47,6 +47,9 @@ pub struct CaseResult {
     pub agreement: Option<Agreement>,
     /// The outputs, while the dispatcher pairs twins; taken before the result is reported.
     pub outputs: Option<Outputs>,
+    /// A checkpoint layer's case: how many of the stored weight's values the case dtype
+    /// rounded (0: the backends ran on the checkpoint's very values).
+    pub weight_rounded: Option<usize>,
 }
 
 /// What the runner tells its observers.
@@ -192,6 +195,12 @@ fn plan(matrix: &Matrix, indices: &[usize], backends: &dyn Backends, opts: &RunO
             .unavailable(case.point.backend, case.point.device)
             .or_else(|| {
                 case.refused_by_peft()
+                    .or_else(|| {
+                        matrix
+                            .weights
+                            .layer(&case.shape.name)
+                            .and_then(|l| l.unreadable.as_deref())
+                    })
                     .map(|r| Skip::new(SkipKind::NotApplicable, r))
             })
             .or_else(|| guard::refuse(case, &opts.limits).map(|r| Skip::new(SkipKind::Absent, r)));
@@ -208,6 +217,7 @@ fn plan(matrix: &Matrix, indices: &[usize], backends: &dyn Backends, opts: &RunO
                     outputs: None,
                     compute: None,
                     dump_error: None,
+                    weight_rounded: None,
                 });
             }
             None => to_run.push(i),
@@ -243,7 +253,11 @@ fn dispatch(
 ) -> usize {
     let mut done = 0;
     let mut twins = Twins::new(matrix, &to_run);
-    let cache = Cache::new(matrix.seed, to_run.iter().map(|&i| &matrix.cases[i]));
+    let cache = Cache::new(
+        matrix.seed,
+        &matrix.weights,
+        to_run.iter().map(|&i| &matrix.cases[i]),
+    );
     let queue = Mutex::new(to_run.into_iter().collect::<VecDeque<usize>>());
     let jobs = backends.jobs().max(1);
     let (tx, rx) = mpsc::channel::<Msg>();
@@ -316,7 +330,26 @@ fn run_one(
 ) -> Option<CaseResult> {
     let case = &matrix.cases[index];
     let t0 = Instant::now();
-    let prepared = cache.get(case);
+    let (factor, rel) = matrix.tolerance_for(case);
+    let entry = cache.get(case);
+    let prepared = match entry.as_ref() {
+        Ok(p) => p,
+        Err(why) => {
+            // The checkpoint changed or vanished since the matrix loaded: this case cannot run.
+            return Some(CaseResult {
+                index,
+                case: case.clone(),
+                outcome: Outcome::Crashed(format!("the checkpoint could not be read: {why}")),
+                tolerance: Tolerance::for_case(case, 1.0, factor, rel),
+                duration: t0.elapsed(),
+                compute: None,
+                dump_error: None,
+                agreement: None,
+                outputs: None,
+                weight_rounded: None,
+            });
+        }
+    };
     let inputs = &prepared.inputs;
     let started = exec.start(case, inputs);
     let (want, kappa) = prepared.reference();
@@ -324,7 +357,6 @@ fn run_one(
         Ok(()) => exec.finish(case, inputs, opts.timeout, &opts.stop),
         Err(e) => e,
     };
-    let (factor, rel) = matrix.tolerance_for(case);
     let tolerance = Tolerance::for_case(case, *kappa, factor, rel);
     let (outcome, got, compute) = match execution {
         Execution::Ran { outputs, compute } => (
@@ -352,11 +384,21 @@ fn run_one(
         dump_error: None,
         agreement: None,
         outputs: None,
+        weight_rounded: prepared.weight_rounded,
     };
     if let Some(dir) = &opts.dump_dir {
-        result.dump_error = dump::write(dir, case, &result.outcome, inputs, got.as_ref(), want)
-            .err()
-            .map(|e| e.to_string());
+        let origin = matrix.weights.layer(&case.shape.name).map(|l| l.as_ref());
+        result.dump_error = dump::write(
+            dir,
+            case,
+            &result.outcome,
+            inputs,
+            got.as_ref(),
+            want,
+            origin,
+        )
+        .err()
+        .map(|e| e.to_string());
     }
     result.outputs = got;
     Some(result)

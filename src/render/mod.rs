@@ -5,7 +5,7 @@
 //! tables kept narrow) and Markdown (for docs and CI job summaries). Its parts: [`grid`] (the
 //! two-path support grid), [`paths`] (the three-path tables and figures of a matrix with
 //! autocast, layers or profiles), [`gate`] (the gate's verdict), [`compare`] (reports side by
-//! side), [`junit`] (JUnit XML) and [`progress`] (the bar or CI lines while a run goes).
+//! side), [`weights`] (a checkpoint's tensors), [`junit`] (JUnit XML) and [`progress`] (the bar or CI lines while a run goes).
 
 pub mod agreement;
 pub mod compare;
@@ -16,6 +16,7 @@ pub mod junit;
 pub mod paths;
 pub mod progress;
 pub mod sheet;
+pub mod weights;
 
 use crate::case::{Backend, Device};
 use crate::outcome::OutcomeKind;
@@ -141,6 +142,10 @@ pub fn document(
         for (sym, meaning) in LEGEND {
             out.push_str(&flavor.legend(sym, meaning));
         }
+    }
+    if let Some(t) = weights::tables(report, flavor.sep(), &style) {
+        out.push_str(&t);
+        out.push_str(if flavor.markdown() { "\n" } else { "" });
     }
     if let Some(t) = agreement::table(report, flavor.sep(), &style) {
         out.push_str(&flavor.note(agreement::NOTE));

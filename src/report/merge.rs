@@ -48,6 +48,8 @@ pub fn merge(parts: Vec<(String, Report)>) -> Result<Report, MergeError> {
     let mut owner: BTreeMap<String, String> = BTreeMap::new();
     let mut cases = Vec::new();
     let mut elapsed: f64 = 0.0;
+    // Each part describes the shapes, dtypes and checkpoints its own cases use: the union.
+    let (mut shapes, mut units, mut weights) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
     for (name, r) in std::iter::once((first_name.clone(), first.clone())).chain(parts) {
         let p = r
             .partition
@@ -77,6 +79,9 @@ pub fn merge(parts: Vec<(String, Report)>) -> Result<Report, MergeError> {
             return Err(differ("nothing: the same partition was given twice"));
         }
         elapsed = elapsed.max(r.summary.elapsed_s);
+        shapes.extend(r.shapes);
+        units.extend(r.units);
+        weights.extend(r.weights);
         for c in r.cases {
             let id = crate::case::case_id(&crate::case::Coords {
                 point: c.point,
@@ -132,8 +137,9 @@ pub fn merge(parts: Vec<(String, Report)>) -> Result<Report, MergeError> {
     merged.threads = first.threads;
     merged.matrix_fnv = first.matrix_fnv;
     merged.filter = info.filter;
-    merged.shapes = first.shapes;
-    merged.units = first.units;
+    merged.shapes = shapes;
+    merged.units = units;
+    merged.weights = weights;
     merged.dump = first.dump;
     Ok(merged)
 }

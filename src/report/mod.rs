@@ -51,6 +51,12 @@
 //! - `shapes`: each shape the cases use, by name: `batch`, `in_features`, `out_features`,
 //!   `rank`, `alpha`, `bias`, `rslora`, and `kernel`/`image` for a shape a Conv2d case uses;
 //!   `units`: `u` per dtype the cases use (`f16` 2^-11, `bf16` 2^-8, `f32` 2^-24, `f64` 2^-53).
+//! - `weights` (when the matrix has a `weights:` section): per entry, `checkpoint` (the path
+//!   given), `files` (`path`, `size`, `sha256` for each file holding a used tensor, `read`),
+//!   `tensors` (the matched weights), `adapter` (`path`, `files`, `use_dora`, `use_rslora`,
+//!   `r`, `lora_alpha`); a checkpoint layer's shape (`<entry>:<module>`) adds `tensor`,
+//!   `stored_dtype` and `saved_adapter` to its `shapes` entry, and its cases
+//!   `weight_rounded` (how many stored weight values the case dtype rounded).
 //! - `command` (reports of `run` and `merge`): the command line; `dump`: the `--dump` folder.
 //! - `inactive_expectations` (when any): rules whose `when` does not hold here: `rule`,
 //!   `expect`, `reason`, `unmet` (each condition with what this environment has).
@@ -111,6 +117,10 @@ pub struct Report {
     /// `exec::dump::file_name`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dump: Option<String>,
+    /// The checkpoints the cases' layers come from (`weights:` entries), by entry: each file's
+    /// path, size and SHA-256, the tensors, the saved adapter.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub weights: BTreeMap<String, crate::checkpoint::WeightsRecord>,
 }
 
 /// A shape's dimensions, as the matrix gives them.
@@ -128,6 +138,14 @@ pub struct ShapeInfo {
     pub kernel: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<usize>,
+    /// A checkpoint layer: the weight's stored name and dtype, and whether a saved adapter
+    /// gave A and B.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensor: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_dtype: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_adapter: Option<bool>,
 }
 
 impl ShapeInfo {
@@ -143,6 +161,9 @@ impl ShapeInfo {
             rslora: s.rslora,
             kernel: conv.then_some(s.kernel),
             image: conv.then_some(s.image),
+            tensor: None,
+            stored_dtype: None,
+            saved_adapter: None,
         }
     }
 }
@@ -233,6 +254,10 @@ pub struct CaseReport {
     /// (`{"with": "<tch case id>", "max_u": <units of roundoff>}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agreement: Option<crate::outcome::Agreement>,
+    /// A checkpoint layer's case: how many stored weight values the case dtype rounded (0: the
+    /// backends ran on the checkpoint's very values).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_rounded: Option<usize>,
 }
 
 /// A backend build that should have run here and could not: a failure of the run, unless the
@@ -334,6 +359,7 @@ impl CaseReport {
             dump_error: r.dump_error.clone(),
             expected: None,
             agreement: r.agreement.clone(),
+            weight_rounded: r.weight_rounded,
         }
     }
 }
@@ -401,6 +427,7 @@ impl Report {
             units: BTreeMap::new(),
             command: None,
             dump: None,
+            weights: BTreeMap::new(),
         }
     }
 

@@ -447,6 +447,7 @@ mod tests {
             dump_error: None,
             expected: None,
             agreement: None,
+            weight_rounded: None,
         }
     }
 

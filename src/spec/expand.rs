@@ -1,11 +1,12 @@
 //! Expansion: the `axes:` section times the shapes, less `exclude`, plus `include`, into the
 //! matrix's cases (each id once, in table order).
 
-use super::pattern::{values, OneOrMany, Pattern};
+use super::pattern::{shape_matches, values, OneOrMany, Pattern};
 use super::validate::{MatrixError, Source, HELP_AXES};
 use crate::case::{
     Adapter, Backend, Case, DType, Device, Layer, Op, Point, Precision, Profile, Shape,
 };
+use crate::checkpoint::Pin;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
@@ -67,6 +68,7 @@ impl Axes {
 }
 
 /// Lists of axis values whose every combination (with every shape) is a candidate case.
+#[derive(Clone, Copy)]
 struct Product<'a> {
     backend: &'a [Backend],
     device: &'a [Device],
@@ -76,6 +78,37 @@ struct Product<'a> {
     precision: &'a [Precision],
     layer: &'a [Layer],
     profile: &'a [Profile],
+}
+
+/// A checkpoint layer's fixed axis values, as slices a [`Product`] can borrow.
+struct Pinned {
+    layer: [Layer; 1],
+    profile: [Profile; 1],
+    adapter: Option<[Adapter; 1]>,
+}
+
+impl Pinned {
+    fn new(pin: Pin) -> Pinned {
+        Pinned {
+            layer: [pin.layer],
+            profile: [Profile::Normal],
+            adapter: pin.adapter.map(|a| [a]),
+        }
+    }
+}
+
+impl<'a> Product<'a> {
+    /// The product for a checkpoint layer: its layer kind, the `normal` profile (profiles
+    /// reshape drawn weights; a checkpoint's are its own) and, with a saved adapter, its
+    /// adapter.
+    fn pinned(&self, p: &'a Pinned) -> Product<'a> {
+        Product {
+            layer: &p.layer,
+            profile: &p.profile,
+            adapter: p.adapter.as_ref().map_or(self.adapter, |a| a.as_slice()),
+            ..*self
+        }
+    }
 }
 
 impl Product<'_> {
@@ -116,7 +149,7 @@ impl Product<'_> {
 
     /// Every combination for `shape`, in table order (the last axis varies fastest), without
     /// the ones that are not cases ([`Case::not_a_case`]).
-    fn for_each(&self, shape: &Shape, mut f: impl FnMut(Case)) {
+    fn for_each(&self, shape: &Shape, f: &mut dyn FnMut(Case)) {
         let sizes = self.sizes();
         if sizes.contains(&0) {
             return;
@@ -183,10 +216,12 @@ pub fn check_includes(include: &[Pattern], src: &Source) -> Result<(), MatrixErr
 }
 
 /// What the matrix expands to: the product of `axes` per shape without the `exclude`d
-/// combinations, then the `include`d ones; each case id once, at most `limit` cases.
+/// combinations, then the `include`d ones; each case id once, at most `limit` cases. `pins`
+/// says what a checkpoint layer's cases hold fixed.
 pub fn expand(
     axes: &Axes,
     shapes: &[Shape],
+    pins: &dyn Fn(&str) -> Option<Pin>,
     exclude: &[Pattern],
     include: &[Pattern],
     limit: usize,
@@ -212,8 +247,15 @@ pub fn expand(
             cases.push(case);
         }
     };
+    let each = |p: &Product, shape: &Shape, f: &mut dyn FnMut(Case)| match pins(&shape.name) {
+        Some(pin) => {
+            let pinned = Pinned::new(pin);
+            p.pinned(&pinned).for_each(shape, f)
+        }
+        None => p.for_each(shape, f),
+    };
     for shape in shapes {
-        product.for_each(shape, |case| {
+        each(&product, shape, &mut |case| {
             if !exclude.iter().any(|p| p.matches(&case.coords())) {
                 push(case, &mut cases);
             }
@@ -233,11 +275,12 @@ pub fn expand(
                 .as_ref()
                 .map_or(&axes.profile, OneOrMany::as_slice),
         };
-        for shape in shapes
-            .iter()
-            .filter(|s| p.shape.as_ref().is_none_or(|n| n.contains(&s.name)))
-        {
-            included.for_each(shape, |case| push(case, &mut cases));
+        for shape in shapes.iter().filter(|s| {
+            p.shape
+                .as_ref()
+                .is_none_or(|n| n.as_slice().iter().any(|n| shape_matches(n, &s.name)))
+        }) {
+            each(&included, shape, &mut |case| push(case, &mut cases));
         }
     }
     if cases.len() > limit {

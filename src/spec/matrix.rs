@@ -13,9 +13,11 @@
 //!   precision: [native, upcast, autocast]
 //!   layer: [linear, embedding, conv2d]           # optional, default [linear]
 //!   profile: [normal, llm, zero_rows, large, tiny] # optional, default [normal]
-//! shapes:                    # one or more named layer geometries
+//! shapes:                    # named layer geometries (optional when `weights:` is given)
 //!   small: {batch: 4, in_features: 64, out_features: 32, rank: 8, alpha: 16, bias: true, rslora: false}
 //!   # conv2d also reads `kernel` (default 3) and `image` (default 8)
+//! weights:                   # real layers from a checkpoint, used like shapes: see `checkpoint`
+//!   minilm: {file: ckpt/model.safetensors, tensors: ["encoder.layer.*.attention.self.query.weight"], batch: 4, rank: 8, alpha: 16}
 //! exclude:                   # drop every combination matching all the keys given
 //!   - {dtype: [f32, f64], precision: upcast}
 //! include:                   # add one combination (all six axes); shape optional = every shape
@@ -31,6 +33,7 @@ use super::pattern::{values, Pattern};
 use super::rules::{self, Expectation, RawExpectation};
 use super::validate::{MatrixError, Source};
 use crate::case::{Case, Shape};
+use crate::checkpoint::{Weights, WeightsSpec};
 use crate::util::fnv1a;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
@@ -76,13 +79,18 @@ impl ToleranceRule {
 /// A shape's sizes fit a LoRA layer: positive dimensions, a rank within them, a kernel inside
 /// the image, a finite alpha.
 fn check_shape(s: &Shape, src: &Source) -> Result<(), MatrixError> {
-    let name = &s.name;
+    check_name(&s.name, src)?;
+    check_sizes(s, src)
+}
+
+/// A shape's (or weights entry's) name: 1 to 64 of A-Z a-z 0-9 _ . -
+fn check_name(name: &str, src: &Source) -> Result<(), MatrixError> {
     let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
     if name.is_empty() || name.len() > 64 || !name.chars().all(valid) {
         let printable: String = name.escape_debug().collect();
         // A name with control characters is written quoted with escapes: find its opening.
         let needle = match name.find(char::is_control) {
-            None if !name.is_empty() => name.clone(),
+            None if !name.is_empty() => name.to_string(),
             Some(at) if at > 0 => format!("\"{}", &name[..at]),
             _ => "shapes:".to_string(),
         };
@@ -94,6 +102,12 @@ fn check_shape(s: &Shape, src: &Source) -> Result<(), MatrixError> {
              two names must never give one id): rename it, e.g. llama_7b-q_proj",
         ));
     }
+    Ok(())
+}
+
+/// A shape's sizes fit a LoRA layer.
+fn check_sizes(s: &Shape, src: &Source) -> Result<(), MatrixError> {
+    let name = &s.name;
     let fail = |message: String, help: &str| src.error_at(&format!("{name}:"), message, help);
     let zero = [
         ("batch", s.batch),
@@ -144,7 +158,10 @@ struct RawMatrix {
     #[serde(default)]
     max_cases: Option<usize>,
     axes: Axes,
+    #[serde(default)]
     shapes: BTreeMap<String, Shape>,
+    #[serde(default)]
+    weights: BTreeMap<String, WeightsSpec>,
     #[serde(default)]
     exclude: Vec<Pattern>,
     #[serde(default)]
@@ -157,14 +174,15 @@ struct RawMatrix {
 
 impl RawMatrix {
     /// Every section checked on its own (the expectations are checked as they compile, against
-    /// the cases): the named shapes, in name order.
-    fn validate(&self, src: &Source) -> Result<Vec<Shape>, MatrixError> {
+    /// the cases): the named shapes, in name order, then each checkpoint layer (`weights:`,
+    /// resolved from the files' headers, paths relative to the matrix file's folder).
+    fn validate(&self, src: &Source) -> Result<(Vec<Shape>, Weights), MatrixError> {
         self.axes.check(src)?;
-        if self.shapes.is_empty() {
+        if self.shapes.is_empty() && self.weights.is_empty() {
             return Err(src.error_at(
                 "shapes:",
                 "no shapes given",
-                "add at least one named shape under `shapes:`",
+                "add at least one named shape under `shapes:` (or a checkpoint under `weights:`)",
             ));
         }
         let mut shapes = Vec::new();
@@ -174,18 +192,53 @@ impl RawMatrix {
             check_shape(&s, src)?;
             shapes.push(s);
         }
-        self.check_shape_names(src)?;
+        if let Some(name) = self.weights.keys().find(|w| self.shapes.contains_key(*w)) {
+            return Err(src.error_in(
+                "weights",
+                &format!("{name}:"),
+                format!("`{name}` names both a shape and a weights entry"),
+                "rename one: both become the shape part of case ids",
+            ));
+        }
+        for name in self.weights.keys() {
+            check_name(name, src)?;
+        }
+        let base = src.path.parent().unwrap_or(Path::new("."));
+        let (weights, layers) = Weights::resolve(&self.weights, base).map_err(|(entry, e)| {
+            // The entry's line, or the line of the key at fault within it.
+            let from = src.locate("weights:", 1).0.unwrap_or(1);
+            let entry_at = src.locate(&format!("{entry}:"), from);
+            let at = e
+                .needle()
+                .map(|n| src.locate(n, entry_at.0.unwrap_or(from)))
+                .filter(|p| p.0.is_some())
+                .unwrap_or(entry_at);
+            src.error(at, format!("weights `{entry}`: {e}"), e.help())
+        })?;
+        shapes.extend(layers);
+        self.check_shape_names(&shapes, src)?;
         expand::check_includes(&self.include, src)?;
         for t in &self.tolerances {
             t.check(src)?;
         }
-        Ok(shapes)
+        Ok((shapes, weights))
     }
 
-    /// Every shape a rule names is defined.
-    fn check_shape_names(&self, src: &Source) -> Result<(), MatrixError> {
-        let shape_names: HashSet<&String> = self.shapes.keys().collect();
-        let known = self.shapes.keys().cloned().collect::<Vec<_>>().join(", ");
+    /// Every shape a rule names is defined: a shape, a weights entry (all its layers) or one
+    /// of an entry's layers (`entry:module`).
+    fn check_shape_names(&self, shapes: &[Shape], src: &Source) -> Result<(), MatrixError> {
+        let shape_names: HashSet<&String> = shapes
+            .iter()
+            .map(|s| &s.name)
+            .chain(self.weights.keys())
+            .collect();
+        let known = self
+            .shapes
+            .keys()
+            .chain(self.weights.keys())
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
         let patterns = self
             .exclude
             .iter()
@@ -223,6 +276,8 @@ pub struct Matrix {
     pub tolerances: Vec<ToleranceRule>,
     /// Expected outcomes with reasons (see [`super::rules`]), in file order; later rules win.
     pub expectations: Vec<Expectation>,
+    /// The checkpoint layers that stand in for shapes (`weights:`), by shape name.
+    pub weights: Weights,
 }
 
 impl Matrix {
@@ -243,11 +298,12 @@ impl Matrix {
     pub fn parse(src: &str, path: &Path, max_cases: Option<usize>) -> Result<Matrix, MatrixError> {
         let source = Source::new(src, path);
         let raw: RawMatrix = source.deserialize()?;
-        let shapes = raw.validate(&source)?;
+        let (shapes, weights) = raw.validate(&source)?;
         let limit = max_cases.or(raw.max_cases).unwrap_or(DEFAULT_MAX_CASES);
         let cases = expand::expand(
             &raw.axes,
             &shapes,
+            &|s| weights.pin(s),
             &raw.exclude,
             &raw.include,
             limit,
@@ -261,6 +317,7 @@ impl Matrix {
             cases,
             tolerances: raw.tolerances,
             expectations,
+            weights,
         })
     }
 

@@ -9,6 +9,15 @@ pub fn values<T>(o: &Option<OneOrMany<T>>) -> &[T] {
     o.as_ref().map_or(&[], OneOrMany::as_slice)
 }
 
+/// Whether a pattern's `shape` value names `shape`: the shape itself, or a weights entry
+/// (`minilm`) naming every layer of it (`minilm:encoder.layer.0.attention.self.query`).
+pub fn shape_matches(pattern: &str, shape: &str) -> bool {
+    shape == pattern
+        || shape
+            .strip_prefix(pattern)
+            .is_some_and(|rest| rest.starts_with(':'))
+}
+
 /// One axis value or a list of them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -90,6 +99,9 @@ impl Pattern {
             && ok(&self.precision, &p.precision)
             && ok(&self.layer, &p.layer)
             && ok(&self.profile, &p.profile)
-            && ok(&self.shape, c.shape)
+            && self
+                .shape
+                .as_ref()
+                .is_none_or(|s| s.as_slice().iter().any(|s| shape_matches(s, c.shape)))
     }
 }

@@ -4,6 +4,7 @@
 
 use super::reference;
 use crate::case::{Adapter, DType, Layer, Op, Profile, Shape};
+use crate::checkpoint::CheckpointLayer;
 use crate::util::fnv1a_from;
 use crate::worker::io::Inputs;
 use crate::worker::tensor::HostTensor;
@@ -24,6 +25,10 @@ pub struct Draws {
     grad_output: HostTensor,
     scaling: f64,
     bias_on: bool,
+    /// DoRA's magnitude from a saved adapter (else it is derived from the norm).
+    magnitude: Option<HostTensor>,
+    /// Whether the weight is a checkpoint's (stored values, not draws).
+    from_checkpoint: bool,
 }
 
 fn uniform(rng: &mut ChaCha8Rng, shape: Vec<usize>, bound: f64) -> HostTensor {
@@ -40,6 +45,70 @@ fn normal(rng: &mut ChaCha8Rng, shape: Vec<usize>) -> HostTensor {
         shape,
         (0..n).map(|_| StandardNormal.sample(&mut *rng)).collect(),
     )
+}
+
+/// The tensor shapes of one layer (x, W, A, B, the upstream gradient) and its fan-in.
+struct Geometry {
+    x: Vec<usize>,
+    w: Vec<usize>,
+    a: Vec<usize>,
+    b: Vec<usize>,
+    g: Vec<usize>,
+    fan_in: usize,
+}
+
+impl Geometry {
+    fn of(shape: &Shape, layer: Layer) -> Geometry {
+        let (b, i, o, r) = (
+            shape.batch,
+            shape.in_features,
+            shape.out_features,
+            shape.rank,
+        );
+        let (k, img) = (shape.kernel, shape.image);
+        match layer {
+            Layer::Linear => Geometry {
+                x: vec![b, i],
+                w: vec![o, i],
+                a: vec![r, i],
+                b: vec![o, r],
+                g: vec![b, o],
+                fan_in: i,
+            },
+            Layer::Embedding => Geometry {
+                x: vec![b],
+                w: vec![i, o],
+                a: vec![r, i],
+                b: vec![o, r],
+                g: vec![b, o],
+                fan_in: i,
+            },
+            Layer::Conv2d => {
+                let out = img - k + 1;
+                Geometry {
+                    x: vec![b, i, img, img],
+                    w: vec![o, i, k, k],
+                    a: vec![r, i, k, k],
+                    b: vec![o, r, 1, 1],
+                    g: vec![b, o, out, out],
+                    fan_in: i * k * k,
+                }
+            }
+        }
+    }
+
+    /// The activations: token ids below `vocab` for an Embedding, else N(0, 1).
+    fn draw_x(&self, rng: &mut ChaCha8Rng, layer: Layer, vocab: usize) -> HostTensor {
+        match layer {
+            Layer::Embedding => HostTensor::new(
+                self.x.clone(),
+                (0..self.x[0])
+                    .map(|_| rng.random_range(0..vocab) as f64)
+                    .collect(),
+            ),
+            _ => normal(rng, self.x.clone()),
+        }
+    }
 }
 
 /// The typical scale of a `profile`'s weight entries, or `None` for the layer's natural init.
@@ -72,48 +141,19 @@ impl Draws {
         // FNV-1a from the seed, so the per-shape stream depends on the shape name, not on hash-map
         // randomness.
         let mut rng = ChaCha8Rng::seed_from_u64(fnv1a_from(seed, name.as_bytes()));
-        let (b, i, o, r) = (
-            shape.batch,
-            shape.in_features,
-            shape.out_features,
-            shape.rank,
-        );
-        let (k, img) = (shape.kernel, shape.image);
-        let fan_in = match layer {
-            Layer::Conv2d => i * k * k,
-            _ => i,
-        };
-        let w_bound = 1.0 / (fan_in as f64).sqrt();
-        let (x_shape, w_shape, a_shape, b_shape, g_shape) = match layer {
-            Layer::Linear => (vec![b, i], vec![o, i], vec![r, i], vec![o, r], vec![b, o]),
-            Layer::Embedding => (vec![b], vec![i, o], vec![r, i], vec![o, r], vec![b, o]),
-            Layer::Conv2d => {
-                let out = img - k + 1;
-                (
-                    vec![b, i, img, img],
-                    vec![o, i, k, k],
-                    vec![r, i, k, k],
-                    vec![o, r, 1, 1],
-                    vec![b, o, out, out],
-                )
-            }
-        };
-        let mut x = match layer {
-            Layer::Embedding => HostTensor::new(
-                x_shape,
-                (0..b).map(|_| rng.random_range(0..i) as f64).collect(),
-            ),
-            _ => normal(&mut rng, x_shape),
-        };
+        let geo = Geometry::of(shape, layer);
+        let (i, o, r) = (shape.in_features, shape.out_features, shape.rank);
+        let w_bound = 1.0 / (geo.fan_in as f64).sqrt();
+        let mut x = geo.draw_x(&mut rng, layer, i);
         let mut weight = match layer {
-            Layer::Embedding => normal(&mut rng, w_shape),
-            _ => uniform(&mut rng, w_shape, w_bound),
+            Layer::Embedding => normal(&mut rng, geo.w.clone()),
+            _ => uniform(&mut rng, geo.w.clone(), w_bound),
         };
         let bias = uniform(&mut rng, vec![o], w_bound);
-        let mut lora_a = uniform(&mut rng, a_shape, w_bound);
-        let lora_b = uniform(&mut rng, b_shape, 1.0 / (r as f64).sqrt());
+        let mut lora_a = uniform(&mut rng, geo.a.clone(), w_bound);
+        let lora_b = uniform(&mut rng, geo.b.clone(), 1.0 / (r as f64).sqrt());
         let magnitude_factor = (0..o).map(|_| rng.random_range(0.8..1.2)).collect();
-        let grad_output = normal(&mut rng, g_shape);
+        let grad_output = normal(&mut rng, geo.g.clone());
         let natural = match layer {
             Layer::Embedding => 1.0,
             _ => w_bound,
@@ -159,7 +199,57 @@ impl Draws {
             grad_output,
             scaling: shape.scaling(),
             bias_on: shape.bias && layer != Layer::Embedding,
+            magnitude: None,
+            from_checkpoint: false,
         }
+    }
+
+    /// A checkpoint layer's inputs: its stored weight and bias, and its saved adapter's A, B and
+    /// magnitude when it has one; what the checkpoint does not give (the activations and the
+    /// upstream gradient always; A and B without an adapter, drawn as for a drawn layer; the
+    /// magnitude's perturbation) comes from the seed, by the layer's shape name. The error
+    /// says what could not be read.
+    pub fn from_checkpoint(
+        shape: &Shape,
+        source: &CheckpointLayer,
+        seed: u64,
+    ) -> Result<Draws, String> {
+        let stored = source.read()?;
+        let layer = source.layer;
+        let mut rng = ChaCha8Rng::seed_from_u64(fnv1a_from(seed, shape.name.as_bytes()));
+        let geo = Geometry::of(shape, layer);
+        let x = geo.draw_x(&mut rng, layer, shape.in_features);
+        let w_bound = 1.0 / (geo.fan_in as f64).sqrt();
+        let drawn_a = uniform(&mut rng, geo.a.clone(), w_bound);
+        let drawn_b = uniform(&mut rng, geo.b.clone(), 1.0 / (shape.rank as f64).sqrt());
+        let o = shape.out_features;
+        let magnitude_factor = (0..o).map(|_| rng.random_range(0.8..1.2)).collect();
+        let grad_output = normal(&mut rng, geo.g.clone());
+        let (lora_a, lora_b, magnitude) = match stored.adapter {
+            Some((a, b, m)) => (a, b, m),
+            None => (drawn_a, drawn_b, None),
+        };
+        Ok(Draws {
+            layer,
+            x,
+            bias_on: stored.bias.is_some(),
+            bias: stored.bias.unwrap_or_else(|| HostTensor::zeros(vec![o])),
+            weight: stored.weight,
+            lora_a,
+            lora_b,
+            magnitude_factor,
+            grad_output,
+            scaling: shape.scaling(),
+            magnitude,
+            from_checkpoint: true,
+        })
+    }
+
+    /// How many of a checkpoint weight's stored values rounding into `dtype` changes; `None`
+    /// for a drawn weight.
+    pub fn weight_rounded(&self, dtype: DType) -> Option<usize> {
+        self.from_checkpoint
+            .then(|| crate::checkpoint::rounded_count(&self.weight, dtype))
     }
 
     /// The inputs of one case, every tensor rounded once into `dtype`.
@@ -177,17 +267,29 @@ impl Draws {
         } else {
             (self.lora_a.rounded(dtype), self.lora_b.rounded(dtype))
         };
-        let magnitude = (adapter.is_dora() && !at_init).then(|| {
-            // The DoRA norm of W + s B A from the rounded tensors, perturbed, then rounded.
-            let norm =
-                reference::layer_weight_norm(self.layer, &weight, &lora_a, &lora_b, self.scaling);
-            let data = norm
-                .data
-                .iter()
-                .zip(&self.magnitude_factor)
-                .map(|(n, f)| dtype.round(n * f))
-                .collect();
-            HostTensor::new(norm.shape.clone(), data)
+        let saved = self
+            .magnitude
+            .as_ref()
+            .filter(|_| adapter.is_dora() && !at_init)
+            .map(|m| m.rounded(dtype));
+        let magnitude = saved.or_else(|| {
+            (adapter.is_dora() && !at_init).then(|| {
+                // The DoRA norm of W + s B A from the rounded tensors, perturbed, then rounded.
+                let norm = reference::layer_weight_norm(
+                    self.layer,
+                    &weight,
+                    &lora_a,
+                    &lora_b,
+                    self.scaling,
+                );
+                let data = norm
+                    .data
+                    .iter()
+                    .zip(&self.magnitude_factor)
+                    .map(|(n, f)| dtype.round(n * f))
+                    .collect();
+                HostTensor::new(norm.shape.clone(), data)
+            })
         });
         Inputs {
             layer: self.layer,

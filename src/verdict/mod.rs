@@ -30,8 +30,9 @@ pub fn assemble(
     report
 }
 
-/// Give the report what a reader needs without the matrix: each used shape's dimensions and
-/// each used dtype's unit roundoff.
+/// Give the report what a reader needs without the matrix: each used shape's dimensions (a
+/// checkpoint layer's tensor and stored dtype), each used dtype's unit roundoff, and the
+/// checkpoints used (their files hashed).
 pub fn describe(report: &mut Report, matrix: &Matrix) {
     use crate::case::Layer;
     use crate::report::ShapeInfo;
@@ -50,9 +51,22 @@ pub fn describe(report: &mut Report, matrix: &Matrix) {
             if conv && info.kernel.is_none() {
                 *info = ShapeInfo::of(s, true);
             }
+            if let Some(l) = matrix.weights.layer(&s.name) {
+                info.tensor = Some(l.tensor.clone());
+                info.stored_dtype = Some(l.stored());
+                info.saved_adapter = Some(l.adapter.is_some());
+            }
         }
         report
             .units
             .insert(c.point.dtype.to_string(), c.point.dtype.unit_roundoff());
+    }
+    let used: std::collections::BTreeSet<String> = report
+        .shapes
+        .keys()
+        .filter_map(|s| matrix.weights.layer(s).map(|l| l.entry.clone()))
+        .collect();
+    if !used.is_empty() {
+        report.weights = matrix.weights.records(&used);
     }
 }
