@@ -11,7 +11,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
-use support::{bin, json, write};
+use support::{bin, json, replay, report_case as case, write};
 
 /// The fixtures, made once per test binary.
 fn fixtures() -> &'static Path {
@@ -41,7 +41,7 @@ fn run(body: &str, args: &[&str]) -> (Output, Option<Value>, tempfile::TempDir) 
     let m = write(dir.path(), "m.yaml", body);
     let report = dir.path().join("r.json");
     let out = bin()
-        .args(["run", "-q", "--results", "/dev/null", "--json"])
+        .args(["run", "--results", "/dev/null", "--json"])
         .arg(&report)
         .arg(&m)
         .args(args)
@@ -49,15 +49,6 @@ fn run(body: &str, args: &[&str]) -> (Output, Option<Value>, tempfile::TempDir) 
         .unwrap();
     let r = report.exists().then(|| json(&report));
     (out, r, dir)
-}
-
-fn case<'a>(r: &'a Value, id: &str) -> &'a Value {
-    r["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["id"] == id)
-        .unwrap_or_else(|| panic!("no case {id}"))
 }
 
 fn sha256(p: &Path) -> String {
@@ -80,6 +71,7 @@ fn traps_in_real_weights_are_found_on_their_tensor() {
         "seed: 3\n{AXES}\nweights:\n  enc:\n    file: {f}\n    tensors: [\"encoder.layer.1.attention.output.dense.weight\", \"encoder.layer.1.intermediate.dense.weight\", \"encoder.layer.0.attention.self.query.weight\"]\n    batch: 4\n    rank: 4\n    alpha: 8\n  emb:\n    file: {f}\n    tensors: [\"embeddings.*.weight\"]\n    layer: embedding\n    batch: 6\n    rank: 4\n    alpha: 8\n  quant:\n    file: {f}\n    tensors: [\"quantized.**\"]\n    batch: 4\n    rank: 4\n    alpha: 8\n",
         f = ck.display()
     );
+    let body = body.replace("backend: [tch]", "backend: [tch, candle]");
     let (out, r, _d) = run(&body, &[]);
     let r = r.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr)));
     let outcome = |id: &str| case(&r, id)["outcome"].as_str().unwrap().to_string();
@@ -110,10 +102,15 @@ fn traps_in_real_weights_are_found_on_their_tensor() {
         outcome(&format!("tch/cpu/f32/dora/forward/native/{huge}")),
         "pass"
     );
-    let f16 = outcome(&format!("tch/cpu/f16/dora/forward/native/{huge}"));
+    // candle sums the squares in fp16 and overflows; libtorch's CPU norm accumulates in fp32.
+    let f16 = outcome(&format!("candle/cpu/f16/dora/forward/native/{huge}"));
     assert!(
         f16 == "nonfinite" || f16 == "mismatch",
         "fp16 sum of squares of rows of ~300 overflows: {f16}"
+    );
+    assert_eq!(
+        outcome(&format!("tch/cpu/f16/dora/forward/native/{huge}")),
+        "pass"
     );
     let q = case(&r, "tch/cpu/f32/lora/forward/native/quant:quantized.dense");
     assert_eq!(q["outcome"], "skipped");
@@ -256,28 +253,13 @@ fn saved_adapters_give_a_b_and_magnitude_and_replay_in_peft() {
                 "encoder.layer.0.attention.self.value.weight"
             );
             // PEFT itself, from the dump: the same result.
-            let out = Command::new(".venv/bin/python")
-                .arg("scripts/replay.py")
-                .arg(&file)
-                .output()
-                .unwrap();
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                out.status.success(),
-                "{stdout}{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let line = stdout
-                .lines()
-                .find(|l| l.starts_with("result: peft vs output: "))
-                .unwrap_or_else(|| panic!("{stdout}"));
-            let d: f64 = line["result: peft vs output: ".len()..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap();
-            assert!(d <= 1e-6, "{line}");
+            let (got, stdout) = replay(&file);
+            let d = got
+                .iter()
+                .find(|(w, _)| w == "result")
+                .unwrap_or_else(|| panic!("{stdout}"))
+                .1;
+            assert!(d <= 1e-6, "{stdout}");
         }
     }
 }

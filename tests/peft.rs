@@ -9,6 +9,7 @@
 //! provisioned on demand by peft-compat itself, as a user's would be.
 
 mod support;
+use support::report_case as case;
 
 use serde_json::Value;
 use std::path::Path;
@@ -58,15 +59,6 @@ fn run(body: &str, extra: &[&str]) -> (Option<i32>, Value, String) {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(report.exists(), "no report: {err}");
     (out.status.code(), json(&report), err)
-}
-
-fn case<'a>(r: &'a Value, id: &str) -> &'a Value {
-    r["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["id"] == id)
-        .unwrap_or_else(|| panic!("no case {id}"))
 }
 
 #[test]

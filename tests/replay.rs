@@ -5,17 +5,11 @@
 //! cannot replay is an error. Needs `.venv` with torch and peft (scripts/test installs both); without
 //! them the test says so and checks nothing.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn python() -> Option<&'static str> {
-    let py = ".venv/bin/python";
-    let ok = Command::new(py)
-        .args(["-c", "import torch, peft, safetensors"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    ok.then_some(py)
-}
+use support::{python, replay};
 
 /// Run the failures matrix's case `id` with `--dump dir`; its dump file.
 fn dumped(dir: &Path, id: &str) -> PathBuf {
@@ -41,25 +35,12 @@ fn dumped(dir: &Path, id: &str) -> PathBuf {
     file
 }
 
-/// `(what, difference)` for each "what: peft vs output: D" line of replay.py's output.
-fn against_output(stdout: &str) -> Vec<(String, f64)> {
-    stdout
-        .lines()
-        .filter_map(|l| {
-            let (what, d) = l.split_once(": peft vs output: ")?;
-            // "D" or "D (non-finite at the same N places)".
-            let d = d.split_whitespace().next()?;
-            Some((what.to_string(), d.parse().ok()?))
-        })
-        .collect()
-}
-
 #[test]
 fn pissa_embedding_and_conv2d_dumps_replay_in_peft() {
-    let Some(py) = python() else {
+    if python().is_none() {
         eprintln!("SKIPPED: .venv has no torch + peft (scripts/test installs peft==0.21.2)");
         return;
-    };
+    }
     let dir = tempfile::tempdir().unwrap();
     // (case id, the lines replay.py must print, largest allowed |peft - peft-compat|)
     let cases = [
@@ -109,18 +90,7 @@ fn pissa_embedding_and_conv2d_dumps_replay_in_peft() {
     ];
     for (id, lines, allowed) in cases {
         let file = dumped(dir.path(), id);
-        let out = Command::new(py)
-            .arg("scripts/replay.py")
-            .arg(&file)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{id}: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let got = against_output(&stdout);
+        let (got, stdout) = replay(&file);
         for what in lines {
             let d = got
                 .iter()

@@ -3,23 +3,14 @@
 //! the number of jobs changes nothing; the main binary links no tensor library.
 
 mod support;
+use support::report_case as case;
 
 use support::{bin, json, masked, write};
 
-use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn case<'a>(report: &'a Value, id: &str) -> &'a Value {
-    report["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["id"] == id)
-        .unwrap_or_else(|| panic!("no case {id}"))
-}
 
 const FAULTS: &str = "\
 seed: 5

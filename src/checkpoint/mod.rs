@@ -61,19 +61,24 @@ pub enum WeightsError {
         shape: Vec<usize>,
         want: String,
     },
-    #[error("adapter tensor `{name}` of {} has shape {got:?} but the base layer `{tensor}` (shape {base:?}) needs {want:?}", file.display())]
-    AdapterShape {
-        file: PathBuf,
-        name: String,
-        got: Vec<usize>,
-        tensor: String,
-        base: Vec<usize>,
-        want: Vec<usize>,
-    },
+    #[error("{0}")]
+    AdapterShape(Box<AdapterMismatch>),
     #[error("{0}")]
     Adapter(String),
     #[error("{0}")]
     Spec(String),
+}
+
+/// A saved adapter tensor that does not fit its base layer: both shapes, and the one needed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("adapter tensor `{name}` of {} has shape {got:?} but the base layer `{tensor}` (shape {base:?}) needs {want:?}", file.display())]
+pub struct AdapterMismatch {
+    pub file: PathBuf,
+    pub name: String,
+    pub got: Vec<usize>,
+    pub tensor: String,
+    pub base: Vec<usize>,
+    pub want: Vec<usize>,
 }
 
 impl WeightsError {
@@ -88,7 +93,7 @@ impl WeightsError {
                 closest.join(", ")
             ),
             WeightsError::Rank { .. } => "match only tensors of the entry's `layer` (linear and embedding take 2-D weights, conv2d 4-D ones with a square kernel), or change `layer:`".into(),
-            WeightsError::AdapterShape { .. } => "the adapter was trained on another model (or another version of it): point `adapter:` at the one saved for this checkpoint".into(),
+            WeightsError::AdapterShape(_) => "the adapter was trained on another model (or another version of it): point `adapter:` at the one saved for this checkpoint".into(),
             WeightsError::Adapter(_) => "narrow `tensors:` to the modules the adapter adapts, or drop `adapter:` to draw A and B from the seed".into(),
             WeightsError::Spec(_) => "see the `weights:` section in the README".into(),
         }
@@ -110,7 +115,7 @@ impl WeightsError {
             }
             WeightsError::Missing { .. } | WeightsError::Corrupt { .. } => Some("file:"),
             WeightsError::Rank { .. } => Some("tensors:"),
-            WeightsError::AdapterShape { .. } | WeightsError::Adapter(_) => Some("adapter:"),
+            WeightsError::AdapterShape(_) | WeightsError::Adapter(_) => Some("adapter:"),
             WeightsError::Spec(_) => None,
         }
     }
@@ -563,13 +568,15 @@ fn check_adapter(
         Layer::Embedding => (vec![r, s[0]], vec![s[1], r], s[1]),
         Layer::Conv2d => (vec![r, s[1], s[2], s[3]], vec![s[0], r, 1, 1], s[0]),
     };
-    let wrong = |t: &TensorRef, want: Vec<usize>| WeightsError::AdapterShape {
-        file: t.file.path.clone(),
-        name: t.name.clone(),
-        got: t.shape.clone(),
-        tensor: tensor.to_string(),
-        base: s.clone(),
-        want,
+    let wrong = |t: &TensorRef, want: Vec<usize>| {
+        WeightsError::AdapterShape(Box::new(AdapterMismatch {
+            file: t.file.path.clone(),
+            name: t.name.clone(),
+            got: t.shape.clone(),
+            tensor: tensor.to_string(),
+            base: s.clone(),
+            want,
+        }))
     };
     if a.lora_a.shape != want_a {
         return Err(wrong(&a.lora_a, want_a));

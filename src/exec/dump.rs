@@ -16,8 +16,8 @@
 //! `dtype`, `adapter`, `op`, `precision`, `layer` (`Linear`, `Embedding`, `Conv2d`), `profile`,
 //! `shape`, `rank`, `alpha`, `scaling`, `rslora`, `kernel`, `image`, `id`, `outcome`, and
 //! `error` when the case failed to run; a checkpoint layer's case adds `tensor` (the weight's
-//! stored name), `stored_dtype`, `checkpoint` (the file holding it) and `adapter` (the saved
-//! adapter's folder, when it has one).
+//! stored name), `stored_dtype`, `checkpoint` (the file holding it) and `adapter_file` (the saved
+//! adapter's weights file, when it has one; `adapter` stays the axis).
 
 use crate::case::Case;
 use crate::case::{DType, Layer, Point};
@@ -152,7 +152,10 @@ pub fn write(
             o.weight.file.path.display().to_string(),
         );
         if let Some(a) = &o.adapter {
-            meta.insert("adapter".into(), a.lora_a.file.path.display().to_string());
+            meta.insert(
+                "adapter_file".into(),
+                a.lora_a.file.path.display().to_string(),
+            );
         }
     }
     let write_error = |message: String| DumpError::Write {

@@ -84,9 +84,9 @@ pub fn tables(report: &Report, sep: &str, style: &dyn Fn(&mut Table) -> String) 
                 )
             });
         out.push_str(&format!(
-            "weights {entry}: {} ({} tensors; {adapter})\n",
+            "weights {entry}: {} ({}; {adapter})\n",
             rec.checkpoint,
-            rec.tensors.len()
+            crate::util::plural(rec.tensors.len(), "tensor")
         ));
         let mut t = Table::new();
         let mut head = vec![Cell::new("tensor")];

@@ -145,3 +145,51 @@ pub fn masked(mut r: serde_json::Value) -> serde_json::Value {
     }
     r
 }
+
+/// The case `id` of a JSON report.
+pub fn report_case<'a>(report: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    report["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id)
+        .unwrap_or_else(|| panic!("no case {id}"))
+}
+
+/// `.venv`'s Python when it has torch, PEFT and safetensors (scripts/test installs them).
+pub fn python() -> Option<&'static str> {
+    let py = ".venv/bin/python";
+    let ok = std::process::Command::new(py)
+        .args(["-c", "import torch, peft, safetensors"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then_some(py)
+}
+
+/// Replay a dump through PEFT (scripts/replay.py): `(what, |peft - peft-compat|)` for each
+/// "what: peft vs output: D" line it prints, and all it printed; panics when replay.py fails.
+pub fn replay(file: &std::path::Path) -> (Vec<(String, f64)>, String) {
+    let py = python().expect(".venv with torch and peft (scripts/test makes it)");
+    let out = std::process::Command::new(py)
+        .arg("scripts/replay.py")
+        .arg(file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}: {stdout}{}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pairs = stdout
+        .lines()
+        .filter_map(|l| {
+            let (what, d) = l.split_once(": peft vs output: ")?;
+            // "D" or "D (non-finite at the same N places)".
+            let d = d.split_whitespace().next()?;
+            Some((what.to_string(), d.parse().ok()?))
+        })
+        .collect();
+    (pairs, stdout.into_owned())
+}
