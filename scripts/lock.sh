@@ -7,8 +7,12 @@
 # commit it. Resolving reads only PyPI's metadata (about 30 s); nothing is installed.
 #
 #   venv.txt         .venv: torch 2.11.0 (libtorch for tch 0.24) and PEFT 0.21.2 (replay tests)
-#   libtorch-2.1.txt .libtorch/2.1.2: the torch 2.1.2 wheel and the two CUDA runtime wheels
-#                    its libtorch_cpu links against (taken apart, not installed)
+#   libtorch-X.Y.Z.txt .libtorch/X.Y.Z: the torch X.Y.Z wheel and the two CUDA runtime wheels
+#                    its libtorch_cpu links against, at the versions that torch requires (taken
+#                    apart by scripts/libtorch.sh, not installed); one per build of
+#                    workers/tch/libtorch-builds.txt but 2.11.0 (.venv's)
+#
+#   scripts/lock.sh libtorch X.Y.Z   only that one
 #   cuda-toolkit.txt .cuda-toolkit: nvcc and the CUDA 13.0 libraries the candle CUDA build needs
 #   peft-torch-2.1.2.txt .peft/torch-2.1.2: the Python environment of the PEFT builds on torch
 #                    2.1.2 (torch with its CUDA 12.1 runtime wheels, which its import loads, and
@@ -48,8 +52,27 @@ PY
   echo "scripts/locks/$name.txt: $(grep -vc '^#' "$out/$name.txt") wheels" >&2
 }
 
+# lock_libtorch VERSION: torch==VERSION and the CUDA runtime and CUPTI wheels it requires (its
+# libtorch_cpu links libcudart and libcupti), found by resolving torch with its dependencies.
+lock_libtorch() {
+  local v="$1" pins
+  pins="$(python3 -m pip install --quiet --dry-run --ignore-installed --only-binary=:all: \
+    --report - "torch==$v" | python3 -c '
+import json, sys
+want = ("nvidia-cuda-runtime-cu12", "nvidia-cuda-cupti-cu12")
+metas = [i["metadata"] for i in json.load(sys.stdin)["install"]]
+print(" ".join(m["name"] + "==" + m["version"] for m in metas if m["name"].lower() in want))')"
+  lock "libtorch-$v" no "torch==$v" $pins
+}
+
+if [ "${1:-}" = libtorch ] && [ $# = 2 ]; then
+  lock_libtorch "$2"
+  exit 0
+fi
 lock venv yes torch==2.11.0 peft==0.21.2
-lock libtorch-2.1 no torch==2.1.2 nvidia-cuda-runtime-cu12==12.1.105 nvidia-cuda-cupti-cu12==12.1.105
+for v in $(grep -v '^#' "$root/workers/tch/libtorch-builds.txt" | awk 'NF == 3 && $1 != "2.11.0" {print $1}'); do
+  lock_libtorch "$v"
+done
 lock cuda-toolkit no nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 \
   nvidia-cuda-cccl==13.0.85 nvidia-cuda-runtime==13.0.96 nvidia-cublas==13.1.0.3 \
   nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88

@@ -124,6 +124,10 @@ impl Environment {
     /// the default ones.
     pub fn for_backend(&self, backend: crate::case::Backend) -> Environment {
         let mut env = self.clone();
+        if let crate::case::Backend::TchAt(v) = backend {
+            // A build is its libtorch release, whether or not its worker said so.
+            env.libraries.insert("libtorch".into(), v.to_string());
+        }
         if let Some(libs) = self.backends.get(&backend.to_string()) {
             for (k, v) in libs {
                 if k == "cuda" {

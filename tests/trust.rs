@@ -330,7 +330,7 @@ fn timeouts_and_job_counts_outside_their_range_are_refused() {
     refused(&["run", m, "--threads", "0"], "0 is not in 1..=256");
     refused(
         &["run", m, "--skip-backend", "torch"],
-        "unknown backend `torch`; valid values: tch, tch@2.1.2, candle",
+        "unknown backend `torch`; valid values: tch, tch@2.1.2, tch@2.2.2",
     );
 }
 

@@ -68,7 +68,7 @@ fn two_builds_env() -> Environment {
 /// except where PEFT's fp32 product (DoRA init, upcast) avoids them.
 fn old_and_new(c: &Case, inp: &Inputs) -> OpResult<Outputs> {
     let mut c = c.clone();
-    if c.point.backend == Backend::Tch212 {
+    if c.point.backend == Backend::TCH_2_1_2 {
         if c.point.dtype == peft_compat::case::DType::F16 && !c.upcasts() {
             return Err(BackendError::new(OLD_TORCH_ERROR));
         }
@@ -102,7 +102,7 @@ fn the_version_axis_parses_names_cases_and_reports_bad_values() {
     assert!(e.contains("bad.yaml:3:"), "{e}");
     assert!(e.contains("tch@2.3.0") && e.contains("tch@2.1.2"), "{e}");
     assert_eq!(
-        peft_compat::exec::WorkerPaths::file_name(Backend::Tch212),
+        peft_compat::exec::WorkerPaths::file_name(Backend::TCH_2_1_2),
         "peft-compat-worker-tch-2.1.2"
     );
 }
@@ -111,7 +111,7 @@ fn the_version_axis_parses_names_cases_and_reports_bad_values() {
 fn expectations_hold_each_case_to_its_own_libtorch() {
     let m = load(TWO_BUILDS);
     let unavailable = |b: Backend, d| match b {
-        Backend::Tch212 => None,
+        Backend::TCH_2_1_2 => None,
         _ => support::unavailable(b, d),
     };
     let backends = peft_compat::exec::InProcess {

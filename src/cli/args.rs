@@ -77,6 +77,22 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         html: Option<PathBuf>,
     },
+    /// Follow each cell across the builds of one library in version order (libtorch builds,
+    /// PEFT builds), naming the first release where its outcome, error or error size changed.
+    History {
+        /// One or more JSON reports (a sweep, or runs of several builds).
+        #[arg(required = true, num_args = 1..)]
+        reports: Vec<PathBuf>,
+        /// List every cell, not only those that changed.
+        #[arg(long)]
+        all: bool,
+        /// Print Markdown tables.
+        #[arg(long)]
+        markdown: bool,
+        /// Write the history as JSON to PATH (schema peft-compat/history/v1).
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+    },
     /// Print the case ids a matrix expands to, without running them.
     List {
         /// The matrix file (YAML).

@@ -103,6 +103,28 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             }
             exit_with(exit::OK, &problems, "the comparison")
         }
+        Command::History {
+            reports,
+            all,
+            markdown,
+            json,
+        } => {
+            let names: Vec<String> = reports.iter().map(|p| p.display().to_string()).collect();
+            let mut loaded = Vec::new();
+            for p in &reports {
+                loaded.push(read_report(p)?);
+            }
+            let h = crate::verdict::history::history(&loaded, &names);
+            print_out(&crate::render::history::text(&h, all, markdown))?;
+            let mut problems = Problems::default();
+            if let Some(path) = &json {
+                let body = serde_json::to_string_pretty(&h)
+                    .context("the history as JSON")
+                    .map_err(runtime)?;
+                emit::write(path, "the history", body + "\n", &mut problems);
+            }
+            exit_with(exit::OK, &problems, "the history")
+        }
         Command::List { matrix, max_cases } => list(&matrix, max_cases),
         Command::Env {
             no_backends,

@@ -60,7 +60,7 @@ pub fn not_expected(flags: &[Backend], builds: &[Backend]) -> BTreeMap<Backend, 
         .collect();
     let set = |var: &str| std::env::var(var).is_ok_and(|v| !v.is_empty() && v != "0");
     if set("PEFT_COMPAT_SKIP_LIBTORCH_2_1") {
-        m.entry(Backend::Tch212)
+        m.entry(Backend::TCH_2_1_2)
             .or_insert_with(|| "PEFT_COMPAT_SKIP_LIBTORCH_2_1 is set".to_string());
     }
     if set("PEFT_COMPAT_SKIP_PEFT_BUILDS") {

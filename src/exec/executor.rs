@@ -5,7 +5,7 @@
 //! process; tests use it to plant broken kernels and refusals.
 
 use super::client::{Launch, RunReply, Worker, WorkerError};
-use crate::case::{Backend, Case, Device, PeftBuild};
+use crate::case::{Backend, Case, Device, LibtorchBuild, PeftBuild, Version};
 use crate::environment::WorkerInfo;
 use crate::outcome::{Skip, SkipKind};
 use crate::worker::io::{Inputs, Outputs};
@@ -124,7 +124,7 @@ pub fn checkout_root() -> PathBuf {
 }
 
 impl WorkerPaths {
-    /// `peft-compat-worker-tch`, `peft-compat-worker-tch-2.1.2`, `peft-compat-worker-candle`.
+    /// `peft-compat-worker-tch`, `peft-compat-worker-tch-2.4.1`, `peft-compat-worker-candle`.
     pub fn file_name(b: Backend) -> String {
         format!("peft-compat-worker-{}", b.to_string().replace('@', "-"))
     }
@@ -144,25 +144,38 @@ impl WorkerPaths {
                 ))
             };
         }
+        if let Backend::TchAt(v) = b {
+            if let Some(why) = LibtorchBuild::missing_minor(v) {
+                return Err(why);
+            }
+        }
         let name = Self::file_name(b);
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let dir = exe.parent().unwrap_or(Path::new("."));
-        let candidates = [dir.join(&name), dir.join("..").join(&name)];
-        candidates
-            .iter()
-            .find(|p| p.is_file())
-            .cloned()
-            .map(Launch::binary)
-            .ok_or_else(|| {
-                format!(
-                    "{b} worker not built: no {name} beside {} ({}, or name one with --worker {b}=PATH)",
-                    exe.display(),
-                    match b {
-                        Backend::Tch212 => "scripts/peft-compat provisions libtorch 2.1.2 and builds it".to_string(),
-                        _ => format!("build it with `cargo build --release -p {name}`"),
-                    }
-                )
-            })
+        let look = || {
+            [dir.join(&name), dir.join("..").join(&name)]
+                .into_iter()
+                .find(|p| p.is_file())
+        };
+        if let Some(p) = look() {
+            return Ok(Launch::binary(p));
+        }
+        if let Backend::TchAt(v) = b {
+            // A libtorch build not made yet: scripts/libtorch.sh provisions it (minutes, once).
+            provision_libtorch(v)?;
+            if let Some(p) = look() {
+                return Ok(Launch::binary(p));
+            }
+        }
+        Err(format!(
+            "{b} worker not built: no {name} beside {} ({}, or name one with --worker {b}=PATH)",
+            exe.display(),
+            match b {
+                Backend::TchAt(v) =>
+                    format!("scripts/libtorch.sh {v} provisions libtorch {v} and builds it"),
+                _ => format!("build it with `cargo build --release -p {name}`"),
+            }
+        ))
     }
 
     /// The PEFT worker for `build`: its environment provisioned first when it is not there yet
@@ -221,6 +234,37 @@ fn peft_layout(root: &Path, build: PeftBuild) -> (PathBuf, Option<PathBuf>, bool
     (python, release, ready)
 }
 
+/// Run `script` with `args`, announcing `what`; its stderr's tail is the error when it fails.
+fn run_script(script: &Path, args: &[String], what: &str) -> Result<(), String> {
+    eprintln!(
+        "peft-compat: provisioning {what} (once; {})",
+        script.display()
+    );
+    let out = std::process::Command::new(script)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("{what}: cannot run {}: {e}", script.display()))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    let tail: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = tail[tail.len().saturating_sub(4)..].join(" | ");
+    Err(format!(
+        "{what}: its environment cannot be made ({} {}: {}): {tail}",
+        script.display(),
+        args.join(" "),
+        super::client::describe_status(out.status)
+    ))
+}
+
+/// Provision libtorch `v` and build its worker (scripts/libtorch.sh).
+fn provision_libtorch(v: Version) -> Result<(), String> {
+    let script = checkout_root().join("scripts/libtorch.sh");
+    run_script(&script, &[v.to_string()], &format!("tch@{v}"))
+}
+
 /// Run scripts/peft-env.sh for `build`; its stderr's tail is the error when it fails.
 fn provision(root: &Path, build: PeftBuild) -> Result<(), String> {
     let b = Backend::Peft(build);
@@ -231,25 +275,11 @@ fn provision(root: &Path, build: PeftBuild) -> Result<(), String> {
             root.display()
         ));
     }
-    eprintln!("peft-compat: provisioning {b} (once; {})", script.display());
-    let out = std::process::Command::new(&script)
-        .arg(build.peft.to_string())
-        .arg(build.torch.to_string())
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| format!("{b}: cannot run {}: {e}", script.display()))?;
-    if out.status.success() {
-        return Ok(());
-    }
-    let err = String::from_utf8_lossy(&out.stderr);
-    let tail: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    let tail = tail[tail.len().saturating_sub(4)..].join(" | ");
-    Err(format!(
-        "{b}: its environment cannot be made (scripts/peft-env.sh {} {}: {}): {tail}",
-        build.peft,
-        build.torch,
-        super::client::describe_status(out.status)
-    ))
+    run_script(
+        &script,
+        &[build.peft.to_string(), build.torch.to_string()],
+        &b.to_string(),
+    )
 }
 
 /// How the workers of a run are started.
@@ -364,9 +394,15 @@ impl Workers {
                     ready[slot].insert(b, w);
                 }
                 Err(why) if slot == 0 => {
+                    // No tch release targets this libtorch: nothing could ever run it.
+                    let kind = match b {
+                        Backend::TchAt(v) if LibtorchBuild::missing_minor(v).is_some() => {
+                            SkipKind::NotApplicable
+                        }
+                        _ => SkipKind::BackendLost,
+                    };
                     for &(_, d) in pairs.iter().filter(|p| p.0 == b) {
-                        available
-                            .insert((b, d), Some(Skip::new(SkipKind::BackendLost, why.clone())));
+                        available.insert((b, d), Some(Skip::new(kind, why.clone())));
                     }
                 }
                 // Another slot's worker failed to start: that slot retries when it needs one.

@@ -150,6 +150,10 @@ pub fn backend_label(report: &Report, b: Backend) -> String {
     if b.family() != Backend::Tch {
         return b.to_string();
     }
+    if let Backend::TchAt(v) = b {
+        // Built for exactly this release (a build that never started has no environment).
+        return format!("tch {v}");
+    }
     let env = report.environment.for_backend(b);
     match env.libraries.get("libtorch") {
         Some(v) if !v.is_empty() && v != "unknown" => {

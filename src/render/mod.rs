@@ -11,6 +11,7 @@ pub mod agreement;
 pub mod compare;
 pub mod gate;
 pub mod grid;
+pub mod history;
 pub mod html;
 pub mod junit;
 pub mod paths;

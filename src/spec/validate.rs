@@ -25,7 +25,7 @@ fn location(path: &Path, line: Option<usize>, column: Option<usize>) -> String {
 
 /// What the axes take, for every message about an axis value.
 pub const HELP_AXES: &str =
-    "axes take: backend: tch, tch@2.1.2, candle; device: cpu, cuda, cuda:N; dtype: f32, f16, bf16, f64; \
+    "axes take: backend: tch, tch@X.Y.Z (a libtorch build: 2.1.2 ... 2.10.0), candle, peft, peft@X+torchY; device: cpu, cuda, cuda:N; dtype: f32, f16, bf16, f64; \
 adapter: lora, dora, pissa, pissa_dora, olora; op: init, forward, backward, merge, unmerge, init_noop, parity, \
 roundtrip; precision: native, upcast, autocast; layer: linear, embedding, conv2d; profile: normal, llm, zero_rows, \
 large, tiny (see matrices/default.yaml and matrices/failures.yaml for complete files)";

@@ -116,3 +116,50 @@ pub fn compare(reports: &[Labeled]) -> Comparison {
             .collect(),
     }
 }
+
+/// Why `reports` may not be comparable, one line each: another seed draws other inputs;
+/// another matrix (its text's fingerprint) may hold other shapes or rules under the same
+/// ids; another thread count sums a multi-threaded GEMM in another order.
+pub fn comparability(reports: &[Report], names: &[String]) -> Vec<String> {
+    let Some(first) = reports.first() else {
+        return Vec::new();
+    };
+    let name = |i: usize| {
+        names
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| format!("#{}", i + 1))
+    };
+    let mut out = Vec::new();
+    for (i, r) in reports.iter().enumerate().skip(1) {
+        if r.seed != first.seed {
+            out.push(format!(
+                "{} has seed {} and {} seed {}: their inputs differ, so do their errors",
+                name(0),
+                first.seed,
+                name(i),
+                r.seed
+            ));
+        }
+        if r.matrix_fnv.is_some() && first.matrix_fnv.is_some() && r.matrix_fnv != first.matrix_fnv
+        {
+            out.push(format!(
+                "{} ({}) and {} ({}) come from different matrix files: a case id may stand for other shapes or tolerances",
+                name(0),
+                first.matrix,
+                name(i),
+                r.matrix
+            ));
+        }
+        if r.threads != first.threads {
+            out.push(format!(
+                "{} ran with {:?} threads per worker and {} with {:?}: a multi-threaded GEMM sums in another order",
+                name(0),
+                first.threads,
+                name(i),
+                r.threads
+            ));
+        }
+    }
+    out
+}

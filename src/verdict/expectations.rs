@@ -30,15 +30,16 @@ pub fn judge(rule: &Expectation, outcome: OutcomeKind, error: Option<&str>) -> S
     }
 }
 
-/// The builds rules are judged for: the default ones and every build the environment records
-/// (a `peft@X+torchY` a matrix named).
-fn builds(env: &Environment) -> Vec<Backend> {
+/// The builds rules are judged for: the default ones, every build the environment records (a
+/// `peft@X+torchY` a matrix named) and every build of `seen` (a `tch@X.Y.Z` of a sweep).
+fn builds(env: &Environment, seen: &[Backend]) -> Vec<Backend> {
     let mut v: Vec<Backend> = Backend::ALL.to_vec();
     v.extend(
         env.backends
             .keys()
             .filter_map(|k| k.parse::<Backend>().ok()),
     );
+    v.extend_from_slice(seen);
     v.sort();
     v.dedup();
     v
@@ -51,9 +52,10 @@ pub struct Active<'a> {
 }
 
 impl<'a> Active<'a> {
-    pub fn new(rules: &'a [Expectation], env: &Environment) -> Active<'a> {
+    /// `seen`: the builds the cases to judge use, beyond the defaults and the environment's.
+    pub fn new(rules: &'a [Expectation], env: &Environment, seen: &[Backend]) -> Active<'a> {
         Active {
-            by_backend: builds(env)
+            by_backend: builds(env, seen)
                 .into_iter()
                 .map(|b| {
                     let env = env.for_backend(b);
@@ -90,7 +92,10 @@ pub fn annotate(report: &mut Report, rules: &[Expectation]) {
         inactive_expectations,
         ..
     } = report;
-    let active = Active::new(rules, env);
+    let mut seen: Vec<Backend> = cases.iter().map(|c| c.point.backend).collect();
+    seen.sort();
+    seen.dedup();
+    let active = Active::new(rules, env, &seen);
     for c in cases.iter_mut() {
         c.expected = active.governing(&c.coords()).map(|r| CaseExpectation {
             outcome: r.written.expect,

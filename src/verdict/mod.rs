@@ -1,11 +1,12 @@
 //! What a report means. [`expectations`] applies the matrix's rules to each case; the
 //! [`snapshot`] is what was accepted; the [`gate`] compares a report with both and says what
-//! changed; [`record`] writes rules from repeated runs; [`compare`] puts reports from several
+//! changed; [`history`] follows cells across builds in version order; [`record`] writes rules from repeated runs; [`compare`] puts reports from several
 //! environments side by side. Data only: `render` shows it.
 
 pub mod compare;
 pub mod expectations;
 pub mod gate;
+pub mod history;
 pub mod record;
 pub mod snapshot;
 

@@ -220,7 +220,10 @@ pub fn record(matrix: &Matrix, runs: &[Report]) -> Recorded {
             rank[a].entry(v).or_insert(i);
         }
     }
-    let active = expectations::Active::new(&matrix.expectations, env);
+    let mut seen: Vec<_> = matrix.cases.iter().map(|c| c.point.backend).collect();
+    seen.sort();
+    seen.dedup();
+    let active = expectations::Active::new(&matrix.expectations, env, &seen);
     let (mut ran, mut identical, mut always_failing, mut flaky) = (0, 0, 0, 0);
     let mut rules = Vec::new();
     let mut evidence_of: HashMap<String, String> = HashMap::new();

@@ -16,7 +16,7 @@ pub fn run_on_backend(case: &Case, inputs: &Inputs) -> OpResult<Outputs> {
     match case.point.backend {
         Backend::Tch => peft_compat_worker_tch::run(case, inputs),
         Backend::Candle => peft_compat_worker_candle::run(case, inputs),
-        b @ (Backend::Tch212 | Backend::Peft(_)) => {
+        b @ (Backend::TchAt(_) | Backend::Peft(_)) => {
             Err(peft_compat::worker::ops::BackendError::new(format!(
                 "{b} runs only in its worker process"
             )))
@@ -29,7 +29,7 @@ pub fn unavailable(backend: Backend, device: Device) -> Option<String> {
     match backend {
         Backend::Tch => peft_compat_worker_tch::ops::unavailable(device),
         Backend::Candle => peft_compat_worker_candle::ops::unavailable(device),
-        b @ (Backend::Tch212 | Backend::Peft(_)) => {
+        b @ (Backend::TchAt(_) | Backend::Peft(_)) => {
             Some(format!("{b} runs only in its worker process"))
         }
     }
@@ -50,7 +50,7 @@ pub fn run_in_process(
 /// The libraries as the workers report them.
 pub fn env() -> Environment {
     let libraries: BTreeMap<String, String> = [
-        ("tch", peft_compat_worker_tch::ops::TCH_VERSION.to_string()),
+        ("tch", peft_compat_worker_tch::ops::tch_version()),
         ("libtorch", peft_compat_worker_tch::ops::libtorch_version()),
         (
             "candle",

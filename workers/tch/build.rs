@@ -1,14 +1,13 @@
 //! Embeds the libtorch location as an rpath (so the binary runs without LD_LIBRARY_PATH) and the
 //! libtorch version (for reports). Shared by workers/tch (tch 0.24, whose torch-sys tells where
-//! it found libtorch) and workers/tch-2.1 (tch 0.14, built with LIBTORCH set). Sets the cfg
-//! `libtorch_2_1` for the old build, where the glue must differ.
+//! it found libtorch) and every other libtorch build (scripts/libtorch.sh: built with LIBTORCH
+//! set). The glue is the same source for every tch from 0.14 to 0.24: no cfg is needed.
 
 use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
-    println!("cargo:rustc-check-cfg=cfg(libtorch_2_1)");
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
         .map(PathBuf::from)
         .or_else(|_| std::env::var("LIBTORCH").map(|l| PathBuf::from(l).join("lib")));
@@ -43,9 +42,6 @@ fn main() {
         version = Some(v.trim().to_string());
     }
     if let Some(v) = version {
-        if v.starts_with("2.1.") {
-            println!("cargo:rustc-cfg=libtorch_2_1");
-        }
         println!("cargo:rustc-env=PEFT_COMPAT_LIBTORCH_VERSION={v}");
     }
     println!(

@@ -135,24 +135,90 @@ impl PeftBuild {
     };
 }
 
-/// Which library build runs the case: `tch` is libtorch 2.11 through tch 0.24; `tch@2.1.2` is
-/// libtorch 2.1.2 through tch 0.14 (the last libtorch without a CPU fp16 matmul); `candle`;
-/// `peft` is PEFT's own code (the pinned release on torch 2.11.0) and `peft@X+torchY` PEFT X on
-/// torch Y, each through the Python worker. Every build is a worker process of its own.
+/// A libtorch release a tch worker is built for, with the tch crate that targets its minor
+/// (`workers/tch/libtorch-builds.txt`, which scripts/libtorch.sh reads too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LibtorchBuild {
+    pub torch: Version,
+    pub tch: Version,
+    /// The torch wheel's C++ ABI: pre-C++11 up to 2.6.
+    pub cxx11_abi: bool,
+}
+
+impl LibtorchBuild {
+    /// Every build, in version order.
+    pub fn all() -> &'static [LibtorchBuild] {
+        static ALL: std::sync::OnceLock<Vec<LibtorchBuild>> = std::sync::OnceLock::new();
+        ALL.get_or_init(|| {
+            include_str!("../../tch/libtorch-builds.txt")
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    let v = |s: &str| s.parse::<Version>().expect("libtorch-builds.txt");
+                    LibtorchBuild {
+                        torch: v(f[0]),
+                        tch: v(f[1]),
+                        cxx11_abi: f[2] == "cxx11",
+                    }
+                })
+                .collect()
+        })
+    }
+
+    /// The build for exactly `torch`.
+    pub fn of(torch: Version) -> Option<LibtorchBuild> {
+        Self::all().iter().copied().find(|b| b.torch == torch)
+    }
+
+    /// Why no tch worker can exist for `torch`'s minor (no tch release targets it), naming the
+    /// neighbours; `None` when one does.
+    pub fn missing_minor(torch: Version) -> Option<String> {
+        let same_minor =
+            |b: &&LibtorchBuild| (b.torch.major, b.torch.minor) == (torch.major, torch.minor);
+        if Self::all().iter().any(|b| same_minor(&b)) {
+            return None;
+        }
+        let below = Self::all().iter().rev().find(|b| b.torch < torch);
+        let above = Self::all().iter().find(|b| b.torch > torch);
+        let near = [below, above]
+            .into_iter()
+            .flatten()
+            .map(|b| format!("tch {} targets {}.{}", b.tch, b.torch.major, b.torch.minor))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Some(format!(
+            "no tch release targets libtorch {}.{} ({near}): no worker can be built for it",
+            torch.major, torch.minor
+        ))
+    }
+}
+
+/// Which library build runs the case: `tch` is libtorch 2.11 through tch 0.24 (the workspace's
+/// worker); `tch@X.Y.Z` is libtorch X.Y.Z through the tch release for its minor (`tch@2.1.2`, the
+/// last libtorch without a CPU fp16 matmul, and every build in [`LibtorchBuild::all`]; a minor no
+/// tch release targets, such as 2.8, parses and its cases skip saying so); `candle`; `peft` is
+/// PEFT's own code (the pinned release on torch 2.11.0) and `peft@X+torchY` PEFT X on torch Y,
+/// each through the Python worker. Every build is a worker process of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Backend {
     Tch,
-    Tch212,
+    /// Never 2.11.0: that spelling is [`Backend::Tch`].
+    TchAt(Version),
     Candle,
     Peft(PeftBuild),
 }
 
 impl Backend {
+    /// libtorch 2.1.2 (tch 0.14): the original report's failure, in the default matrix.
+    pub const TCH_2_1_2: Backend = Backend::TchAt(Version::new(2, 1, 2));
+
     /// The builds this tree provisions and tables list by default, in table order; every other
-    /// `peft@X+torchY` parses too and is provisioned when a matrix names it.
+    /// `tch@X.Y.Z` and `peft@X+torchY` parses too and is provisioned when a matrix names it.
     pub const ALL: &'static [Backend] = &[
         Backend::Tch,
-        Backend::Tch212,
+        Backend::TCH_2_1_2,
         Backend::Candle,
         Backend::Peft(PeftBuild::PINNED),
         Backend::Peft(PeftBuild::BEFORE_1653),
@@ -161,14 +227,21 @@ impl Backend {
 
     /// Valid spellings, for error messages.
     pub fn valid() -> String {
-        "tch, tch@2.1.2, candle, peft, peft@PEFT+torchTORCH (e.g. peft@0.10.0+torch2.1.2)".into()
+        let builds: Vec<String> = LibtorchBuild::all()
+            .iter()
+            .map(|b| format!("tch@{}", b.torch))
+            .collect();
+        format!(
+            "tch, {}, candle, peft, peft@PEFT+torchTORCH (e.g. peft@0.10.0+torch2.1.2)",
+            builds.join(", ")
+        )
     }
 
     /// The library, whatever its build: `tch` for every libtorch build, `peft` for every PEFT
     /// build.
     pub fn family(self) -> Backend {
         match self {
-            Backend::Tch | Backend::Tch212 => Backend::Tch,
+            Backend::Tch | Backend::TchAt(_) => Backend::Tch,
             Backend::Candle => Backend::Candle,
             Backend::Peft(_) => Backend::Peft(PeftBuild::PINNED),
         }
@@ -189,7 +262,7 @@ impl Backend {
     pub fn libtorch(self) -> Option<Version> {
         match self {
             Backend::Tch => Some(PeftBuild::PINNED.torch),
-            Backend::Tch212 => Some(Version::new(2, 1, 2)),
+            Backend::TchAt(v) => Some(v),
             Backend::Candle => None,
             Backend::Peft(b) => Some(b.torch),
         }
@@ -206,9 +279,16 @@ impl Backend {
     /// The tch build a PEFT build is held to: the one on its libtorch, when there is one.
     pub fn tch_twin(self) -> Option<Backend> {
         let torch = self.peft()?.torch;
-        [Backend::Tch, Backend::Tch212]
-            .into_iter()
-            .find(|t| t.libtorch() == Some(torch))
+        Some(Backend::tch_at(torch)).filter(|_| LibtorchBuild::of(torch).is_some())
+    }
+
+    /// The tch build on libtorch `torch` (`tch` for 2.11.0).
+    pub fn tch_at(torch: Version) -> Backend {
+        if torch == PeftBuild::PINNED.torch {
+            Backend::Tch
+        } else {
+            Backend::TchAt(torch)
+        }
     }
 }
 
@@ -216,7 +296,7 @@ impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Backend::Tch => f.write_str("tch"),
-            Backend::Tch212 => f.write_str("tch@2.1.2"),
+            Backend::TchAt(v) => write!(f, "tch@{v}"),
             Backend::Candle => f.write_str("candle"),
             Backend::Peft(b) if *b == PeftBuild::PINNED => f.write_str("peft"),
             Backend::Peft(b) => write!(f, "peft@{}+torch{}", b.peft, b.torch),
@@ -235,10 +315,24 @@ impl std::str::FromStr for Backend {
         };
         match s {
             "tch" => Ok(Backend::Tch),
-            "tch@2.1.2" => Ok(Backend::Tch212),
             "candle" => Ok(Backend::Candle),
             "peft" => Ok(Backend::Peft(PeftBuild::PINNED)),
             _ => {
+                if let Some(v) = s.strip_prefix("tch@") {
+                    let v = v
+                        .parse::<Version>()
+                        .map_err(|e| unknown(format!(": {e}")))?;
+                    let minor_built = LibtorchBuild::all()
+                        .iter()
+                        .find(|b| (b.torch.major, b.torch.minor) == (v.major, v.minor));
+                    return match minor_built {
+                        Some(b) if b.torch != v => Err(unknown(format!(
+                            " (the libtorch {}.{} build is tch@{})",
+                            v.major, v.minor, b.torch
+                        ))),
+                        _ => Ok(Backend::tch_at(v)),
+                    };
+                }
                 let rest = s
                     .strip_prefix("peft@")
                     .ok_or_else(|| unknown(String::new()))?;

@@ -557,7 +557,7 @@ mod tests {
         use crate::case::*;
         let case = Case {
             point: Point {
-                backend: Backend::Tch212,
+                backend: Backend::TCH_2_1_2,
                 device: Device::Cuda(1),
                 dtype: DType::Bf16,
                 adapter: Adapter::PissaDora,

@@ -22,16 +22,16 @@ pub struct Tch;
 
 impl WorkerBackend for Tch {
     fn name(&self) -> String {
-        // The backend axis value this build runs.
-        if cfg!(libtorch_2_1) {
-            peft_compat_kit::case::Backend::Tch212.to_string()
-        } else {
-            peft_compat_kit::case::Backend::Tch.to_string()
-        }
+        // The backend axis value this build runs: `tch` on libtorch 2.11.0, else `tch@X.Y.Z`.
+        ops::libtorch_release()
+            .map_or(peft_compat_kit::case::Backend::Tch, |v| {
+                peft_compat_kit::case::Backend::tch_at(v)
+            })
+            .to_string()
     }
     fn libraries(&self) -> BTreeMap<String, String> {
         [
-            ("tch".to_string(), ops::TCH_VERSION.to_string()),
+            ("tch".to_string(), ops::tch_version()),
             ("libtorch".to_string(), ops::libtorch_version()),
         ]
         .into_iter()

@@ -1,16 +1,23 @@
 //! libtorch through tch: glue from `TensorOps` to ATen ops.
 
-use peft_compat_kit::case::{DType, Device};
+use peft_compat_kit::case::{DType, Device, LibtorchBuild, Version};
 use peft_compat_kit::ops::{BackendError, OpResult, TensorOps};
 use peft_compat_kit::tensor::HostTensor;
 use tch::{Kind, Tensor};
 
-/// The tch crate version this binary was built with (pinned in Cargo.toml; a test checks it).
-#[cfg(not(libtorch_2_1))]
-pub const TCH_VERSION: &str = "0.24.0";
-/// The tch crate version this binary was built with (workers/tch-2.1/Cargo.toml pins it).
-#[cfg(libtorch_2_1)]
-pub const TCH_VERSION: &str = "0.14.0";
+/// The libtorch release this binary was built against (`2.11.0` of `2.11.0+cu130`).
+pub fn libtorch_release() -> Option<Version> {
+    libtorch_version().split('+').next()?.parse().ok()
+}
+
+/// The tch crate version this binary was built with: the one workers/tch/libtorch-builds.txt
+/// pairs with its libtorch (each build's manifest pins exactly that one; a test checks the
+/// workspace's).
+pub fn tch_version() -> String {
+    libtorch_release()
+        .and_then(LibtorchBuild::of)
+        .map_or("unknown".into(), |b| b.tch.to_string())
+}
 
 /// The libtorch version found at build time (torch's `version.py` or libtorch's `build-version`).
 pub fn libtorch_version() -> String {

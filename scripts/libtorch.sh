@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# Provision a libtorch release (once) and build its tch worker beside peft-compat
+# (target/release/peft-compat-worker-tch-X.Y.Z), for the backend `tch@X.Y.Z`:
+#
+#   scripts/libtorch.sh 2.4.1        one build
+#   scripts/libtorch.sh all          every build of workers/tch/libtorch-builds.txt
+#   scripts/libtorch.sh --list       the builds: torch, tch, ABI, provisioned or not
+#
+# Each libtorch comes from the torch wheel on PyPI, of which only what libtorch needs to load is
+# kept in .libtorch/X.Y.Z/torch (about 500 MB): libtorch_cpu, libc10, libtorch, its libgomp, the
+# headers, and the two CUDA runtime libraries libtorch_cpu links against (libcudart and
+# libcupti, from their PyPI wheels, at the versions that torch release requires; no GPU is
+# needed). The wheels are pinned by version and sha256 in scripts/locks/libtorch-X.Y.Z.txt
+# (pip --require-hashes; scripts/lock.sh writes them from PyPI's metadata); pip's cache is
+# used, so a second provisioning downloads nothing. Where the PEFT builds' environment of that
+# torch (.peft/torch-X.Y.Z, scripts/peft-env.sh) holds the same pinned wheel, its files are
+# taken instead.
+#
+# The worker is built from the very sources of workers/tch (glue, worker loop, build script)
+# against the tch release that targets that minor (the table), in a manifest generated under
+# target/tch-builds/X.Y.Z (tch 0.14 ... 0.24 all declare `links = "tch"`: one dependency graph
+# each), with its Cargo.lock from scripts/locks/cargo-tch-X.Y.Z.lock when there is one. Wheels up
+# to 2.6 use the pre-C++11 ABI (LIBTORCH_CXX11_ABI=0); tch checks the exact libtorch version, so
+# patch releases build with LIBTORCH_BYPASS_VERSION_CHECK=1. libtorch 2.11.0 is the workspace's
+# own `tch` worker (cargo build), from .venv's torch: nothing to do here.
+#
+# A build that fails says so and the others go on; the exit status is then 1.
+# PEFT_COMPAT_SKIP_LIBTORCH_2_1=1 skips 2.1.2 (its cases are then skipped as declared).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+table="$root/workers/tch/libtorch-builds.txt"
+
+builds() { grep -v '^#' "$table" | awk 'NF == 3'; }
+
+usage() {
+  echo "usage: scripts/libtorch.sh VERSION|all|--list   (VERSION: one of $(builds | awk '{print $1}' | tr '\n' ' '))" >&2
+  exit 2
+}
+
+# provision VERSION TCH ABI: the libtorch files, then the worker.
+provision() {
+  local v="$1" tch="$2" abi="$3"
+  local dest="$root/.libtorch/$v" lock="$root/scripts/locks/libtorch-$v.txt"
+  if [ ! -f "$lock" ]; then
+    echo "peft-compat: no lock for libtorch $v ($lock): run scripts/lock.sh libtorch $v" >&2
+    return 1
+  fi
+  if ! cmp -s "$lock" "$dest/complete"; then
+    source "$root/scripts/lock-check.sh"
+    check_lock "$lock"
+    local tmp src site
+    tmp="$(mktemp -d)"
+    site="$(ls -d "$root"/.peft/torch-"$v"/lib/python3*/site-packages 2>/dev/null | head -1 || true)"
+    if [ -n "$site" ] && [ -f "$root/.peft/torch-$v/.peft-compat-lock" ] &&
+      grep -qF -- "$(grep '^torch==' "$lock" | cut -d' ' -f2)" "$root/.peft/torch-$v/.peft-compat-lock"; then
+      echo "peft-compat: provisioning libtorch $v into $dest from $site (once; ~500 MB kept)" >&2
+      src="$site"
+    else
+      echo "peft-compat: provisioning libtorch $v into $dest (once; ~850 MB download, ~500 MB kept)" >&2
+      python3 -m pip download --quiet --no-deps --only-binary=:all: --require-hashes -d "$tmp" \
+        -r "$lock"
+      src="$tmp"
+    fi
+    rm -rf "$dest" && mkdir -p "$dest"
+    python3 - "$src" "$dest" <<'PY'
+import fnmatch, glob, os, shutil, sys, zipfile
+src, dest = sys.argv[1], sys.argv[2]
+keep = ["torch/lib/libtorch_cpu.so", "torch/lib/libtorch.so", "torch/lib/libc10.so",
+        "torch/lib/libgomp*.so.1", "torch/include/*", "torch/version.py"]
+cuda = ["libcudart.so.*", "libcupti.so.*"]
+def put(name, read):
+    base = os.path.basename(name)
+    if any(fnmatch.fnmatch(name, k) for k in keep):
+        out = os.path.join(dest, name)
+    elif "/nvidia/" in "/" + name and any(fnmatch.fnmatch(base, c) for c in cuda):
+        out = os.path.join(dest, "torch/lib", base)
+    else:
+        return
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with read() as f, open(out, "wb") as o:
+        shutil.copyfileobj(f, o)
+wheels = glob.glob(os.path.join(src, "*.whl"))
+for whl in wheels:
+    with zipfile.ZipFile(whl) as z:
+        for name in z.namelist():
+            if not name.endswith("/"):
+                put(name, lambda name=name: z.open(name))
+if not wheels:  # an installed environment: the same paths under site-packages
+    for d, _, files in os.walk(src):
+        for f in files:
+            full = os.path.join(d, f)
+            put(os.path.relpath(full, src), lambda full=full: open(full, "rb"))
+PY
+    rm -rf "$tmp"
+    cp "$lock" "$dest/complete"
+  fi
+  local build="$root/target/tch-builds/$v"
+  mkdir -p "$build"
+  cat > "$build/Cargo.toml" <<EOF
+# Generated by scripts/libtorch.sh: the tch worker's sources against tch $tch and libtorch $v.
+[package]
+name = "peft-compat-worker-tch-build"
+version = "0.1.0"
+edition = "2021"
+license = "MIT OR Apache-2.0"
+build = "$root/workers/tch/build.rs"
+
+[workspace]
+
+[lib]
+# The same crate name as workers/tch, so that its main.rs builds unchanged.
+name = "peft_compat_worker_tch"
+path = "$root/workers/tch/src/lib.rs"
+
+[[bin]]
+name = "peft-compat-worker-tch-build"
+path = "$root/workers/tch/src/main.rs"
+
+[dependencies]
+peft-compat-kit = { path = "$root/workers/kit" }
+tch = "=$tch"
+torch-sys = "=$tch"
+half = "2.5"
+
+[profile.release]
+debug = false
+EOF
+  local cargo_lock="$root/scripts/locks/cargo-tch-$v.lock"
+  if [ -f "$cargo_lock" ] && ! cmp -s "$cargo_lock" "$build/Cargo.lock"; then
+    cp "$cargo_lock" "$build/Cargo.lock"
+  fi
+  local cxx11=1
+  [ "$abi" = pre-cxx11 ] && cxx11=0
+  echo "peft-compat: building the tch@$v worker (tch $tch, libtorch $v)" >&2
+  # Build with this libtorch only: not the Python torch that env.sh points the 2.11 build at.
+  (cd "$build" &&
+    env -u LIBTORCH_USE_PYTORCH LIBTORCH="$dest/torch" LIBTORCH_CXX11_ABI="$cxx11" \
+      LIBTORCH_BYPASS_VERSION_CHECK=1 \
+      cargo build --release --quiet --target-dir "$root/target/tch-builds/target")
+  mkdir -p "$root/target/release"
+  cp -f "$root/target/tch-builds/target/release/peft-compat-worker-tch-build" \
+    "$root/target/release/peft-compat-worker-tch-$v.tmp"
+  mv -f "$root/target/release/peft-compat-worker-tch-$v.tmp" \
+    "$root/target/release/peft-compat-worker-tch-$v"
+}
+
+[ $# = 1 ] || usage
+case "$1" in
+--list)
+  builds | while read -r v tch abi; do
+    state="not provisioned"
+    [ -x "$root/target/release/peft-compat-worker-tch-$v" ] && state="built"
+    [ "$v" = 2.11.0 ] && state="the workspace's tch worker"
+    printf '%-8s tch %-7s %-10s %s\n' "$v" "$tch" "$abi" "$state"
+  done
+  exit 0
+  ;;
+all) wanted="$(builds | awk '$1 != "2.11.0" {print $1}')" ;;
+*)
+  builds | awk '{print $1}' | grep -qx -- "$1" || usage
+  wanted="$1"
+  ;;
+esac
+if [ "$1" != all ]; then
+  v="$1"
+  if [ "$v" = 2.11.0 ]; then
+    echo "peft-compat: libtorch 2.11.0 is the workspace's tch worker (cargo build --release)" >&2
+    exit 0
+  fi
+  if [ "$v" = 2.1.2 ] && [ -n "${PEFT_COMPAT_SKIP_LIBTORCH_2_1:-}" ]; then
+    exit 0
+  fi
+  read -r _ tch abi < <(builds | awk -v v="$v" '$1 == v')
+  provision "$v" "$tch" "$abi"
+  exit 0
+fi
+# Every build, each in its own process (a failure stops that build, not the sweep).
+failed=()
+for v in $wanted; do
+  if ! "$root/scripts/libtorch.sh" "$v"; then
+    echo "peft-compat: libtorch $v could not be provisioned (above); its cases will skip saying so" >&2
+    failed+=("$v")
+  fi
+done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "peft-compat: failed: ${failed[*]}" >&2
+  exit 1
+fi
