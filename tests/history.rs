@@ -174,11 +174,11 @@ fn history_names_the_release_where_each_cell_changed() {
     // 2.8.0 ran nothing: its column is empty.
     assert!(s.rows.iter().all(|r| r.seen[3].is_none()));
     // The table lists what changed and counts the rest.
-    let t = peft_compat::render::history::text(&h, false, false);
+    let t = peft_compat::render::history::text(&h, false, false, false);
     assert!(t.contains("2.2.2: unsupported -> pass"), "{t}");
     assert!(t.contains("unchanged across every build"), "{t}");
     assert!(!t.contains("cpu/f16/dora/init/upcast/s"), "{t}");
-    let all = peft_compat::render::history::text(&h, true, true);
+    let all = peft_compat::render::history::text(&h, true, true, true);
     assert!(all.contains("| cpu/f16/dora/init/upcast/s"), "{all}");
 }
 
@@ -242,4 +242,136 @@ fn history_prints_markdown_writes_json_and_warns_on_other_seeds() {
     let h = support::json(&json);
     assert_eq!(h["schema"], "peft-compat/history/v1");
     assert_eq!(h["series"][0]["columns"][0], "2.1.2");
+}
+
+/// `compare` on three-path reports: a row per path (autocast's verdict is not folded into the
+/// two-path cell), the worst error in u beside each differing outcome, a change of error size
+/// beyond its noise counted as a difference, and a warning for another seed.
+#[test]
+fn compare_shows_paths_figures_and_warns_when_not_comparable() {
+    use peft_compat::verdict::compare::{compare, Labeled};
+    let body = SWEEP
+        .replace(
+            "backend: [tch@2.1.2, tch@2.2.2, tch@2.4.1, tch@2.8.0, tch]",
+            "backend: [tch@2.1.2, tch@2.4.1]",
+        )
+        .replace(
+            "precision: [native, upcast]",
+            "precision: [native, autocast]",
+        )
+        .replace(
+            "{dtype: f32, precision: upcast}",
+            "{dtype: f32, precision: autocast}",
+        );
+    let m = load(&body);
+    let backends = peft_compat::exec::InProcess {
+        run: &simulated,
+        unavailable: &|_, _| None,
+    };
+    let results = peft_compat::exec::run_in_process(
+        &m,
+        &peft_compat::exec::RunOptions::default(),
+        &backends,
+        &mut |_| {},
+    );
+    let a = verdict::assemble(
+        "m.yaml",
+        &m,
+        support::env(),
+        results.iter().map(CaseReport::from_result).collect(),
+        0.0,
+    );
+    let mut b = a.clone();
+    b.seed = 7;
+    let grown = "tch@2.1.2/cpu/f32/dora/forward/native/s";
+    let c = b.cases.iter_mut().find(|c| c.id == grown).unwrap();
+    c.metrics.as_mut().unwrap().outputs[0].err_units = 50.0;
+    let labeled = [
+        Labeled {
+            label: "a".into(),
+            report: a,
+        },
+        Labeled {
+            label: "b".into(),
+            report: b,
+        },
+    ];
+    let cmp = compare(&labeled);
+    let text = peft_compat::render::compare::text(&labeled, &cmp, false, 50);
+    // Each path has its own row (autocast's verdict is not folded into native/upcast's).
+    assert!(text.contains("dora forward native"), "{text}");
+    assert!(text.contains("dora forward autocast"), "{text}");
+    assert!(
+        text.contains("warning: a has seed 4 and b seed 7"),
+        "{text}"
+    );
+    let d = cmp.differences.iter().find(|d| d.id == grown).unwrap();
+    assert_eq!(d.observed[1].3, Some(50.0));
+    assert!(text.contains(", 50.0 u"), "{text}");
+}
+
+const EVIDENCE: &str = "tests/evidence/versions-2026-12-03/versions.json";
+
+/// The committed sweep over every libtorch build, judged again by today's matrices/versions.yaml:
+/// it holds every case the file expands to, every governed case meets its rule, nothing fails
+/// that no rule explains, and its history names the releases the README states.
+#[test]
+fn the_committed_sweep_meets_the_versions_matrix_and_tells_its_history() {
+    let m = Matrix::load(std::path::Path::new("matrices/versions.yaml"), None).unwrap();
+    let mut r: Report = serde_json::from_str(&std::fs::read_to_string(EVIDENCE).unwrap()).unwrap();
+    let ids: std::collections::BTreeSet<String> = m.cases.iter().map(|c| c.id()).collect();
+    let got: std::collections::BTreeSet<String> = r.cases.iter().map(|c| c.id.clone()).collect();
+    assert_eq!(ids, got, "the evidence is a run of this very matrix");
+    for c in &mut r.cases {
+        c.expected = None;
+    }
+    verdict::expectations::annotate(&mut r, &m.expectations);
+    for c in &r.cases {
+        match (&c.expected, c.outcome) {
+            // 2.8.0's cases did not run: their rules are not_run there.
+            (Some(e), _) if c.skip_kind().is_some() => assert_eq!(e.status, Status::NotRun),
+            (Some(e), _) => {
+                assert_eq!(e.status, Status::Met, "{}: {} ({})", c.id, e.rule, e.reason)
+            }
+            (None, o) if o.is_failure() => panic!("{} {o}: no rule explains it", c.id),
+            _ => {}
+        }
+        if c.point.backend.to_string() == "tch@2.8.0" {
+            assert_eq!(c.skip_kind().map(|k| k.as_str()), Some("not_applicable"));
+        }
+    }
+    let h = history(&[r], &[EVIDENCE.into()]);
+    let s = &h.series[0];
+    assert_eq!(
+        s.columns,
+        [
+            "2.1.2", "2.2.2", "2.3.1", "2.4.1", "2.5.1", "2.6.0", "2.7.1", "2.8.0", "2.9.1",
+            "2.10.0", "2.11.0"
+        ]
+    );
+    let says = |cell: &str| {
+        s.rows
+            .iter()
+            .find(|r| r.cell == cell)
+            .unwrap_or_else(|| panic!("{cell}"))
+            .summary(&s.columns)
+    };
+    assert_eq!(
+        says("cpu/f16/dora/init/native/small"),
+        "2.2.2: unsupported -> pass"
+    );
+    assert_eq!(
+        says("cpu/f16/lora/forward/native/wide"),
+        "2.2.2: unsupported -> pass"
+    );
+    for cell in [
+        "cpu/f16/pissa/init/native/small",
+        "cpu/bf16/pissa/init/native/small",
+        "cpu/f16/olora/init/native/small",
+        "cpu/bf16/olora/init/native/wide",
+        "cpu/bf16/dora/init/native/wide",
+        "cpu/f16/dora/init/upcast/wide",
+    ] {
+        assert_eq!(says(cell), "unchanged 2.1.2 -> 2.11.0", "{cell}");
+    }
 }

@@ -89,6 +89,12 @@ pub enum Command {
         /// Print Markdown tables.
         #[arg(long)]
         markdown: bool,
+        /// Add each build's worst error, in units of roundoff, to its cell.
+        #[arg(long)]
+        units: bool,
+        /// Only the cells whose id contains one of these substrings (repeatable).
+        #[arg(long)]
+        filter: Vec<String>,
         /// Write the history as JSON to PATH (schema peft-compat/history/v1).
         #[arg(long, value_name = "PATH")]
         json: Option<PathBuf>,

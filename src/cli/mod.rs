@@ -107,6 +107,8 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             reports,
             all,
             markdown,
+            units,
+            filter,
             json,
         } => {
             let names: Vec<String> = reports.iter().map(|p| p.display().to_string()).collect();
@@ -114,8 +116,14 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             for p in &reports {
                 loaded.push(read_report(p)?);
             }
-            let h = crate::verdict::history::history(&loaded, &names);
-            print_out(&crate::render::history::text(&h, all, markdown))?;
+            let mut h = crate::verdict::history::history(&loaded, &names);
+            if !filter.is_empty() {
+                for s in &mut h.series {
+                    s.rows
+                        .retain(|r| filter.iter().any(|f| r.cell.contains(f.as_str())));
+                }
+            }
+            print_out(&crate::render::history::text(&h, all, markdown, units))?;
             let mut problems = Problems::default();
             if let Some(path) = &json {
                 let body = serde_json::to_string_pretty(&h)

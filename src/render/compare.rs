@@ -4,52 +4,100 @@
 
 use super::grid::{backend_label, Grid, MAX_WIDTH};
 use super::sheet::{CaseRef, Sheet, SheetCell, Tone};
-use crate::case::{Adapter, Backend, DType, Device, Op};
+use crate::case::{Adapter, Backend, DType, Device, Op, Precision};
 use crate::util::plural;
 use crate::verdict::compare::{Comparison, Labeled};
 use comfy_table::{presets, Cell, CellAlignment, ContentArrangement, Table};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// The precision paths to show one row each: none (the two-path grid, native and upcast read
+/// together as `run` draws them) unless a report has autocast or fp32_init, whose verdicts the
+/// two-path cell cannot carry (a candle cell would read "✗ mismatch" where autocast passes).
+fn split_paths(reports: &[Labeled]) -> Vec<Precision> {
+    let extended = reports.iter().any(|l| {
+        l.report
+            .cases
+            .iter()
+            .any(|c| matches!(c.point.precision, Precision::Autocast | Precision::Fp32Init))
+    });
+    if !extended {
+        return Vec::new();
+    }
+    let mut v: Vec<Precision> = reports
+        .iter()
+        .flat_map(|l| l.report.cases.iter().map(|c| c.point.precision))
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// `report` with only the cases of `path` (all of them for `None`).
+fn only(report: &crate::report::Report, path: Option<Precision>) -> crate::report::Report {
+    let mut r = report.clone();
+    if let Some(p) = path {
+        r.cases.retain(|c| c.point.precision == p);
+    }
+    r
+}
+
 /// The side-by-side grid of `reports` as a [`Sheet`] (cells `A / B / ...`, one verdict per
-/// report, `·` where a report has no such cell; tone `Differs` where they disagree) and each
-/// column's backend build.
+/// report, `·` where a report has no such cell; tone `Differs` where they disagree), a row per
+/// adapter and op (and path, where [`split_paths`] says so), and each column's backend build.
 fn layout(reports: &[Labeled]) -> (Sheet, Vec<Backend>) {
-    let grids: Vec<Grid> = reports.iter().map(|l| Grid::new(&l.report)).collect();
+    let paths: Vec<Option<Precision>> = match split_paths(reports) {
+        v if v.is_empty() => vec![None],
+        v => v.into_iter().map(Some).collect(),
+    };
+    // grids[path][report]
+    let grids: Vec<Vec<Grid>> = paths
+        .iter()
+        .map(|p| {
+            reports
+                .iter()
+                .map(|l| Grid::new(&only(&l.report, *p)))
+                .collect()
+        })
+        .collect();
     let mut labels: BTreeMap<Backend, String> = BTreeMap::new();
     type Key = (Adapter, Op, Backend, Device, DType);
-    let mut cases: BTreeMap<Key, Vec<CaseRef>> = BTreeMap::new();
+    let mut cases: BTreeMap<(Option<Precision>, Key), Vec<CaseRef>> = BTreeMap::new();
     for (r, l) in reports.iter().enumerate() {
         for (i, c) in l.report.cases.iter().enumerate() {
             let p = c.point;
             labels
                 .entry(p.backend)
                 .or_insert_with(|| backend_label(&l.report, p.backend));
+            let path = paths[0].map(|_| p.precision);
             cases
-                .entry((p.adapter, p.op, p.backend, p.device, p.dtype))
+                .entry((path, (p.adapter, p.op, p.backend, p.device, p.dtype)))
                 .or_default()
                 .push((r, i));
         }
     }
     let mut columns: BTreeSet<(Backend, Device, DType)> = BTreeSet::new();
-    let mut rows: BTreeSet<(Adapter, Op)> = BTreeSet::new();
-    for g in &grids {
-        for (b, d, dtypes) in &g.columns {
-            columns.extend(dtypes.iter().map(|dt| (*b, *d, *dt)));
+    let mut rows: BTreeSet<(Adapter, Op, Option<Precision>)> = BTreeSet::new();
+    for (path, per_report) in paths.iter().zip(&grids) {
+        for g in per_report {
+            for (b, d, dtypes) in &g.columns {
+                columns.extend(dtypes.iter().map(|dt| (*b, *d, *dt)));
+            }
+            rows.extend(g.rows.iter().map(|(a, op)| (*a, *op, *path)));
         }
-        rows.extend(g.rows.iter().copied());
     }
     let sheet_rows = rows
         .iter()
-        .map(|(a, op)| {
+        .map(|(a, op, path)| {
+            let at = paths.iter().position(|p| p == path).unwrap_or(0);
             let cells = columns
                 .iter()
                 .map(|(b, d, dt)| {
                     let key = (*a, *op, *b, *d, *dt);
-                    let parts: Vec<String> = grids
+                    let parts: Vec<String> = grids[at]
                         .iter()
                         .map(|g| g.cell_text(&key, " ").unwrap_or_else(|| "·".to_string()))
                         .collect();
-                    let tone = match grids.iter().find_map(|g| g.cells.get(&key)) {
+                    let tone = match grids[at].iter().find_map(|g| g.cells.get(&key)) {
                         _ if parts.iter().any(|p| *p != parts[0]) => Tone::Differs,
                         Some(v) => Tone::of_color(v.color()),
                         None => Tone::Skipped,
@@ -57,11 +105,15 @@ fn layout(reports: &[Labeled]) -> (Sheet, Vec<Backend>) {
                     Some(SheetCell {
                         text: parts.join(" / "),
                         tone,
-                        cases: cases.get(&key).cloned().unwrap_or_default(),
+                        cases: cases.get(&(*path, key)).cloned().unwrap_or_default(),
                     })
                 })
                 .collect();
-            (format!("{a} {op}"), cells)
+            let label = match path {
+                Some(p) => format!("{a} {op} {p}"),
+                None => format!("{a} {op}"),
+            };
+            (label, cells)
         })
         .collect();
     let sheet = Sheet {
@@ -133,7 +185,11 @@ pub fn tables(reports: &[Labeled], color: bool) -> Vec<String> {
 
 /// The comparison: tables of `reports`, then what `c` found, at most `max_differences` cases.
 pub fn text(reports: &[Labeled], c: &Comparison, color: bool, max_differences: usize) -> String {
-    let mut out = format!("cells read {}:\n", c.labels.join(" / "));
+    let mut out = String::new();
+    for w in &c.warnings {
+        out.push_str(&format!("warning: {w}\n"));
+    }
+    out.push_str(&format!("cells read {}:\n", c.labels.join(" / ")));
     for e in &c.environments {
         out.push_str(&format!("  {e}\n"));
     }
@@ -156,11 +212,12 @@ pub fn text(reports: &[Labeled], c: &Comparison, color: bool, max_differences: u
             let seen: Vec<String> = d
                 .observed
                 .iter()
-                .map(|(who, o, detail)| {
+                .map(|(who, o, detail, u)| {
+                    let u = u.map_or(String::new(), |u| format!(", {u:.1} u"));
                     if detail.is_empty() {
-                        format!("{who}: {o}")
+                        format!("{who}: {o}{u}")
                     } else {
-                        format!("{who}: {o} ({detail})")
+                        format!("{who}: {o}{u} ({detail})")
                     }
                 })
                 .collect();

@@ -19,9 +19,17 @@ fn symbol(s: &Option<Seen>) -> &'static str {
     }
 }
 
+/// A cell: the symbol, and with `units` the worst error in units of roundoff.
+fn cell(s: &Option<Seen>, units: bool) -> String {
+    match s.as_ref().and_then(|s| s.max_u).filter(|_| units) {
+        Some(u) => format!("{} {u:.1}", symbol(s)),
+        None => symbol(s).to_string(),
+    }
+}
+
 /// The tables (every row with `all`, else the rows that changed and a count of the rest), in
-/// box characters or Markdown.
-pub fn text(h: &History, all: bool, markdown: bool) -> String {
+/// box characters or Markdown; `units` adds each build's worst error in u to its cell.
+pub fn text(h: &History, all: bool, markdown: bool, units: bool) -> String {
     let mut out = String::new();
     for w in &h.warnings {
         out.push_str(&format!("warning: {w}\n"));
@@ -46,7 +54,7 @@ pub fn text(h: &History, all: bool, markdown: bool) -> String {
             row.extend(
                 r.seen
                     .iter()
-                    .map(|x| Cell::new(symbol(x)).set_alignment(CellAlignment::Center)),
+                    .map(|x| Cell::new(cell(x, units)).set_alignment(CellAlignment::Center)),
             );
             row.push(Cell::new(r.summary(&s.columns)));
             t.add_row(row);

@@ -4,7 +4,6 @@
 //! (counted apart: a skip is never a difference in behaviour). `render::compare` draws it, with
 //! the support table whose cells read `A / B / ...`.
 
-use super::snapshot::error_class;
 use crate::outcome::OutcomeKind;
 use crate::report::{CaseReport, Report};
 use std::collections::BTreeMap;
@@ -15,12 +14,13 @@ pub struct Labeled {
     pub report: Report,
 }
 
-/// A case that behaves differently between reports: `(label, outcome, detail)` per report
-/// that ran it.
+/// A case that behaves differently between reports: `(label, outcome, detail, worst error in
+/// units of roundoff)` per report that ran it. Behaviour is the outcome, the error's class, and
+/// the error's size beyond its noise (see [`super::history`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Difference {
     pub id: String,
-    pub observed: Vec<(String, OutcomeKind, String)>,
+    pub observed: Vec<(String, OutcomeKind, String, Option<f64>)>,
 }
 
 pub struct Comparison {
@@ -30,6 +30,8 @@ pub struct Comparison {
     pub differences: Vec<Difference>,
     /// Cases that ran in only some reports: (label set, count, an example id).
     pub coverage: Vec<(String, usize, String)>,
+    /// Why the reports may not be comparable ([`comparability`]).
+    pub warnings: Vec<String>,
 }
 
 fn letter(i: usize) -> String {
@@ -87,17 +89,23 @@ pub fn compare(reports: &[Labeled]) -> Comparison {
             let e = coverage.entry(who.join("+")).or_insert((0, id.to_string()));
             e.0 += 1;
         }
-        // Behaviour: the outcome, and for failures with a text, the text with numbers masked
-        // (error figures of a mismatch differ between machines without a change in behaviour).
-        let key = |c: &CaseReport| (c.outcome, c.error.as_deref().map(error_class));
-        let first = ran.first().map(|(_, c)| key(c));
-        let differs = ran.iter().any(|(_, c)| Some(key(c)) != first);
+        // Behaviour: the outcome, for failures with a text the text with numbers masked (error
+        // figures of a mismatch differ between machines without a change in behaviour), and
+        // the error's size beyond its noise.
+        let seen: Vec<(usize, super::history::Seen)> = ran
+            .iter()
+            .filter_map(|(i, c)| super::history::seen(c).map(|s| (*i, s)))
+            .collect();
+        let differs = seen
+            .windows(2)
+            .any(|w| super::history::change(&w[0].1, &w[1].1).is_some());
         if differs {
             differences.push(Difference {
                 id: id.to_string(),
                 observed: ran
                     .iter()
-                    .map(|(i, c)| (letter(*i), c.outcome, detail(c)))
+                    .zip(&seen)
+                    .map(|((i, c), (_, s))| (letter(*i), c.outcome, detail(c), s.max_u))
                     .collect(),
             });
         }
@@ -114,6 +122,10 @@ pub fn compare(reports: &[Labeled]) -> Comparison {
             .into_iter()
             .map(|(who, (n, id))| (who, n, id))
             .collect(),
+        warnings: comparability(
+            &reports.iter().map(|l| l.report.clone()).collect::<Vec<_>>(),
+            &reports.iter().map(|l| l.label.clone()).collect::<Vec<_>>(),
+        ),
     }
 }
 

@@ -87,7 +87,8 @@ fn cell_id(c: &CaseReport) -> String {
         .map_or(id.clone(), |(_, rest)| rest.to_string())
 }
 
-fn seen(c: &CaseReport) -> Option<Seen> {
+/// What a case shows of itself across builds: `None` when it did not run.
+pub fn seen(c: &CaseReport) -> Option<Seen> {
     (c.outcome != OutcomeKind::Skipped).then(|| Seen {
         outcome: c.outcome,
         max_u: c.metrics.as_ref().and_then(|m| {
@@ -104,8 +105,9 @@ fn seen(c: &CaseReport) -> Option<Seen> {
     })
 }
 
-/// What changed from `a` to `b`, if anything did.
-fn change(a: &Seen, b: &Seen) -> Option<String> {
+/// What changed from `a` to `b`, if anything did: the outcome, the error's class, or its size
+/// beyond its noise.
+pub fn change(a: &Seen, b: &Seen) -> Option<String> {
     if a.outcome != b.outcome {
         return Some(format!("{} -> {}", a.outcome, b.outcome));
     }

@@ -100,6 +100,9 @@ pub fn compare_page(reports: &[Labeled], command: &str) -> String {
                     li { strong { (l.label) } ": " (summary_line(&l.report)) br; small { (e) } }
                 }
             }
+            @for w in &c.warnings {
+                p.warning { "warning: " (w) }
+            }
             @if c.differences.is_empty() {
                 p.ok { "✓ no case behaves differently where both ran" }
             } @else {
@@ -112,8 +115,8 @@ pub fn compare_page(reports: &[Labeled], command: &str) -> String {
                                 tr {
                                     td { code { (d.id) } }
                                     td {
-                                        @for (who, o, detail) in &d.observed {
-                                            div { strong { (who) } ": " (o.as_str()) @if !detail.is_empty() { " (" (detail) ")" } }
+                                        @for (who, o, detail, u) in &d.observed {
+                                            div { strong { (who) } ": " (o.as_str()) @if let Some(u) = u { ", " (format!("{u:.1}")) " u" } @if !detail.is_empty() { " (" (detail) ")" } }
                                         }
                                     }
                                 }
