@@ -375,3 +375,69 @@ fn the_committed_sweep_meets_the_versions_matrix_and_tells_its_history() {
         assert_eq!(says(cell), "unchanged 2.1.2 -> 2.11.0", "{cell}");
     }
 }
+
+/// A build that cannot be provisioned skips its cases with the provisioning script's words
+/// (`backend_lost`: it should have run), and the other builds' cases run. The binary is copied
+/// where no worker lies beside it, and PEFT_COMPAT_ROOT points at a checkout whose
+/// scripts/libtorch.sh fails as a download would.
+#[test]
+fn a_build_that_fails_to_provision_skips_with_the_reason_and_the_rest_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("peft-compat");
+    std::fs::copy(env!("CARGO_BIN_EXE_peft-compat"), &bin).unwrap();
+    let root = dir.path().join("checkout");
+    std::fs::create_dir_all(root.join("scripts")).unwrap();
+    let script = root.join("scripts/libtorch.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho \"ERROR: Could not find a version that satisfies the requirement torch==$1\" >&2\nexit 1\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let m = support::write(
+        dir.path(),
+        "m.yaml",
+        &SWEEP.replace(
+            "backend: [tch@2.1.2, tch@2.2.2, tch@2.4.1, tch@2.8.0, tch]",
+            "backend: [tch@2.4.1, tch]",
+        ),
+    );
+    let json = dir.path().join("r.json");
+    let tch = support::target_dir().join("peft-compat-worker-tch");
+    let out = std::process::Command::new(&bin)
+        .env("PEFT_COMPAT_ROOT", &root)
+        .env("NO_COLOR", "1")
+        .args(["run", "-q", "--results", "/dev/null", "--json"])
+        .arg(&json)
+        .arg(&m)
+        .arg("--worker")
+        .arg(format!("tch={}", tch.display()))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "a lost backend fails the run: {err}"
+    );
+    assert_eq!(
+        err.matches("peft-compat: provisioning tch@2.4.1").count(),
+        1,
+        "{err}"
+    );
+    let r = support::json(&json);
+    for c in r["cases"].as_array().unwrap() {
+        if c["backend"] == "tch@2.4.1" {
+            assert_eq!(c["skip"], "backend_lost", "{c}");
+            let e = c["error"].as_str().unwrap();
+            assert!(
+                e.contains("tch@2.4.1: its environment cannot be made")
+                    && e.contains("torch==2.4.1"),
+                "{e}"
+            );
+        } else {
+            assert_ne!(c["outcome"], "skipped", "{c}");
+        }
+    }
+}

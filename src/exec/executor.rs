@@ -338,10 +338,14 @@ impl Workers {
             }
         }
         backends.retain(|b| !pool.not_expected.contains_key(b));
+        // Found (and provisioned, when a build is missing) once per backend, not per slot: a
+        // provisioning that failed is not tried again by every slot.
+        let found: HashMap<Backend, Result<Launch, String>> =
+            backends.iter().map(|&b| (b, paths.find(b))).collect();
         let launched: Vec<(usize, Backend, Result<Worker, String>)> = (0..jobs)
             .flat_map(|slot| backends.iter().map(move |&b| (slot, b)))
             .map(|(slot, b)| {
-                let w = paths.find(b).and_then(|p| {
+                let w = found[&b].clone().and_then(|p| {
                     Worker::launch(&p, pool.threads)
                         .map_err(|e| format!("{b} worker failed to start: {e}"))
                 });
