@@ -11,8 +11,8 @@
 # headers, and the two CUDA runtime libraries libtorch_cpu links against (libcudart and
 # libcupti, from their PyPI wheels, at the versions that torch release requires; no GPU is
 # needed). The wheels are pinned by version and sha256 in scripts/locks/libtorch-X.Y.Z.txt
-# (pip --require-hashes; scripts/lock.sh writes them from PyPI's metadata); pip's cache is
-# used, so a second provisioning downloads nothing. Where the PEFT builds' environment of that
+# (pip --require-hashes; scripts/lock.sh writes them from PyPI's metadata); pip's cache is left
+# on (where pip caches, a second provisioning downloads nothing). Where the PEFT builds' environment of that
 # torch (.peft/torch-X.Y.Z, scripts/peft-env.sh) holds the same pinned wheel, its files are
 # taken instead.
 #

@@ -297,7 +297,7 @@ fn compare_shows_paths_figures_and_warns_when_not_comparable() {
         },
     ];
     let cmp = compare(&labeled);
-    let text = peft_compat::render::compare::text(&labeled, &cmp, false, 50);
+    let text = peft_compat::render::compare::text(&labeled, &cmp, false, 50, true);
     // Each path has its own row (autocast's verdict is not folded into native/upcast's).
     assert!(text.contains("dora forward native"), "{text}");
     assert!(text.contains("dora forward autocast"), "{text}");
@@ -308,6 +308,8 @@ fn compare_shows_paths_figures_and_warns_when_not_comparable() {
     let d = cmp.differences.iter().find(|d| d.id == grown).unwrap();
     assert_eq!(d.observed[1].3, Some(50.0));
     assert!(text.contains(", 50.0 u"), "{text}");
+    // --units: each report's worst error in its part of the cell.
+    assert!(text.contains(" / ✓ 50.0"), "{text}");
 }
 
 const EVIDENCE: &str = "tests/evidence/versions-2026-12-03/versions.json";

@@ -279,7 +279,7 @@ fn compare_puts_environments_side_by_side_and_lists_what_differs() {
         },
     ];
     let c = compare::compare(&reports);
-    let text = peft_compat::render::compare::text(&reports, &c, false, 60);
+    let text = peft_compat::render::compare::text(&reports, &c, false, 60, false);
     assert!(text.starts_with("cells read A / B:"), "{text}");
     assert!(
         text.contains("A = new (") && text.contains("B = old (an old CPU"),

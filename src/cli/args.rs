@@ -72,6 +72,9 @@ pub enum Command {
         /// How many differing cases to list.
         #[arg(long, default_value_t = 60)]
         max_differences: usize,
+        /// Add each report's worst error, in units of roundoff, to its part of every cell.
+        #[arg(long)]
+        units: bool,
         /// Write the comparison as one self-contained HTML page to PATH: the builds side by
         /// side, differing cells marked, every report's cases a click away.
         #[arg(long, value_name = "PATH")]

@@ -77,6 +77,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             reports,
             label,
             max_differences,
+            units,
             html,
         } => {
             let mut labeled = Vec::new();
@@ -95,6 +96,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 &c,
                 false,
                 max_differences,
+                units,
             ))?;
             let mut problems = Problems::default();
             if let Some(path) = &html {

@@ -44,7 +44,9 @@ fn only(report: &crate::report::Report, path: Option<Precision>) -> crate::repor
 /// The side-by-side grid of `reports` as a [`Sheet`] (cells `A / B / ...`, one verdict per
 /// report, `·` where a report has no such cell; tone `Differs` where they disagree), a row per
 /// adapter and op (and path, where [`split_paths`] says so), and each column's backend build.
-fn layout(reports: &[Labeled]) -> (Sheet, Vec<Backend>) {
+/// With `units`, each report's part of a cell adds the worst error, in units of roundoff, of
+/// its cases there.
+fn layout(reports: &[Labeled], units: bool) -> (Sheet, Vec<Backend>) {
     let paths: Vec<Option<Precision>> = match split_paths(reports) {
         v if v.is_empty() => vec![None],
         v => v.into_iter().map(Some).collect(),
@@ -93,9 +95,25 @@ fn layout(reports: &[Labeled]) -> (Sheet, Vec<Backend>) {
                 .iter()
                 .map(|(b, d, dt)| {
                     let key = (*a, *op, *b, *d, *dt);
+                    let refs = cases.get(&(*path, key)).cloned().unwrap_or_default();
+                    let worst = |r: usize| {
+                        refs.iter()
+                            .filter(|(ri, _)| *ri == r)
+                            .filter_map(|(ri, ci)| reports[*ri].report.cases[*ci].metrics.as_ref())
+                            .flat_map(|m| m.outputs.iter().map(|o| o.err_units))
+                            .filter(|u| u.is_finite())
+                            .reduce(f64::max)
+                    };
                     let parts: Vec<String> = grids[at]
                         .iter()
-                        .map(|g| g.cell_text(&key, " ").unwrap_or_else(|| "·".to_string()))
+                        .enumerate()
+                        .map(|(r, g)| {
+                            let text = g.cell_text(&key, " ").unwrap_or_else(|| "·".to_string());
+                            match worst(r).filter(|_| units) {
+                                Some(u) => format!("{text} {u:.1}"),
+                                None => text,
+                            }
+                        })
                         .collect();
                     let tone = match grids[at].iter().find_map(|g| g.cells.get(&key)) {
                         _ if parts.iter().any(|p| *p != parts[0]) => Tone::Differs,
@@ -105,7 +123,7 @@ fn layout(reports: &[Labeled]) -> (Sheet, Vec<Backend>) {
                     Some(SheetCell {
                         text: parts.join(" / "),
                         tone,
-                        cases: cases.get(&(*path, key)).cloned().unwrap_or_default(),
+                        cases: refs,
                     })
                 })
                 .collect();
@@ -129,13 +147,13 @@ fn layout(reports: &[Labeled]) -> (Sheet, Vec<Backend>) {
 
 /// The side-by-side grid of `reports` (see [`layout`]).
 pub fn sheet(reports: &[Labeled]) -> Sheet {
-    layout(reports).0
+    layout(reports, false).0
 }
 
 /// The support table of `reports`, or one per backend build when one would be wider than
-/// [`MAX_WIDTH`] (as `run` does).
-pub fn tables(reports: &[Labeled], color: bool) -> Vec<String> {
-    let (sheet, builds) = layout(reports);
+/// [`MAX_WIDTH`] (as `run` does); `units` adds each report's worst error in u to its part.
+pub fn tables(reports: &[Labeled], color: bool, units: bool) -> Vec<String> {
+    let (sheet, builds) = layout(reports, units);
     let table_of = |cols: &[usize]| {
         let mut t = Table::new();
         t.set_content_arrangement(ContentArrangement::Disabled);
@@ -183,8 +201,15 @@ pub fn tables(reports: &[Labeled], color: bool) -> Vec<String> {
         .collect()
 }
 
-/// The comparison: tables of `reports`, then what `c` found, at most `max_differences` cases.
-pub fn text(reports: &[Labeled], c: &Comparison, color: bool, max_differences: usize) -> String {
+/// The comparison: tables of `reports` (with `units`, each report's worst error in u in its
+/// part of a cell), then what `c` found, at most `max_differences` cases.
+pub fn text(
+    reports: &[Labeled],
+    c: &Comparison,
+    color: bool,
+    max_differences: usize,
+    units: bool,
+) -> String {
     let mut out = String::new();
     for w in &c.warnings {
         out.push_str(&format!("warning: {w}\n"));
@@ -193,7 +218,7 @@ pub fn text(reports: &[Labeled], c: &Comparison, color: bool, max_differences: u
     for e in &c.environments {
         out.push_str(&format!("  {e}\n"));
     }
-    for t in tables(reports, color) {
+    for t in tables(reports, color, units) {
         out.push_str(&t);
         out.push('\n');
     }
