@@ -25,9 +25,8 @@ pub struct AdapterConfig {
     /// A list of module names, or one regular expression (PEFT accepts both).
     #[serde(default)]
     pub target_modules: Option<serde_json::Value>,
-    /// Per-module overrides of `r` and `lora_alpha`, keyed by a module name's ending.
-    #[serde(default)]
-    pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-module overrides of `lora_alpha`, keyed by a module name's ending (`rank_pattern`
+    /// is not read: a module's rank is its A's).
     #[serde(default)]
     pub alpha_pattern: BTreeMap<String, f64>,
     #[serde(default)]
@@ -168,27 +167,18 @@ impl SavedAdapter {
                 "the adapter is DoRA (use_dora) but holds no {prefix}lora_magnitude_vector"
             ));
         }
-        let pattern = |m: &BTreeMap<String, f64>| {
-            m.iter()
-                .find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}")))
-                .map(|(_, v)| *v)
-        };
-        let ranks: BTreeMap<String, f64> = self
+        // alpha_pattern keys name a module's ending; the rank is what A has ([r, ...] for every
+        // layer; a 0-D A is refused by the shape check), so rank_pattern needs no reading.
+        let alpha = self
             .config
-            .rank_pattern
+            .alpha_pattern
             .iter()
-            .map(|(k, v)| (k.clone(), *v as f64))
-            .collect();
-        // The rank is what the tensors have (A is [r, ...] for every layer); rank_pattern only
-        // names it.
-        let rank = lora_a
-            .shape
-            .first()
-            .copied()
-            .unwrap_or(pattern(&ranks).map_or(self.config.r, |r| r as usize));
+            .find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}")))
+            .map_or(self.config.lora_alpha, |(_, v)| *v);
+        let rank = lora_a.shape.first().copied().unwrap_or(self.config.r);
         Ok(ModuleAdapter {
             rank,
-            alpha: pattern(&self.config.alpha_pattern).unwrap_or(self.config.lora_alpha),
+            alpha,
             lora_a,
             lora_b,
             magnitude: if self.config.use_dora {

@@ -108,7 +108,7 @@ impl ShardFile {
         })
     }
 
-    fn refs(self: &Arc<Self>) -> impl Iterator<Item = TensorRef> + '_ {
+    fn refs(self: &Arc<Self>) -> Vec<TensorRef> {
         self.metadata
             .tensors()
             .into_iter()
@@ -119,8 +119,7 @@ impl ShardFile {
                 shape: info.shape.clone(),
                 offsets: info.data_offsets,
             })
-            .collect::<Vec<_>>()
-            .into_iter()
+            .collect()
     }
 
     /// The file's SHA-256 as hex, computed once (streamed: the file is not held in memory).
