@@ -15,7 +15,12 @@
 //!    target/bench-checkpoint) with 4 of its 4096x4096 tensors matched: wall time and the
 //!    runner's peak memory against those tensors' size and the file's.
 //!
-//! Ratios measured in one run are what to compare on a noisy machine; `--quick` skips 4 and 5.
+//! 7. benches/llm.yaml (tch and candle, CPU, f32/f16/bf16, LoRA and DoRA, five ops, 4096x4096
+//!    and 4096x11008, 120 cases) at `-j 1`: wall time against the sum of the backends' own
+//!    compute time (the harness's share is the rest), and the runner's peak memory against the
+//!    largest f64 weight. `--llm` runs this one alone.
+//!
+//! Ratios measured in one run are what to compare on a noisy machine; `--quick` skips 4, 5 and 7.
 
 use peft_compat::case::{Adapter, DType, Layer, Op, Profile, Shape};
 use peft_compat::truth::draws::Draws;
@@ -177,6 +182,11 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("peft-compat benchmarks ({cores} cores)\n");
+    if std::env::args().any(|a| a == "--llm") {
+        llm_matrix(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
 
     // 1. The 60-case CPU matrix.
     let sixty = dir.join("sixty.yaml");
@@ -355,7 +365,40 @@ fn main() {
         mb(m.worker_peak)
     );
     checkpoint(&dir);
+    llm_matrix(&dir);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// 7. The LLM benchmark matrix at -j 1.
+fn llm_matrix(dir: &Path) {
+    let matrix = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/llm.yaml");
+    let report = dir.join("llm.json");
+    let m = measure(run_cmd(
+        &matrix,
+        &["-j", "1", "--json", report.to_str().unwrap()],
+    ));
+    let (overhead, compute) = per_case(&report);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let n = r["cases"].as_array().map_or(0, |c| c.len());
+    let compute_s = compute * n as f64 / 1e3;
+    let wall = m.wall.as_secs_f64();
+    let weight = 4096.0 * 11008.0 * 8.0;
+    println!(
+        "7. benches/llm.yaml ({n} cases, -j 1): {wall:.1} s wall, {compute_s:.1} s the backends' \
+         compute: wall / compute {:.2}x, the harness's share {:.0}% ({:.0} ms a case){}",
+        wall / compute_s,
+        100.0 * (wall - compute_s) / wall,
+        overhead,
+        if m.ok { "" } else { " FAILED" }
+    );
+    println!(
+        "   peak {} runner ({:.2}x the largest f64 weight, 4096x11008 = {}), {} largest worker",
+        mb(m.main_peak),
+        m.main_peak as f64 / weight,
+        mb(weight as u64),
+        mb(m.worker_peak)
+    );
 }
 
 /// 6. Only the matched tensors of a big checkpoint are read.

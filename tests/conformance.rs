@@ -106,6 +106,7 @@ impl Live {
     fn hello(&mut self) -> Frame<Reply> {
         self.call(
             &Request::Hello {
+                files: false,
                 protocol: protocol::VERSION,
                 threads: 1,
             },
@@ -152,7 +153,7 @@ fn run_request(
         c.point.op,
     );
     edit(&mut inputs);
-    protocol::run_request(&c.id(), c, &inputs)
+    protocol::run_request(&c.id(), c, &inputs, |_, _, _| None)
 }
 
 #[test]
@@ -161,6 +162,7 @@ fn hello_answers_with_the_workers_own_version_and_name() {
         let mut w = Live::start(&s, None);
         let f = w.call(
             &Request::Hello {
+                files: false,
                 protocol: 99,
                 threads: 1,
             },

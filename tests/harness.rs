@@ -85,7 +85,7 @@ fn shared_math_matches_the_paper_example_on_both_backends() {
     let inp = Inputs {
         layer: Layer::Linear,
         x: t(&[1, 3], &[1.0, 1.0, 1.0]),
-        weight: t(&[2, 3], &[1.0, 2.0, 2.0, 0.0, 3.0, 4.0]),
+        weight: t(&[2, 3], &[1.0, 2.0, 2.0, 0.0, 3.0, 4.0]).into(),
         bias: Some(t(&[2], &[0.5, -1.0])),
         lora_a: t(&[1, 3], &[1.0, 0.0, 0.0]),
         lora_b: t(&[2, 1], &[1.0, 0.0]),

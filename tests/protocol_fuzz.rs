@@ -109,6 +109,7 @@ proptest! {
                 dtype: DType::F32,
                 shape,
                 bytes,
+                file: None,
             })
             .collect();
         let reply = Reply::Outputs { compute_ms: 0.0, tensors: headers };

@@ -1,13 +1,14 @@
 //! Inputs and references, shared by every case that needs them and dropped when none is left.
 //!
-//! Draws are made once per (shape, layer, profile); inputs and the f64 reference once per (shape,
-//! layer, profile, dtype, adapter, op), so every backend and precision path of that key is judged against the very same numbers.
+//! Draws are made once per (shape, layer, profile); the weight is rounded once per dtype of
+//! those; inputs and the f64 reference once per (shape, layer, profile, dtype, adapter, op), so
+//! every backend and precision path of that key is judged against the very same numbers.
 //! The runner dispatches cases grouped by key and counts down each key's remaining cases: when
 //! the last one finishes, the entry goes, so memory stays flat however long the matrix is.
 
 use crate::case::{Adapter, Case, DType, Layer, Op, Profile};
 use crate::checkpoint::Weights;
-use crate::truth::draws::Draws;
+use crate::truth::draws::{Draws, Rounded};
 use crate::truth::reference;
 use crate::worker::io::{Inputs, Outputs};
 use std::collections::HashMap;
@@ -33,10 +34,15 @@ impl Prepared {
 }
 
 type DrawKey = (String, Layer, Profile);
+type RoundKey = (DrawKey, DType);
 type Key = (DrawKey, DType, Adapter, Op);
 
 fn draw_key(c: &Case) -> DrawKey {
     (c.shape.name.clone(), c.point.layer, c.point.profile)
+}
+
+fn round_key(c: &Case) -> RoundKey {
+    (draw_key(c), c.point.dtype)
 }
 
 fn key(c: &Case) -> Key {
@@ -53,7 +59,18 @@ pub struct Cache {
     seed: u64,
     weights: Weights,
     draws: Mutex<HashMap<DrawKey, Slot<Result<Draws, String>>>>,
+    rounded: Mutex<HashMap<RoundKey, Slot<Rounded>>>,
     prepared: Mutex<HashMap<Key, Slot<Result<Prepared, String>>>>,
+}
+
+/// One more case for `key`'s entry.
+fn count<K: std::hash::Hash + Eq, T>(map: &mut HashMap<K, Slot<T>>, key: K) {
+    map.entry(key)
+        .or_insert_with(|| Slot {
+            value: Arc::default(),
+            remaining: 0,
+        })
+        .remaining += 1;
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -70,26 +87,17 @@ impl Cache {
     ) -> Cache {
         let mut draws: HashMap<DrawKey, Slot<Result<Draws, String>>> = HashMap::new();
         let mut prepared: HashMap<Key, Slot<Result<Prepared, String>>> = HashMap::new();
+        let mut rounded: HashMap<RoundKey, Slot<Rounded>> = HashMap::new();
         for c in cases {
-            draws
-                .entry(draw_key(c))
-                .or_insert_with(|| Slot {
-                    value: Arc::default(),
-                    remaining: 0,
-                })
-                .remaining += 1;
-            prepared
-                .entry(key(c))
-                .or_insert_with(|| Slot {
-                    value: Arc::default(),
-                    remaining: 0,
-                })
-                .remaining += 1;
+            count(&mut rounded, round_key(c));
+            count(&mut draws, draw_key(c));
+            count(&mut prepared, key(c));
         }
         Cache {
             seed,
             weights: weights.clone(),
             draws: Mutex::new(draws),
+            rounded: Mutex::new(rounded),
             prepared: Mutex::new(prepared),
         }
     }
@@ -108,7 +116,7 @@ impl Cache {
             let (dtype, adapter, op) = (case.point.dtype, case.point.adapter, case.point.op);
             Arc::new(match draws.as_ref() {
                 Ok(d) => Ok(Prepared {
-                    inputs: d.inputs(dtype, adapter, op),
+                    inputs: d.inputs_with(&self.rounded(case, d), adapter, op),
                     weight_rounded: d.weight_rounded(dtype),
                     reference: OnceLock::new(),
                     adapter,
@@ -117,6 +125,16 @@ impl Cache {
                 Err(e) => Err(e.clone()),
             })
         }))
+    }
+
+    fn rounded(&self, case: &Case, draws: &Draws) -> Arc<Rounded> {
+        let cell = Arc::clone(
+            &lock(&self.rounded)
+                .get(&round_key(case))
+                .expect("the cache was made for this case")
+                .value,
+        );
+        Arc::clone(cell.get_or_init(|| Arc::new(draws.round(case.point.dtype))))
     }
 
     fn draws(&self, case: &Case) -> Arc<Result<Draws, String>> {
@@ -151,6 +169,7 @@ impl Cache {
             }
         }
         down(&self.prepared, &key(case));
+        down(&self.rounded, &round_key(case));
         down(&self.draws, &draw_key(case));
     }
 }

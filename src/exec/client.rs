@@ -112,6 +112,8 @@ pub struct Worker {
     /// The most payload the next reply may carry (set with each request).
     max_payload: Arc<AtomicUsize>,
     pub info: WorkerInfo,
+    /// Whether the worker reads request tensors from files ([`super::shared`]).
+    files: bool,
 }
 
 /// A signal's name, for the messages of cases whose worker it killed.
@@ -257,6 +259,7 @@ impl Worker {
                 libraries: BTreeMap::new(),
                 cuda: None,
             },
+            files: false,
         })
     }
 
@@ -267,6 +270,7 @@ impl Worker {
         let hello = Request::Hello {
             protocol: VERSION,
             threads,
+            files: cfg!(target_os = "linux"),
         };
         match w.call(&hello, &[], timeout, None)? {
             (
@@ -275,9 +279,11 @@ impl Worker {
                     backend,
                     libraries,
                     cuda,
+                    files,
                 },
                 _,
             ) => {
+                w.files = files;
                 if protocol != VERSION {
                     w.kill();
                     return Err(WorkerError::Protocol(format!(
@@ -310,7 +316,14 @@ impl Worker {
 
     /// Send a case to the worker, which starts on it as soon as it has read it.
     pub fn send_run(&mut self, case: &Case, inputs: &Inputs) -> Result<(), WorkerError> {
-        let (req, payload) = protocol::run_request(&case.id(), case, inputs);
+        let files = self.files;
+        let (req, payload) = protocol::run_request(&case.id(), case, inputs, |_, t, dtype| {
+            if files && std::ptr::eq(t, &*inputs.weight) {
+                super::shared::file_for(&inputs.weight, dtype)
+            } else {
+                None
+            }
+        });
         self.max_payload
             .store(protocol::max_reply_bytes(case, inputs), Ordering::Relaxed);
         self.send(&req, &payload)
@@ -331,6 +344,18 @@ impl Worker {
                 },
                 bytes,
             ) => {
+                // Tensors in files are bounded like the payload: a broken worker's claim is
+                // refused before anything is allocated for it.
+                let in_files = tensors
+                    .iter()
+                    .filter(|t| t.file.is_some())
+                    .fold(0usize, |a, t| a.saturating_add(t.bytes));
+                let limit = self.max_payload.load(Ordering::Relaxed);
+                if in_files > limit {
+                    return Err(self.fail(format!(
+                        "a reply claims {in_files} bytes in files, more than the {limit} this request can need"
+                    )));
+                }
                 let values = protocol::split_payload(&tensors, &bytes)
                     .map_err(|e| self.fail(e.to_string()))?;
                 let outputs = tensors

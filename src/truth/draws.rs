@@ -2,7 +2,7 @@
 //! dtype. Both backends and the f64 reference receive exactly these bits, so any difference between
 //! them is the computation's, not the data's.
 
-use super::reference;
+use super::{parallel, reference};
 use crate::case::{Adapter, DType, Layer, Op, Profile, Shape};
 use crate::checkpoint::CheckpointLayer;
 use crate::util::fnv1a_from;
@@ -11,6 +11,19 @@ use crate::worker::tensor::HostTensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
+use std::sync::Arc;
+
+/// A draw's weight rounded into one dtype, shared by every case of that dtype (on an LLM-sized
+/// layer, rounding it and DoRA's magnitude from it cost more than many backends' whole op).
+pub struct Rounded {
+    pub dtype: DType,
+    pub weight: Arc<HostTensor>,
+    /// DoRA's magnitude on this weight, with trained A and B \[0\] or PiSSA/OLoRA's zero ones \[1\].
+    magnitude: [std::sync::OnceLock<HostTensor>; 2],
+}
+
+/// Values per chunk of the parallel passes over a weight.
+const CHUNK: usize = 1 << 16;
 
 /// The raw f64 draws for one shape, layer and profile, shared by every dtype, adapter and op.
 #[derive(Debug, Clone)]
@@ -31,20 +44,56 @@ pub struct Draws {
     from_checkpoint: bool,
 }
 
+/// U(-bound, bound) values, drawn in parallel chunks that are the very values of one
+/// sequential stream: a uniform f64 takes exactly one u64 (two ChaCha words) of the stream
+/// (rand 0.9's single-sample float range has no rejection), so chunk k starts 2 k CHUNK words
+/// on and seeks there.
 fn uniform(rng: &mut ChaCha8Rng, shape: Vec<usize>, bound: f64) -> HostTensor {
-    let n = shape.iter().product();
-    HostTensor::new(
-        shape,
-        (0..n).map(|_| rng.random_range(-bound..bound)).collect(),
-    )
+    let n: usize = shape.iter().product();
+    let start = rng.get_word_pos();
+    let base = rng.clone();
+    let mut data = vec![0.0; n];
+    parallel::map_chunks(&mut data, CHUNK, n, parallel::threads(), |k, c| {
+        let mut r = base.clone();
+        r.set_word_pos(start + 2 * (k * CHUNK) as u128);
+        c.iter_mut()
+            .for_each(|v| *v = r.random_range(-bound..bound));
+    });
+    rng.set_word_pos(start + 2 * n as u128);
+    HostTensor::new(shape, data)
 }
 
-fn normal(rng: &mut ChaCha8Rng, shape: Vec<usize>) -> HostTensor {
-    let n = shape.iter().product();
-    HostTensor::new(
-        shape,
-        (0..n).map(|_| StandardNormal.sample(&mut *rng)).collect(),
-    )
+/// Which tensor a normal draw is for: its chunks' streams are `tag << 32 | chunk`.
+#[derive(Clone, Copy)]
+enum Tag {
+    X = 1,
+    Weight = 2,
+    GradOutput = 3,
+    LlmWeight = 4,
+}
+
+/// N(0, 1) values. The first CHUNK come from the shape's own stream (so every tensor of up to
+/// CHUNK values is drawn as it always was); each further chunk k from its own ChaCha stream
+/// (`tag << 32 | k`) of the same key, drawn in parallel. A ziggurat sample takes a variable
+/// number of words, so a chunk's place in one stream cannot be found without drawing all
+/// that comes before it; streams of their own make the chunks independent, and the values
+/// depend on the seed, the shape and the chunk alone, never on the thread count.
+fn normal(rng: &mut ChaCha8Rng, shape: Vec<usize>, tag: Tag) -> HostTensor {
+    let n: usize = shape.iter().product();
+    let base = rng.clone();
+    let mut data = vec![0.0; n];
+    let head = n.min(CHUNK);
+    data[..head]
+        .iter_mut()
+        .for_each(|v| *v = StandardNormal.sample(&mut *rng));
+    parallel::map_chunks(&mut data[head..], CHUNK, n, parallel::threads(), |k, c| {
+        let mut r = base.clone();
+        r.set_stream(((tag as u64) << 32) | (k as u64 + 1));
+        r.set_word_pos(0);
+        c.iter_mut()
+            .for_each(|v| *v = StandardNormal.sample(&mut r));
+    });
+    HostTensor::new(shape, data)
 }
 
 /// The tensor shapes of one layer (x, W, A, B, the upstream gradient) and its fan-in.
@@ -106,7 +155,7 @@ impl Geometry {
                     .map(|_| rng.random_range(0..vocab) as f64)
                     .collect(),
             ),
-            _ => normal(rng, self.x.clone()),
+            _ => normal(rng, self.x.clone(), Tag::X),
         }
     }
 }
@@ -145,25 +194,34 @@ impl Draws {
         let (i, o, r) = (shape.in_features, shape.out_features, shape.rank);
         let w_bound = 1.0 / (geo.fan_in as f64).sqrt();
         let mut x = geo.draw_x(&mut rng, layer, i);
+        // A profile that redraws the weight below skips its natural draw: a uniform draw is two
+        // words a value, so stepping over them leaves every later draw where it always was,
+        // without holding a weight-sized buffer that is thrown away.
+        let redrawn = profile == Profile::Llm || profile_scale(profile).is_some();
         let mut weight = match layer {
-            Layer::Embedding => normal(&mut rng, geo.w.clone()),
+            Layer::Embedding => normal(&mut rng, geo.w.clone(), Tag::Weight),
+            _ if redrawn => {
+                let n: usize = geo.w.iter().product();
+                rng.set_word_pos(rng.get_word_pos() + 2 * n as u128);
+                HostTensor::new(vec![0], vec![])
+            }
             _ => uniform(&mut rng, geo.w.clone(), w_bound),
         };
         let bias = uniform(&mut rng, vec![o], w_bound);
         let mut lora_a = uniform(&mut rng, geo.a.clone(), w_bound);
         let lora_b = uniform(&mut rng, geo.b.clone(), 1.0 / (r as f64).sqrt());
         let magnitude_factor = (0..o).map(|_| rng.random_range(0.8..1.2)).collect();
-        let grad_output = normal(&mut rng, geo.g.clone());
+        let grad_output = normal(&mut rng, geo.g.clone(), Tag::GradOutput);
         let natural = match layer {
             Layer::Embedding => 1.0,
             _ => w_bound,
         };
         if profile == Profile::Llm {
-            weight = normal(&mut rng, weight.shape.clone());
+            weight = normal(&mut rng, geo.w.clone(), Tag::LlmWeight);
             weight.data.iter_mut().for_each(|v| *v *= 0.02);
         }
         if let Some(s) = profile_scale(profile) {
-            weight = uniform(&mut rng, weight.shape.clone(), s);
+            weight = uniform(&mut rng, geo.w.clone(), s);
             let f = s / natural;
             lora_a.data.iter_mut().for_each(|v| *v *= f);
             if layer != Layer::Embedding {
@@ -224,7 +282,7 @@ impl Draws {
         let drawn_b = uniform(&mut rng, geo.b.clone(), 1.0 / (shape.rank as f64).sqrt());
         let o = shape.out_features;
         let magnitude_factor = (0..o).map(|_| rng.random_range(0.8..1.2)).collect();
-        let grad_output = normal(&mut rng, geo.g.clone());
+        let grad_output = normal(&mut rng, geo.g.clone(), Tag::GradOutput);
         let (lora_a, lora_b, magnitude) = match stored.adapter {
             Some((a, b, m)) => (a, b, m),
             None => (drawn_a, drawn_b, None),
@@ -252,9 +310,31 @@ impl Draws {
             .then(|| crate::checkpoint::rounded_count(&self.weight, dtype))
     }
 
+    /// The weight rounded into `dtype`, for every case of that dtype (see [`Rounded`]).
+    pub fn round(&self, dtype: DType) -> Rounded {
+        let mut data = vec![0.0; self.weight.data.len()];
+        let src = &self.weight.data;
+        parallel::map_chunks(&mut data, CHUNK, src.len(), parallel::threads(), |i, c| {
+            for (o, &v) in c.iter_mut().zip(&src[i * CHUNK..]) {
+                *o = dtype.round(v);
+            }
+        });
+        Rounded {
+            dtype,
+            weight: Arc::new(HostTensor::new(self.weight.shape.clone(), data)),
+            magnitude: Default::default(),
+        }
+    }
+
     /// The inputs of one case, every tensor rounded once into `dtype`.
     pub fn inputs(&self, dtype: DType, adapter: Adapter, op: Op) -> Inputs {
-        let weight = self.weight.rounded(dtype);
+        self.inputs_with(&self.round(dtype), adapter, op)
+    }
+
+    /// The inputs of one case of `rounded`'s dtype, on its weight.
+    pub fn inputs_with(&self, rounded: &Rounded, adapter: Adapter, op: Op) -> Inputs {
+        let dtype = rounded.dtype;
+        let weight = Arc::clone(&rounded.weight);
         let at_init = matches!(op, Op::Init | Op::InitNoop);
         let zeros = |t: &HostTensor| HostTensor::zeros(t.shape.clone());
         let (lora_a, lora_b) = if adapter.is_data_init() {
@@ -274,21 +354,26 @@ impl Draws {
             .map(|m| m.rounded(dtype));
         let magnitude = saved.or_else(|| {
             (adapter.is_dora() && !at_init).then(|| {
-                // The DoRA norm of W + s B A from the rounded tensors, perturbed, then rounded.
-                let norm = reference::layer_weight_norm(
-                    self.layer,
-                    &weight,
-                    &lora_a,
-                    &lora_b,
-                    self.scaling,
-                );
-                let data = norm
-                    .data
-                    .iter()
-                    .zip(&self.magnitude_factor)
-                    .map(|(n, f)| dtype.round(n * f))
-                    .collect();
-                HostTensor::new(norm.shape.clone(), data)
+                // The same for every op and adapter of this dtype with these A and B.
+                let memo = &rounded.magnitude[usize::from(adapter.is_data_init())];
+                memo.get_or_init(|| {
+                    // The DoRA norm of W + s B A from the rounded tensors, perturbed, then rounded.
+                    let norm = reference::layer_weight_norm(
+                        self.layer,
+                        &weight,
+                        &lora_a,
+                        &lora_b,
+                        self.scaling,
+                    );
+                    let data = norm
+                        .data
+                        .iter()
+                        .zip(&self.magnitude_factor)
+                        .map(|(n, f)| dtype.round(n * f))
+                        .collect();
+                    HostTensor::new(norm.shape.clone(), data)
+                })
+                .clone()
             })
         });
         Inputs {
@@ -333,6 +418,8 @@ mod tests {
         Draws::generate(&shape(), layer, profile, 1)
             .inputs(DType::F32, Adapter::Dora, Op::Forward)
             .weight
+            .as_ref()
+            .clone()
     }
 
     /// Every fourth row in DoRA's sense is exactly zero: output rows of a Linear layer and
@@ -389,6 +476,46 @@ mod tests {
         for p in [Profile::Large, Profile::Tiny] {
             let r = out(p) / normal;
             assert!((0.2..5.0).contains(&r), "{p}: {r}");
+        }
+    }
+
+    /// The drawn inputs do not depend on how many threads draw them, and a uniform draw is
+    /// the very sequence one sequential stream gives (the parallel chunks seek into it).
+    #[test]
+    fn draws_do_not_depend_on_the_thread_count() {
+        let big = Shape {
+            in_features: 512,
+            out_features: 1024,
+            ..shape()
+        };
+        let draw = |threads: usize, profile: Profile| {
+            parallel::set_threads(threads);
+            Draws::generate(&big, Layer::Linear, profile, 7)
+        };
+        for profile in [Profile::Normal, Profile::Llm] {
+            let one = draw(1, profile);
+            for threads in [2, 3, 8] {
+                let many = draw(threads, profile);
+                assert_eq!(one.weight, many.weight, "{profile} on {threads} threads");
+                assert_eq!(one.lora_a, many.lora_a);
+                assert_eq!(one.grad_output, many.grad_output);
+            }
+        }
+        // The normal profile's weight is the first draw after x: replay it sequentially.
+        let mut rng = ChaCha8Rng::seed_from_u64(fnv1a_from(7, big.name.as_bytes()));
+        for _ in 0..4 * 512 {
+            let _: f64 = StandardNormal.sample(&mut rng);
+        }
+        let bound = 1.0 / 512f64.sqrt();
+        let sequential: Vec<f64> = (0..1024 * 512)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        assert_eq!(draw(4, Profile::Normal).weight.data, sequential);
+        // The llm weight has N(0, 0.02) statistics in every chunk, not just the first.
+        let llm = draw(4, Profile::Llm).weight;
+        for chunk in llm.data.chunks(CHUNK) {
+            let sd = (chunk.iter().map(|v| v * v).sum::<f64>() / chunk.len() as f64).sqrt();
+            assert!((sd - 0.02).abs() < 0.001, "{sd}");
         }
     }
 

@@ -26,6 +26,7 @@
 //! off, ~90 u) lands far outside this and comes out as `mismatch`, which is the point: widening
 //! the tolerance until it passes would hide exactly what users need to see.
 
+use super::parallel;
 use crate::case::{Case, DType, Op};
 use crate::outcome::{Metrics, Outcome, OutputMetrics, Tolerance};
 use crate::worker::io::{names, Outputs};
@@ -145,25 +146,38 @@ fn measure(
             elements: got.data.len(),
         };
     }
-    for (&g, &w) in got.data.iter().zip(&want.data) {
-        if !w.is_finite() {
-            // The reference itself is undefined here (e.g. a zero-norm DoRA row): a finite
-            // value there is an error of unbounded size; a non-finite one is still a finding
-            // (the user gets NaN), counted apart so the report can say whose fault it is.
-            if g.is_finite() {
-                max_abs = f64::INFINITY;
-            } else {
-                nonfinite += 1;
-                reference_nonfinite += 1;
+    // Maxima and counts do not depend on the order they are taken in: split over the cores.
+    let n = want.data.len();
+    let parts = parallel::map_ranges(n, 1 << 16, n, parallel::threads(), |_, r| {
+        let (mut max_abs, mut scale, mut nonfinite, mut reference_nonfinite) =
+            (0.0f64, 0.0f64, 0, 0);
+        for (&g, &w) in got.data[r.clone()].iter().zip(&want.data[r]) {
+            if !w.is_finite() {
+                // The reference itself is undefined here (e.g. a zero-norm DoRA row): a finite
+                // value there is an error of unbounded size; a non-finite one is still a finding
+                // (the user gets NaN), counted apart so the report can say whose fault it is.
+                if g.is_finite() {
+                    max_abs = f64::INFINITY;
+                } else {
+                    nonfinite += 1;
+                    reference_nonfinite += 1;
+                }
+                continue;
             }
-            continue;
+            scale = scale.max(w.abs());
+            if !g.is_finite() {
+                nonfinite += 1;
+                continue;
+            }
+            max_abs = max_abs.max((g - w).abs());
         }
-        scale = scale.max(w.abs());
-        if !g.is_finite() {
-            nonfinite += 1;
-            continue;
-        }
-        max_abs = max_abs.max((g - w).abs());
+        (max_abs, scale, nonfinite, reference_nonfinite)
+    });
+    for (m, s, nf, rnf) in parts {
+        max_abs = max_abs.max(m);
+        scale = scale.max(s);
+        nonfinite += nf;
+        reference_nonfinite += rnf;
     }
     let max_rel = if scale > 0.0 {
         max_abs / scale

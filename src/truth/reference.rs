@@ -14,41 +14,97 @@
 //!
 //! PiSSA and OLoRA take the SVD and QR of the rounded weight in f64 (nalgebra).
 
+use super::parallel;
 use crate::case::{Adapter, Layer, Op};
 use crate::worker::io::{names, Inputs, Outputs};
 use crate::worker::tensor::HostTensor;
 use std::borrow::Cow;
+use std::sync::Arc;
 
-/// `C = A B` for a row-major A: [n, k] given by its strides, with a real blocked GEMM
-/// (matrixmultiply's dgemm: plain f64 arithmetic, no lower precision anywhere).
-fn gemm(
-    n: usize,
-    k: usize,
-    m: usize,
-    a: (&[f64], isize, isize),
-    b: (&[f64], isize, isize),
-) -> HostTensor {
+/// A row-major view of a matrix: its values, row stride and column stride.
+type Strided<'a> = (&'a [f64], isize, isize);
+
+/// `C = A B` into `out` (row stride `ldc`) for A: [n, k] and B: [k, m] given by their strides,
+/// with a real blocked GEMM (matrixmultiply's dgemm: plain f64 arithmetic, no lower precision
+/// anywhere).
+fn dgemm((n, k, m): (usize, usize, usize), a: Strided, b: Strided, out: &mut [f64], ldc: usize) {
+    if n == 0 || m == 0 || k == 0 {
+        return;
+    }
+    let end = |(d, rs, cs): Strided, rows: usize, cols: usize| {
+        (rows - 1) as isize * rs + (cols - 1) as isize * cs < d.len() as isize
+    };
+    assert!(end(a, n, k) && end(b, k, m) && (n - 1) * ldc + m <= out.len());
+    // SAFETY: the asserts above keep every strided element of a, b and out inside its slice
+    // (strides are non-negative here), and `out` is borrowed mutably, so nothing aliases it.
+    unsafe {
+        matrixmultiply::dgemm(
+            n,
+            k,
+            m,
+            1.0,
+            a.0.as_ptr(),
+            a.1,
+            a.2,
+            b.0.as_ptr(),
+            b.1,
+            b.2,
+            0.0,
+            out.as_mut_ptr(),
+            ldc as isize,
+            1,
+        );
+    }
+}
+
+/// The strided matrix `m` from element (row, col) on.
+fn at((d, rs, cs): Strided, row: usize, col: usize) -> Strided {
+    (
+        &d[(row as isize * rs + col as isize * cs) as usize..],
+        rs,
+        cs,
+    )
+}
+
+/// Rows (or columns) of C per block of a parallel product.
+const GEMM_BLOCK: usize = 64;
+
+/// `C = A B` for A: [n, k], B: [k, m] given by their strides, split over the cores by blocks of
+/// C's rows (or of its columns when C has few rows, as `x W^T` of an LLM layer has). dgemm sums
+/// each element over k in the same blocks whatever the size of the call, so C is bit for bit
+/// the single call's, on any number of threads.
+fn gemm(n: usize, k: usize, m: usize, a: Strided, b: Strided) -> HostTensor {
     let mut out = vec![0.0; n * m];
-    if n > 0 && m > 0 && k > 0 {
-        // SAFETY: the strides describe `a` as n x k and `b` as k x m inside their slices (the
-        // callers' shape asserts), and `out` is a fresh n x m row-major buffer.
-        unsafe {
-            matrixmultiply::dgemm(
-                n,
-                k,
-                m,
-                1.0,
-                a.0.as_ptr(),
-                a.1,
-                a.2,
-                b.0.as_ptr(),
-                b.1,
-                b.2,
-                0.0,
-                out.as_mut_ptr(),
-                m as isize,
-                1,
-            );
+    let work = n.saturating_mul(k).saturating_mul(m) / 16;
+    if n >= 2 * GEMM_BLOCK || m < 2 * GEMM_BLOCK || n == 0 || k == 0 {
+        parallel::map_chunks(
+            &mut out,
+            GEMM_BLOCK * m.max(1),
+            work,
+            parallel::threads(),
+            |j, c| {
+                let r0 = j * GEMM_BLOCK;
+                dgemm((c.len() / m, k, m), at(a, r0, 0), b, c, m)
+            },
+        );
+    } else {
+        // Column blocks, each written [n, block] into its own part of a scratch, then placed.
+        let mut blocks = vec![0.0; n * m];
+        parallel::map_chunks(
+            &mut blocks,
+            GEMM_BLOCK * n,
+            work,
+            parallel::threads(),
+            |j, c| {
+                let mb = c.len() / n;
+                dgemm((n, k, mb), a, at(b, 0, j * GEMM_BLOCK), c, mb)
+            },
+        );
+        for (j, c) in blocks.chunks(GEMM_BLOCK * n).enumerate() {
+            let (c0, mb) = (j * GEMM_BLOCK, c.len() / n);
+            for i in 0..n {
+                out[i * m + c0..i * m + c0 + mb].copy_from_slice(&c[i * mb..(i + 1) * mb]);
+            }
         }
     }
     HostTensor::new(vec![n, m], out)
@@ -125,18 +181,85 @@ pub fn delta_weight(a: &HostTensor, b: &HostTensor, scaling: f64) -> HostTensor 
 
 /// DoRA's weight norm ||W + s B A||_2 per output row: \[out\].
 pub fn weight_norm(w: &HostTensor, a: &HostTensor, b: &HostTensor, scaling: f64) -> HostTensor {
-    let merged = axpy(w, 1.0, &delta_weight(a, b, scaling));
-    row_norms(&merged)
+    let mut norms = vec![0.0; w.rows()];
+    let cols = w.cols();
+    sum_rows(w, a, b, scaling, &mut norms, 1, |rows, out| {
+        for (o, r) in out.iter_mut().zip(rows.sum.chunks(cols)) {
+            *o = r.iter().map(|v| v * v).sum::<f64>().sqrt();
+        }
+    });
+    HostTensor::new(vec![w.rows()], norms)
 }
 
-fn row_norms(m: &HostTensor) -> HostTensor {
-    let cols = m.cols();
-    HostTensor::new(
-        vec![m.rows()],
-        m.data
-            .chunks(cols)
-            .map(|r| r.iter().map(|v| v * v).sum::<f64>().sqrt())
-            .collect(),
+/// Rows of W per block of the weight-sized passes (W + s B A is never held whole: a block of
+/// it lives in cache while it is used).
+const ROW_BLOCK: usize = 32;
+
+/// One block of rows of W, with s B A and W + s B A for those rows.
+struct SumRows<'a> {
+    first: usize,
+    w: &'a [f64],
+    dw: &'a [f64],
+    sum: &'a [f64],
+}
+
+/// `f(block, out)` for each block of [`ROW_BLOCK`] rows of W, split over the cores, where `out`
+/// is the block's part of `out` (`per_row` values a row); the results in block order. Each
+/// value is computed as the whole-matrix expressions `s (B A)` and `W + 1 dW` compute it, so the
+/// passes agree bit for bit with them and with each other.
+fn sum_rows<T: Send, R: Send>(
+    w: &HostTensor,
+    a: &HostTensor,
+    b: &HostTensor,
+    scaling: f64,
+    out: &mut [T],
+    per_row: usize,
+    f: impl Fn(&SumRows, &mut [T]) -> R + Sync,
+) -> Vec<R> {
+    let (rows, cols, r) = (w.rows(), w.cols(), a.rows());
+    assert_eq!(w.data.len(), rows * cols);
+    assert_eq!((a.cols(), b.rows(), b.cols()), (cols, rows, r));
+    assert_eq!(out.len(), rows * per_row);
+    let work = w.data.len() * (r + 2);
+    let scratch = |j: usize, out: &mut [T]| {
+        let first = j * ROW_BLOCK;
+        let nr = (rows - first).min(ROW_BLOCK);
+        let mut dw = vec![0.0; nr * cols];
+        if r > 0 {
+            dgemm(
+                (nr, r, cols),
+                (&b.data[first * r..], r as isize, 1),
+                (&a.data, cols as isize, 1),
+                &mut dw,
+                cols,
+            );
+        }
+        dw.iter_mut().for_each(|v| *v *= scaling);
+        let w = &w.data[first * cols..(first + nr) * cols];
+        let sum: Vec<f64> = w.iter().zip(&dw).map(|(x, y)| x + 1.0 * y).collect();
+        f(
+            &SumRows {
+                first,
+                w,
+                dw: &dw,
+                sum: &sum,
+            },
+            out,
+        )
+    };
+    if per_row == 0 {
+        // Nothing to write: chunk a list of the blocks instead.
+        let mut blocks: Vec<()> = vec![(); rows.div_ceil(ROW_BLOCK)];
+        return parallel::map_chunks(&mut blocks, 1, work, parallel::threads(), |j, _| {
+            scratch(j, &mut [])
+        });
+    }
+    parallel::map_chunks(
+        out,
+        ROW_BLOCK * per_row,
+        work,
+        parallel::threads(),
+        |j, o| scratch(j, o),
     )
 }
 
@@ -155,12 +278,6 @@ fn add_bias(y: HostTensor, bias: Option<&HostTensor>) -> HostTensor {
             )
         }
     }
-}
-
-/// DoRA's per-row factor m / ||W + s B A||.
-fn dora_factor(inp: &Inputs, m: &HostTensor) -> Vec<f64> {
-    let n = weight_norm(&inp.weight, &inp.lora_a, &inp.lora_b, inp.scaling);
-    m.data.iter().zip(&n.data).map(|(m, n)| m / n).collect()
 }
 
 /// The base layer alone with weight `w`: x w^T + b.
@@ -306,7 +423,7 @@ pub fn linear_view(inp: &Inputs) -> Cow<'_, Inputs> {
             Inputs {
                 layer: Layer::Linear,
                 x: HostTensor::new(vec![inp.x.data.len(), num], onehot),
-                weight: transpose(&inp.weight),
+                weight: Arc::new(transpose(&inp.weight)),
                 ..inp.clone()
             }
         }
@@ -316,7 +433,7 @@ pub fn linear_view(inp: &Inputs) -> Cow<'_, Inputs> {
             Inputs {
                 layer: Layer::Linear,
                 x: im2col(inp),
-                weight: flat2(&inp.weight),
+                weight: Arc::new(flat2(&inp.weight)),
                 lora_a: flat2(&inp.lora_a),
                 lora_b: flat2(&inp.lora_b),
                 grad_output: channels_last(&reshaped(g.clone(), &out_shape)),
@@ -451,7 +568,7 @@ fn initialised(adapter: Adapter, inp: &Inputs) -> (Inputs, f64) {
         let (a, b, w, k) = data_init(adapter, inp, inp.lora_a.rows());
         out.lora_a = a;
         out.lora_b = b;
-        out.weight = w;
+        out.weight = Arc::new(w);
         kappa = k;
     }
     if adapter.is_dora() {
@@ -473,15 +590,15 @@ pub fn conditioning(op: Op, inp: &Inputs) -> f64 {
         return 1.0;
     }
     let lin = linear_view(inp);
-    kappa(&lin, &merge(&lin))
+    merge_pass(&lin, Pass::Kappa).1
 }
 
-fn kappa(inp: &Inputs, m: &Merged) -> f64 {
-    let w = inp.weight.max_abs();
+/// kappa from max|W| and max(|W + dW|, |W'|).
+fn kappa(w: f64, sum_or_merged: f64) -> f64 {
     if w == 0.0 {
         return 1.0;
     }
-    (m.sum.max_abs().max(m.merged.max_abs()) / w).max(1.0)
+    (sum_or_merged / w).max(1.0)
 }
 
 /// [`compute`] and [`conditioning`] together, sharing the weight-sized intermediates (on an
@@ -498,7 +615,7 @@ fn compute_linear(adapter: Adapter, op: Op, inp: &Inputs) -> (Outputs, f64) {
         Op::Init if adapter.is_data_init() => {
             let (init, k) = initialised(adapter, inp);
             let mut out = vec![
-                (names::RESIDUAL, init.weight.clone()),
+                (names::RESIDUAL, (*init.weight).clone()),
                 (
                     names::DELTA,
                     delta_weight(&init.lora_a, &init.lora_b, init.scaling),
@@ -513,7 +630,7 @@ fn compute_linear(adapter: Adapter, op: Op, inp: &Inputs) -> (Outputs, f64) {
         // exact arithmetic, except where DoRA divides 0 by 0 (a zero row).
         Op::InitNoop => {
             let (init, _) = initialised(adapter, inp);
-            let c = init.magnitude.as_ref().map(|m| dora_factor(&init, m));
+            let c = row_factor(&init);
             vec![
                 (names::RESULT, forward(&init, &pieces(&init), c.as_deref())),
                 (names::BASE_RESULT, base_layer(inp, &inp.weight)),
@@ -521,16 +638,19 @@ fn compute_linear(adapter: Adapter, op: Op, inp: &Inputs) -> (Outputs, f64) {
         }
         // The unmerged layer's forward and the merged layer's (W' alone): equal in exact arithmetic.
         Op::Parity => {
-            let c = inp.magnitude.as_ref().map(|m| dora_factor(inp, m));
+            let c = row_factor(inp);
             vec![
                 (names::RESULT, forward(inp, &pieces(inp), c.as_deref())),
-                (names::MERGED_RESULT, base_layer(inp, &merge(inp).merged)),
+                (
+                    names::MERGED_RESULT,
+                    base_layer(inp, &merge_pass(inp, Pass::Merged).0),
+                ),
             ]
         }
         // Merge then unmerge gives back the original weight, exactly, in f64's terms.
         Op::Roundtrip => {
-            let k = kappa(inp, &merge(inp));
-            return (vec![(names::UNMERGED, inp.weight.clone())], k);
+            let k = merge_pass(inp, Pass::Kappa).1;
+            return (vec![(names::UNMERGED, (*inp.weight).clone())], k);
         }
         // DoRA init computes the magnitude m = ||W + s B A|| (PEFT's `update_layer`); LoRA
         // init computes nothing, so its check is that the layer is a no-op at init (B = 0).
@@ -541,46 +661,81 @@ fn compute_linear(adapter: Adapter, op: Op, inp: &Inputs) -> (Outputs, f64) {
         Op::Init => vec![(names::RESULT, forward(inp, &pieces(inp), None))],
         Op::Forward => {
             let p = pieces(inp);
-            let c = inp.magnitude.as_ref().map(|m| dora_factor(inp, m));
+            let c = row_factor(inp);
             vec![(names::RESULT, forward(inp, &p, c.as_deref()))]
         }
         Op::Backward => backward(inp),
-        Op::Merge => vec![(names::MERGED, merge(inp).merged)],
+        Op::Merge => vec![(names::MERGED, merge_pass(inp, Pass::Merged).0)],
         Op::Unmerge => {
-            let m = merge(inp);
-            let k = kappa(inp, &m);
-            // W = W' / c - dW
-            let restored = match &m.c {
-                Some(c) => map_rows(&m.merged, |i, v| v / c[i]),
-                None => m.merged.clone(),
-            };
-            return (vec![(names::UNMERGED, axpy(&restored, -1.0, &m.dw))], k);
+            let (unmerged, k) = merge_pass(inp, Pass::Unmerged);
+            return (vec![(names::UNMERGED, unmerged)], k);
         }
     };
     (outputs, 1.0)
 }
 
-/// A merge's pieces: dW, W + dW, the DoRA row factor c, and W' = c (W + dW) (= W + dW for LoRA).
-struct Merged {
-    dw: HostTensor,
-    sum: HostTensor,
-    c: Option<Vec<f64>>,
-    merged: HostTensor,
+/// DoRA's row factor c = m / ||W + dW||, or `None` for LoRA.
+fn row_factor(inp: &Inputs) -> Option<Vec<f64>> {
+    inp.magnitude.as_ref().map(|m| {
+        let n = weight_norm(&inp.weight, &inp.lora_a, &inp.lora_b, inp.scaling);
+        m.data.iter().zip(&n.data).map(|(m, n)| m / n).collect()
+    })
 }
 
-/// W' = W + dW (LoRA) or (m / ||W + dW||) * (W + dW) row-wise (DoRA).
-fn merge(inp: &Inputs) -> Merged {
-    let dw = delta_weight(&inp.lora_a, &inp.lora_b, inp.scaling);
-    let sum = axpy(&inp.weight, 1.0, &dw);
-    let c: Option<Vec<f64>> = inp.magnitude.as_ref().map(|m| {
-        let n = row_norms(&sum);
-        m.data.iter().zip(&n.data).map(|(m, n)| m / n).collect()
-    });
-    let merged = match &c {
-        Some(c) => map_rows(&sum, |i, v| c[i] * v),
-        None => sum.clone(),
+/// The largest |value| of a slice (NaN ignored, as [`HostTensor::max_abs`] does).
+fn max_abs(v: &[f64]) -> f64 {
+    v.iter().fold(0.0, |m, v| m.max(v.abs()))
+}
+
+/// What a pass over the rows of W + dW writes.
+#[derive(Clone, Copy, PartialEq)]
+enum Pass {
+    /// Nothing: the merge's kappa alone.
+    Kappa,
+    /// The merged weight W' = W + dW (LoRA) or (m / ||W + dW||) * (W + dW) row-wise (DoRA).
+    Merged,
+    /// Unmerge's W = W' / c - dW (W' - dW for LoRA), from that W'.
+    Unmerged,
+}
+
+/// One pass over the rows of W + dW: what `pass` writes (an empty tensor for `Kappa`) and
+/// the unmerge conditioning kappa of the merge.
+fn merge_pass(inp: &Inputs, pass: Pass) -> (HostTensor, f64) {
+    let c = row_factor(inp);
+    let (rows, cols) = (inp.weight.rows(), inp.weight.cols());
+    let per_row = if pass == Pass::Kappa { 0 } else { cols };
+    let mut out = vec![0.0; rows * per_row];
+    let maxes = sum_rows(
+        &inp.weight,
+        &inp.lora_a,
+        &inp.lora_b,
+        inp.scaling,
+        &mut out,
+        per_row,
+        |blk, out| {
+            let mut merged_max: f64 = 0.0;
+            for (k, &v) in blk.sum.iter().enumerate() {
+                let ci = c.as_ref().map(|c| c[blk.first + k / cols]);
+                let m = ci.map_or(v, |ci| ci * v);
+                merged_max = merged_max.max(m.abs());
+                match pass {
+                    Pass::Merged => out[k] = m,
+                    Pass::Unmerged => out[k] = ci.map_or(m, |ci| m / ci) - blk.dw[k],
+                    Pass::Kappa => {}
+                }
+            }
+            (max_abs(blk.w), max_abs(blk.sum).max(merged_max))
+        },
+    );
+    let (w, sm) = maxes
+        .iter()
+        .fold((0.0f64, 0.0f64), |(a, b), (x, y)| (a.max(*x), b.max(*y)));
+    let shape = if per_row == 0 {
+        vec![0]
+    } else {
+        vec![rows, cols]
     };
-    Merged { dw, sum, c, merged }
+    (HostTensor::new(shape, out), kappa(w, sm))
 }
 
 /// Gradients of sum(y * g) with the DoRA norm held constant (detached), by hand:
@@ -590,7 +745,7 @@ fn merge(inp: &Inputs) -> Merged {
 fn backward(inp: &Inputs) -> Outputs {
     let p = pieces(inp);
     let g = &inp.grad_output;
-    let c = inp.magnitude.as_ref().map(|m| dora_factor(inp, m));
+    let c = row_factor(inp);
     let y = forward(inp, &p, c.as_deref());
     let gc = match &c {
         Some(c) => scale_cols(g, c),
@@ -639,7 +794,7 @@ mod tests {
         Inputs {
             layer: Layer::Linear,
             x: t(&[1, 3], &[1.0, 1.0, 1.0]),
-            weight: t(&[2, 3], &[1.0, 2.0, 2.0, 0.0, 3.0, 4.0]),
+            weight: t(&[2, 3], &[1.0, 2.0, 2.0, 0.0, 3.0, 4.0]).into(),
             bias: Some(t(&[2], &[0.5, -1.0])),
             lora_a: t(&[1, 3], &[1.0, 0.0, 0.0]),
             lora_b: t(&[2, 1], &[1.0, 0.0]),
@@ -720,7 +875,7 @@ mod tests {
         Inputs {
             layer: Layer::Linear,
             x: t(x, xd),
-            weight: t(w, wd),
+            weight: t(w, wd).into(),
             bias: None,
             lora_a: HostTensor::zeros(vec![r, w[1]]),
             lora_b: HostTensor::zeros(vec![w[0], r]),
@@ -778,7 +933,7 @@ mod tests {
         let inp = Inputs {
             layer: Layer::Embedding,
             x: t(&[2], &[2.0, 0.0]),
-            weight: t(&[3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+            weight: t(&[3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).into(),
             bias: None,
             lora_a: t(&[1, 3], &[1.0, 0.0, 1.0]),
             lora_b: t(&[2, 1], &[1.0, 0.0]),
@@ -829,7 +984,7 @@ mod tests {
         let inp = Inputs {
             layer: Layer::Conv2d,
             x: t(&[1, 1, 2, 2], &[1.0, 2.0, 3.0, 4.0]),
-            weight: t(&[1, 1, 2, 2], &[1.0, 0.0, 0.0, 1.0]),
+            weight: t(&[1, 1, 2, 2], &[1.0, 0.0, 0.0, 1.0]).into(),
             bias: Some(t(&[1], &[0.5])),
             lora_a: t(&[1, 1, 2, 2], &[0.0, 1.0, 0.0, 0.0]),
             lora_b: t(&[1, 1, 1, 1], &[3.0]),
@@ -874,7 +1029,7 @@ mod tests {
             close(get(&o, names::BASE_RESULT), &[5.5, 6.0]);
         }
         let mut zero = inp.clone();
-        zero.weight = t(&[2, 3], &[0.0, 0.0, 0.0, 0.0, 3.0, 4.0]);
+        zero.weight = t(&[2, 3], &[0.0, 0.0, 0.0, 0.0, 3.0, 4.0]).into();
         let o = compute(Adapter::Dora, Op::InitNoop, &zero);
         let r = get(&o, names::RESULT);
         assert!(r[0].is_nan() && r[1] == 6.0, "{r:?}");

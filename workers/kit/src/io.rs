@@ -3,6 +3,7 @@
 
 use crate::case::Layer;
 use crate::tensor::HostTensor;
+use std::sync::Arc;
 
 /// Everything a case feeds to a layer with a LoRA/DoRA adapter, named as in PEFT. Shapes are
 /// given for a Linear layer; an Embedding's are `input` \[batch\] (token ids, exact integers),
@@ -14,8 +15,9 @@ pub struct Inputs {
     pub layer: Layer,
     /// `input`: [batch, in_features]
     pub x: HostTensor,
-    /// `base_layer.weight`: [out_features, in_features]
-    pub weight: HostTensor,
+    /// `base_layer.weight`: [out_features, in_features]. Shared: on an LLM-sized layer it is
+    /// hundreds of MB, and every case of a shape and dtype holds the same rounded weight.
+    pub weight: Arc<HostTensor>,
     /// `base_layer.bias`: \[out_features\]
     pub bias: Option<HostTensor>,
     /// `lora_A.weight`: [rank, in_features]

@@ -11,6 +11,7 @@ pub mod adapter;
 pub mod case;
 pub mod io;
 pub mod ops;
+pub mod parallel;
 pub mod protocol;
 pub mod serve;
 pub mod tensor;

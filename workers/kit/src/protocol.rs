@@ -16,9 +16,17 @@
 //!   dtype (they are representable in it), outputs in the narrowest of the case dtype, f32 and
 //!   f64 that holds every value.
 //! - Unknown JSON fields are ignored, so either side may add fields within a version.
+//! - A request's tensor may name a `file` instead of travelling in the payload: its bytes are
+//!   then the first `bytes` of that file (a memfd of the runner's, `/proc/<pid>/fd/<n>`, which
+//!   the worker maps and reads in place). The runner does this only for workers whose hello says
+//!   `files: true`, and only for large tensors: an LLM-sized weight is written once per dtype
+//!   instead of once per case through the pipe. Likewise a reply's large tensor may name a
+//!   memfd of the worker's, when the runner's hello said `files: true`; the worker keeps it open
+//!   until it reads the next request (by then the runner has read the reply).
 //!
 //! Requests (`type`):
-//! - `hello` {`protocol`, `threads`}: first, once. `threads` is the worker's share of the cores
+//! - `hello` {`protocol`, `threads`, `files` (whether the runner reads reply tensors from
+//!   files; absent = no)}: first, once. `threads` is the worker's share of the cores
 //!   for its library's intra-op pool (set before the first op).
 //! - `probe` {`device`}: can this backend run on `cpu`, `cuda` or `cuda:N` here?
 //! - `run` {`id`, `case`, `tensors`}: run one case on the given inputs (PEFT's state-dict names:
@@ -28,7 +36,8 @@
 //!   and the shape (with `kernel` and `image`). An Embedding's `input` (token ids) travels as f32.
 //!
 //! Replies (`type`):
-//! - `hello` {`protocol`, `backend`, `libraries` (name -> version), `cuda`}: a worker whose
+//! - `hello` {`protocol`, `backend`, `libraries` (name -> version), `cuda`, `files` (whether
+//!   it reads tensors from files; absent = no)}: a worker whose
 //!   `protocol` differs from the runner's is refused with both versions in the message.
 //! - `probe` {`unavailable`}: `null` when the device can be used, else why not.
 //! - `outputs` {`compute_ms`, `tensors`}: the case's outputs (names in `io::names`) and the
@@ -57,6 +66,7 @@ use crate::tensor::HostTensor;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, Write};
+use std::sync::Arc;
 
 /// Bumped on any change that an old peer would misread.
 pub const VERSION: u32 = 3;
@@ -71,6 +81,9 @@ pub struct TensorHeader {
     pub dtype: DType,
     pub shape: Vec<usize>,
     pub bytes: usize,
+    /// Where the bytes are when they are not in the payload (requests only, see above).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
 }
 
 /// A case as sent to a worker: the axes and the layer geometry.
@@ -133,6 +146,8 @@ pub enum Request {
     Hello {
         protocol: u32,
         threads: usize,
+        #[serde(default)]
+        files: bool,
     },
     Probe {
         device: Device,
@@ -155,6 +170,8 @@ pub enum Reply {
         libraries: BTreeMap<String, String>,
         #[serde(default)]
         cuda: Option<String>,
+        #[serde(default)]
+        files: bool,
     },
     Probe {
         unavailable: Option<String>,
@@ -193,6 +210,7 @@ pub fn encode(name: &str, t: &HostTensor, dtype: DType) -> Encoded {
             dtype,
             shape: t.shape.clone(),
             bytes: data.len(),
+            file: None,
         },
         data,
     }
@@ -201,7 +219,14 @@ pub fn encode(name: &str, t: &HostTensor, dtype: DType) -> Encoded {
 /// The narrowest of `preferred`, f32 and f64 that holds every value of `t` exactly, so that an
 /// output travels at its own size (an fp16 merged weight as 2 bytes per value) and loses nothing.
 pub fn lossless_dtype(t: &HostTensor, preferred: DType) -> DType {
-    let exact = |d: DType| t.data.iter().all(|&v| v.is_nan() || d.round(v) == v);
+    let exact = |d: DType| {
+        let n = t.data.len();
+        crate::parallel::map_ranges(n, 1 << 16, n, crate::parallel::threads(), |_, r| {
+            t.data[r].iter().all(|&v| v.is_nan() || d.round(v) == v)
+        })
+        .into_iter()
+        .all(|e| e)
+    };
     [preferred, DType::F32]
         .into_iter()
         .find(|&d| exact(d))
@@ -382,6 +407,7 @@ fn quote(json: &str) -> String {
 fn payload_len(tensors: &[TensorHeader]) -> Option<usize> {
     tensors
         .iter()
+        .filter(|t| t.file.is_none())
         .try_fold(0usize, |a, t| a.checked_add(t.bytes))
 }
 
@@ -412,6 +438,9 @@ pub fn split_payload(headers: &[TensorHeader], payload: &[u8]) -> io::Result<Vec
     headers
         .iter()
         .map(|h| {
+            if let Some(path) = &h.file {
+                return decode_file(h, path);
+            }
             let end = at.saturating_add(h.bytes);
             let bytes = payload
                 .get(at..end)
@@ -422,25 +451,87 @@ pub fn split_payload(headers: &[TensorHeader], payload: &[u8]) -> io::Result<Vec
         .collect()
 }
 
-/// The `run` request for a case: its inputs in the case dtype.
-pub fn run_request(id: &str, case: &Case, inputs: &Inputs) -> (Request, Vec<Encoded>) {
-    let payload: Vec<Encoded> = inputs
-        .named()
-        .into_iter()
-        .map(|(n, t)| {
-            // Token ids travel as f32 (exact up to 2^24); bf16 holds integers only up to 256.
-            let dtype = if n == "input" && case.point.layer == Layer::Embedding {
-                DType::F32
-            } else {
-                case.point.dtype
-            };
-            encode(n, t, dtype)
-        })
-        .collect();
+/// A weight read from a request's file, kept for the next request that names the same file:
+/// the runner writes one file per rounded weight and sends every case of that weight with
+/// it, so a worker decodes it once per dtype, not once per case. The file is known by its
+/// inode (a memfd's is not reused while the runner holds it) with the header's dtype and shape.
+fn weight_from_file(h: &TensorHeader) -> io::Result<Arc<HostTensor>> {
+    use std::os::unix::fs::MetadataExt;
+    type Key = (u64, u64, usize, DType, Vec<usize>);
+    static LAST: std::sync::Mutex<Option<(Key, Arc<HostTensor>)>> = std::sync::Mutex::new(None);
+    let path = h.file.as_deref().unwrap_or_default();
+    let meta = std::fs::metadata(path)
+        .map_err(|e| bad(format!("tensor `{}`: cannot open {path}: {e}", h.name)))?;
+    let key = (meta.dev(), meta.ino(), h.bytes, h.dtype, h.shape.clone());
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((k, t)) = last.as_ref() {
+        if *k == key {
+            return Ok(Arc::clone(t));
+        }
+    }
+    // Drop the old weight before reading the new one: at most one is held.
+    *last = None;
+    let t = Arc::new(decode_file(h, path)?);
+    *last = Some((key, Arc::clone(&t)));
+    Ok(t)
+}
+
+/// A tensor's bytes read in place from `path` (a request's `file`), checked against its header.
+fn decode_file(h: &TensorHeader, path: &str) -> io::Result<HostTensor> {
+    let f = std::fs::File::open(path)
+        .map_err(|e| bad(format!("tensor `{}`: cannot open {path}: {e}", h.name)))?;
+    // SAFETY: the runner wrote the file before sending the request and never writes it again
+    // (it is its memfd of one rounded weight); the mapping is read and dropped here.
+    let map = unsafe { memmap2::Mmap::map(&f) }
+        .map_err(|e| bad(format!("tensor `{}`: cannot map {path}: {e}", h.name)))?;
+    let bytes = map.get(..h.bytes).ok_or_else(|| {
+        bad(format!(
+            "tensor `{}`: {path} holds {} bytes, the header says {}",
+            h.name,
+            map.len(),
+            h.bytes
+        ))
+    })?;
+    decode(h, bytes)
+}
+
+/// The `run` request for a case: its inputs in the case dtype. `file(name, tensor, dtype)`
+/// may name a file that already holds a tensor's bytes in that dtype (see the module doc);
+/// the tensor then stays out of the payload.
+pub fn run_request(
+    id: &str,
+    case: &Case,
+    inputs: &Inputs,
+    file: impl Fn(&str, &HostTensor, DType) -> Option<String>,
+) -> (Request, Vec<Encoded>) {
+    let mut headers = Vec::new();
+    let mut payload = Vec::new();
+    for (n, t) in inputs.named() {
+        // Token ids travel as f32 (exact up to 2^24); bf16 holds integers only up to 256.
+        let dtype = if n == "input" && case.point.layer == Layer::Embedding {
+            DType::F32
+        } else {
+            case.point.dtype
+        };
+        match file(n, t, dtype) {
+            Some(path) => headers.push(TensorHeader {
+                name: n.to_string(),
+                dtype,
+                shape: t.shape.clone(),
+                bytes: t.data.len() * dtype.size(),
+                file: Some(path),
+            }),
+            None => {
+                let e = encode(n, t, dtype);
+                headers.push(e.header.clone());
+                payload.push(e);
+            }
+        }
+    }
     let req = Request::Run {
         id: id.to_string(),
         case: WireCase::of(case),
-        tensors: payload.iter().map(|e| e.header.clone()).collect(),
+        tensors: headers,
     };
     (req, payload)
 }
@@ -464,8 +555,13 @@ pub fn max_reply_bytes(case: &Case, inputs: &Inputs) -> usize {
 
 /// Rebuild a case's inputs from a `run` request's tensors.
 pub fn inputs_from(case: &Case, headers: &[TensorHeader], payload: &[u8]) -> io::Result<Inputs> {
-    let tensors = split_payload(headers, payload)?;
-    let mut named: BTreeMap<&str, HostTensor> = headers
+    const WEIGHT: &str = "base_layer.weight";
+    let (weight_file, inline): (Vec<&TensorHeader>, Vec<&TensorHeader>) = headers
+        .iter()
+        .partition(|h| h.name == WEIGHT && h.file.is_some());
+    let inline: Vec<TensorHeader> = inline.into_iter().cloned().collect();
+    let tensors = split_payload(&inline, payload)?;
+    let mut named: BTreeMap<&str, HostTensor> = inline
         .iter()
         .map(|h| h.name.as_str())
         .zip(tensors)
@@ -479,7 +575,10 @@ pub fn inputs_from(case: &Case, headers: &[TensorHeader], payload: &[u8]) -> io:
     Ok(Inputs {
         layer: case.point.layer,
         x: take("input")?,
-        weight: take("base_layer.weight")?,
+        weight: match weight_file.first() {
+            Some(h) => weight_from_file(h)?,
+            None => Arc::new(take(WEIGHT)?),
+        },
         lora_a: take(if embedding {
             "lora_embedding_A"
         } else {
@@ -497,17 +596,70 @@ pub fn inputs_from(case: &Case, headers: &[TensorHeader], payload: &[u8]) -> io:
     })
 }
 
-/// The `outputs` reply for a backend's outputs.
-pub fn outputs_reply(case: &Case, outputs: &Outputs, compute_ms: f64) -> (Reply, Vec<Encoded>) {
-    let payload: Vec<Encoded> = outputs
-        .iter()
-        .map(|(n, t)| encode(n, t, lossless_dtype(t, case.point.dtype)))
-        .collect();
+/// Tensors of at least this many bytes may travel in a file (see the module doc).
+pub const FILE_MIN_BYTES: usize = 1 << 20;
+
+/// A memfd holding `t`'s values in `dtype`, and the path another process opens it by
+/// (`/proc/<pid>/fd/<n>`). The kernel frees it when its last holder closes or unmaps it.
+#[cfg(target_os = "linux")]
+pub fn tensor_file(t: &HostTensor, dtype: DType) -> io::Result<(std::fs::File, String)> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: a C string literal and flags; the fd returned is owned by the File below.
+    let fd = unsafe { libc::memfd_create(c"peft-compat-tensor".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    // Encoded 8 MiB of values at a time: the writer never holds the whole encoding.
+    for chunk in t.data.chunks(1 << 20) {
+        file.write_all(&crate::tensor::encode_values(chunk, dtype))?;
+    }
+    let path = format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd());
+    Ok((file, path))
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn tensor_file(_: &HostTensor, _: DType) -> io::Result<(std::fs::File, String)> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
+/// The `outputs` reply for a backend's outputs. With `files`, each large output goes into a
+/// memfd (returned: the caller keeps it open until the next request).
+pub fn outputs_reply(
+    case: &Case,
+    outputs: &Outputs,
+    compute_ms: f64,
+    files: bool,
+) -> (Reply, Vec<Encoded>, Vec<std::fs::File>) {
+    let mut headers = Vec::new();
+    let mut payload = Vec::new();
+    let mut kept = Vec::new();
+    for (n, t) in outputs {
+        let dtype = lossless_dtype(t, case.point.dtype);
+        let bytes = t.data.len() * dtype.size();
+        if files && bytes >= FILE_MIN_BYTES {
+            if let Ok((file, path)) = tensor_file(t, dtype) {
+                headers.push(TensorHeader {
+                    name: n.to_string(),
+                    dtype,
+                    shape: t.shape.clone(),
+                    bytes,
+                    file: Some(path),
+                });
+                kept.push(file);
+                continue;
+            }
+        }
+        let e = encode(n, t, dtype);
+        headers.push(e.header.clone());
+        payload.push(e);
+    }
     let reply = Reply::Outputs {
         compute_ms,
-        tensors: payload.iter().map(|e| e.header.clone()).collect(),
+        tensors: headers,
     };
-    (reply, payload)
+    (reply, payload, kept)
 }
 
 #[cfg(test)]

@@ -44,6 +44,10 @@ pub fn serve(backend: &dyn WorkerBackend) -> i32 {
     std::panic::set_hook(Box::new(|_| {}));
     let mut input = BufReader::new(io::stdin().lock());
     let mut output = BufWriter::new(io::stdout().lock());
+    // Whether the runner reads reply tensors from files, and the files of the last reply
+    // (closed once the next request is read: the runner has read them by then).
+    let mut files = false;
+    let mut _last_files: Vec<std::fs::File> = Vec::new();
     loop {
         let frame =
             match protocol::read_frame::<Request>(&mut input, protocol::request_bytes, || {
@@ -62,7 +66,12 @@ pub fn serve(backend: &dyn WorkerBackend) -> i32 {
                     return 2;
                 }
             };
-        let (reply, payload) = answer(backend, frame.message, &frame.payload);
+        _last_files.clear();
+        if let Request::Hello { files: f, .. } = &frame.message {
+            files = *f;
+        }
+        let (reply, payload, kept) = answer(backend, frame.message, &frame.payload, files);
+        _last_files = kept;
         if test_hook() == Some(TestHook::Stray) {
             use std::io::Write;
             let _ = writeln!(
@@ -98,11 +107,15 @@ fn answer(
     backend: &dyn WorkerBackend,
     req: Request,
     payload: &[u8],
-) -> (Reply, Vec<protocol::Encoded>) {
+    files: bool,
+) -> (Reply, Vec<protocol::Encoded>, Vec<std::fs::File>) {
     match req {
-        Request::Hello { protocol, threads } => {
+        Request::Hello {
+            protocol, threads, ..
+        } => {
             if protocol == VERSION {
                 backend.set_threads(threads.max(1));
+                crate::parallel::set_threads(threads);
             }
             (
                 Reply::Hello {
@@ -110,7 +123,9 @@ fn answer(
                     backend: backend.name(),
                     libraries: backend.libraries(),
                     cuda: backend.cuda(),
+                    files: true,
                 },
+                vec![],
                 vec![],
             )
         }
@@ -118,6 +133,7 @@ fn answer(
             Reply::Probe {
                 unavailable: backend.unavailable(device),
             },
+            vec![],
             vec![],
         ),
         Request::Run { case, tensors, .. } => {
@@ -133,6 +149,7 @@ fn answer(
                             message: e.to_string(),
                         },
                         vec![],
+                        vec![],
                     )
                 }
             };
@@ -146,14 +163,18 @@ fn answer(
                 }
                 backend.run(&case, &inputs)
             })) {
-                Ok(Ok(outputs)) => {
-                    protocol::outputs_reply(&case, &outputs, t0.elapsed().as_secs_f64() * 1e3)
-                }
-                Ok(Err(e)) => (Reply::Refused { message: e.message }, vec![]),
+                Ok(Ok(outputs)) => protocol::outputs_reply(
+                    &case,
+                    &outputs,
+                    t0.elapsed().as_secs_f64() * 1e3,
+                    files,
+                ),
+                Ok(Err(e)) => (Reply::Refused { message: e.message }, vec![], vec![]),
                 Err(p) => (
                     Reply::Panicked {
                         message: panic_message(p),
                     },
+                    vec![],
                     vec![],
                 ),
             }

@@ -1,6 +1,28 @@
 //! Tensors on the host: what crosses the process boundary and what the f64 reference computes on.
 
 use crate::case::DType;
+use crate::parallel;
+
+/// Values per chunk of the parallel passes over a tensor.
+const CHUNK: usize = 1 << 16;
+
+/// Little-endian bytes of `values` in `dtype` (see [`HostTensor::to_le_bytes`]).
+pub fn encode_values(values: &[f64], dtype: DType) -> Vec<u8> {
+    let size = dtype.size();
+    let n = values.len() * size;
+    let mut out = vec![0u8; n];
+    parallel::map_chunks(&mut out, CHUNK * size, n, parallel::threads(), |i, c| {
+        for (b, &v) in c.chunks_exact_mut(size).zip(&values[i * CHUNK..]) {
+            match dtype {
+                DType::F64 => b.copy_from_slice(&v.to_le_bytes()),
+                DType::F32 => b.copy_from_slice(&(v as f32).to_le_bytes()),
+                DType::F16 => b.copy_from_slice(&half::f16::from_f64(v).to_le_bytes()),
+                DType::Bf16 => b.copy_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
+            }
+        }
+    });
+    out
+}
 
 /// A dense row-major tensor on the host. Values are f64, which holds every f16, bf16 and f32
 /// value exactly, so a tensor read back from a backend loses nothing.
@@ -47,38 +69,30 @@ impl HostTensor {
 
     /// Little-endian bytes in `dtype`; exact when the values are representable in it.
     pub fn to_le_bytes(&self, dtype: DType) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.data.len() * dtype.size());
-        for &v in &self.data {
-            match dtype {
-                DType::F64 => out.extend_from_slice(&v.to_le_bytes()),
-                DType::F32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
-                DType::F16 => out.extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
-                DType::Bf16 => out.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
-            }
-        }
-        out
+        encode_values(&self.data, dtype)
     }
 
     /// The inverse of [`HostTensor::to_le_bytes`]; `bytes` holds exactly one value per element.
     pub fn from_le_bytes(shape: Vec<usize>, dtype: DType, bytes: &[u8]) -> HostTensor {
-        let data: Vec<f64> = match dtype {
-            DType::F64 => bytes
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
-                .collect(),
-            DType::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")) as f64)
-                .collect(),
-            DType::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64())
-                .collect(),
-            DType::Bf16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64())
-                .collect(),
-        };
+        let size = dtype.size();
+        let mut data = vec![0.0; bytes.len() / size];
+        parallel::map_chunks(
+            &mut data,
+            CHUNK,
+            bytes.len(),
+            parallel::threads(),
+            |i, c| {
+                let src = bytes[i * CHUNK * size..].chunks_exact(size);
+                for (o, b) in c.iter_mut().zip(src) {
+                    *o = match dtype {
+                        DType::F64 => f64::from_le_bytes(b.try_into().expect("8 bytes")),
+                        DType::F32 => f32::from_le_bytes(b.try_into().expect("4 bytes")) as f64,
+                        DType::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f64(),
+                        DType::Bf16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f64(),
+                    };
+                }
+            },
+        );
         HostTensor::new(shape, data)
     }
 
