@@ -30,7 +30,7 @@ const CHUNK: usize = 1 << 16;
 pub struct Draws {
     layer: Layer,
     x: HostTensor,
-    weight: HostTensor,
+    weight: Weight,
     bias: HostTensor,
     lora_a: HostTensor,
     lora_b: HostTensor,
@@ -44,27 +44,8 @@ pub struct Draws {
     from_checkpoint: bool,
 }
 
-/// U(-bound, bound) values, drawn in parallel chunks that are the very values of one
-/// sequential stream: a uniform f64 takes exactly one u64 (two ChaCha words) of the stream
-/// (rand 0.9's single-sample float range has no rejection), so chunk k starts 2 k CHUNK words
-/// on and seeks there.
-fn uniform(rng: &mut ChaCha8Rng, shape: Vec<usize>, bound: f64) -> HostTensor {
-    let n: usize = shape.iter().product();
-    let start = rng.get_word_pos();
-    let base = rng.clone();
-    let mut data = vec![0.0; n];
-    parallel::map_chunks(&mut data, CHUNK, n, parallel::threads(), |k, c| {
-        let mut r = base.clone();
-        r.set_word_pos(start + 2 * (k * CHUNK) as u128);
-        c.iter_mut()
-            .for_each(|v| *v = r.random_range(-bound..bound));
-    });
-    rng.set_word_pos(start + 2 * n as u128);
-    HostTensor::new(shape, data)
-}
-
 /// Which tensor a normal draw is for: its chunks' streams are `tag << 32 | chunk`.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 enum Tag {
     X = 1,
     Weight = 2,
@@ -72,28 +53,120 @@ enum Tag {
     LlmWeight = 4,
 }
 
-/// N(0, 1) values. The first CHUNK come from the shape's own stream (so every tensor of up to
-/// CHUNK values is drawn as it always was); each further chunk k from its own ChaCha stream
-/// (`tag << 32 | k`) of the same key, drawn in parallel. A ziggurat sample takes a variable
-/// number of words, so a chunk's place in one stream cannot be found without drawing all
-/// that comes before it; streams of their own make the chunks independent, and the values
-/// depend on the seed, the shape and the chunk alone, never on the thread count.
+/// A distribution a tensor is drawn from, with where its values come from in the generator.
+#[derive(Debug, Clone, Copy)]
+enum Dist {
+    /// U(-bound, bound) from word `start` of the stream: a uniform f64 takes exactly one u64
+    /// (two ChaCha words; rand 0.9's single-sample float range has no rejection), so chunk k
+    /// starts 2 k CHUNK words on, and the parallel chunks are the very values of one
+    /// sequential stream.
+    Uniform { start: u128, bound: f64 },
+    /// N(0, 1) (a ziggurat). The first CHUNK values come from the shape's own stream (so every
+    /// tensor of up to CHUNK values is drawn as it always was); each further chunk k from its
+    /// own ChaCha stream (`tag << 32 | k`) of the same key. A ziggurat sample takes a variable
+    /// number of words, so a chunk's place in one stream cannot be found without drawing all
+    /// that comes before it; streams of their own make the chunks independent.
+    Normal { tag: Tag },
+}
+
+/// How to draw one tensor. Its values depend on the seed, the shape's name and the chunk
+/// alone, never on the thread count, so any chunk can be drawn on any thread, and drawn again:
+/// an LLM-sized weight is kept as its recipe and drawn into each dtype's rounding, never held
+/// whole in f64 (a 4096x11008 weight is 360 MB that way).
+#[derive(Debug, Clone)]
+struct Recipe {
+    shape: Vec<usize>,
+    /// The generator where the draw starts.
+    rng: ChaCha8Rng,
+    dist: Dist,
+    /// Every value is multiplied by this (1 for none).
+    scale: f64,
+}
+
+impl Recipe {
+    /// A uniform draw at `rng`'s position; `rng` moves past it.
+    fn uniform(rng: &mut ChaCha8Rng, shape: Vec<usize>, bound: f64) -> Recipe {
+        let n: usize = shape.iter().product();
+        let start = rng.get_word_pos();
+        rng.set_word_pos(start + 2 * n as u128);
+        Recipe {
+            shape,
+            rng: rng.clone(),
+            dist: Dist::Uniform { start, bound },
+            scale: 1.0,
+        }
+    }
+
+    /// A normal draw at `rng`'s position; `rng` moves past the values it draws itself.
+    fn normal(rng: &mut ChaCha8Rng, shape: Vec<usize>, tag: Tag) -> Recipe {
+        let recipe = Recipe {
+            rng: rng.clone(),
+            dist: Dist::Normal { tag },
+            scale: 1.0,
+            shape,
+        };
+        let head = recipe.len().min(CHUNK);
+        for _ in 0..head {
+            let _: f64 = StandardNormal.sample(&mut *rng);
+        }
+        recipe
+    }
+
+    fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Chunk `k`'s values into `out` (CHUNK long, or the rest).
+    fn fill(&self, k: usize, out: &mut [f64]) {
+        let mut r = self.rng.clone();
+        match self.dist {
+            Dist::Uniform { start, bound } => {
+                r.set_word_pos(start + 2 * (k * CHUNK) as u128);
+                out.iter_mut()
+                    .for_each(|v| *v = r.random_range(-bound..bound));
+            }
+            Dist::Normal { tag } => {
+                if k > 0 {
+                    r.set_stream(((tag as u64) << 32) | k as u64);
+                    r.set_word_pos(0);
+                }
+                out.iter_mut()
+                    .for_each(|v| *v = StandardNormal.sample(&mut r));
+            }
+        }
+        if self.scale != 1.0 {
+            out.iter_mut().for_each(|v| *v *= self.scale);
+        }
+    }
+
+    /// Every value, drawn in parallel chunks.
+    fn values(&self) -> HostTensor {
+        let n = self.len();
+        let mut data = vec![0.0; n];
+        parallel::map_chunks(&mut data, CHUNK, n, parallel::threads(), |k, c| {
+            self.fill(k, c)
+        });
+        HostTensor::new(self.shape.clone(), data)
+    }
+}
+
+fn uniform(rng: &mut ChaCha8Rng, shape: Vec<usize>, bound: f64) -> HostTensor {
+    Recipe::uniform(rng, shape, bound).values()
+}
+
 fn normal(rng: &mut ChaCha8Rng, shape: Vec<usize>, tag: Tag) -> HostTensor {
-    let n: usize = shape.iter().product();
-    let base = rng.clone();
-    let mut data = vec![0.0; n];
-    let head = n.min(CHUNK);
-    data[..head]
-        .iter_mut()
-        .for_each(|v| *v = StandardNormal.sample(&mut *rng));
-    parallel::map_chunks(&mut data[head..], CHUNK, n, parallel::threads(), |k, c| {
-        let mut r = base.clone();
-        r.set_stream(((tag as u64) << 32) | (k as u64 + 1));
-        r.set_word_pos(0);
-        c.iter_mut()
-            .for_each(|v| *v = StandardNormal.sample(&mut r));
-    });
-    HostTensor::new(shape, data)
+    Recipe::normal(rng, shape, tag).values()
+}
+
+/// A layer's weight: a checkpoint's stored values, or a drawn weight's recipe (see [`Recipe`]).
+#[derive(Debug, Clone)]
+enum Weight {
+    Stored(HostTensor),
+    Drawn {
+        recipe: Box<Recipe>,
+        /// Every fourth row in DoRA's sense is zero (the `zero_rows` profile).
+        zero_rows: bool,
+    },
 }
 
 /// The tensor shapes of one layer (x, W, A, B, the upstream gradient) and its fan-in.
@@ -197,15 +270,9 @@ impl Draws {
         // A profile that redraws the weight below skips its natural draw: a uniform draw is two
         // words a value, so stepping over them leaves every later draw where it always was,
         // without holding a weight-sized buffer that is thrown away.
-        let redrawn = profile == Profile::Llm || profile_scale(profile).is_some();
         let mut weight = match layer {
-            Layer::Embedding => normal(&mut rng, geo.w.clone(), Tag::Weight),
-            _ if redrawn => {
-                let n: usize = geo.w.iter().product();
-                rng.set_word_pos(rng.get_word_pos() + 2 * n as u128);
-                HostTensor::new(vec![0], vec![])
-            }
-            _ => uniform(&mut rng, geo.w.clone(), w_bound),
+            Layer::Embedding => Recipe::normal(&mut rng, geo.w.clone(), Tag::Weight),
+            _ => Recipe::uniform(&mut rng, geo.w.clone(), w_bound),
         };
         let bias = uniform(&mut rng, vec![o], w_bound);
         let mut lora_a = uniform(&mut rng, geo.a.clone(), w_bound);
@@ -217,35 +284,21 @@ impl Draws {
             _ => w_bound,
         };
         if profile == Profile::Llm {
-            weight = normal(&mut rng, geo.w.clone(), Tag::LlmWeight);
-            weight.data.iter_mut().for_each(|v| *v *= 0.02);
+            weight = Recipe::normal(&mut rng, geo.w.clone(), Tag::LlmWeight);
+            weight.scale = 0.02;
         }
         if let Some(s) = profile_scale(profile) {
-            weight = uniform(&mut rng, geo.w.clone(), s);
+            weight = Recipe::uniform(&mut rng, geo.w.clone(), s);
             let f = s / natural;
             lora_a.data.iter_mut().for_each(|v| *v *= f);
             if layer != Layer::Embedding {
                 x.data.iter_mut().for_each(|v| *v /= f);
             }
         }
-        if profile == Profile::ZeroRows {
-            let cols = weight.data.len() / weight.rows();
-            match layer {
-                // DoRA's norm of an Embedding runs over each embedding dimension (a column).
-                Layer::Embedding => {
-                    for (idx, v) in weight.data.iter_mut().enumerate() {
-                        if (idx % cols) % 4 == 0 {
-                            *v = 0.0;
-                        }
-                    }
-                }
-                _ => {
-                    for row in weight.data.chunks_mut(cols).step_by(4) {
-                        row.iter_mut().for_each(|v| *v = 0.0);
-                    }
-                }
-            }
-        }
+        let weight = Weight::Drawn {
+            recipe: Box::new(weight),
+            zero_rows: profile == Profile::ZeroRows,
+        };
         Draws {
             layer,
             x,
@@ -292,7 +345,7 @@ impl Draws {
             x,
             bias_on: stored.bias.is_some(),
             bias: stored.bias.unwrap_or_else(|| HostTensor::zeros(vec![o])),
-            weight: stored.weight,
+            weight: Weight::Stored(stored.weight),
             lora_a,
             lora_b,
             magnitude_factor,
@@ -306,22 +359,51 @@ impl Draws {
     /// How many of a checkpoint weight's stored values rounding into `dtype` changes; `None`
     /// for a drawn weight.
     pub fn weight_rounded(&self, dtype: DType) -> Option<usize> {
-        self.from_checkpoint
-            .then(|| crate::checkpoint::rounded_count(&self.weight, dtype))
+        match &self.weight {
+            Weight::Stored(w) if self.from_checkpoint => {
+                Some(crate::checkpoint::rounded_count(w, dtype))
+            }
+            _ => None,
+        }
     }
 
     /// The weight rounded into `dtype`, for every case of that dtype (see [`Rounded`]).
     pub fn round(&self, dtype: DType) -> Rounded {
-        let mut data = vec![0.0; self.weight.data.len()];
-        let src = &self.weight.data;
-        parallel::map_chunks(&mut data, CHUNK, src.len(), parallel::threads(), |i, c| {
-            for (o, &v) in c.iter_mut().zip(&src[i * CHUNK..]) {
-                *o = dtype.round(v);
+        let (shape, n) = match &self.weight {
+            Weight::Stored(w) => (w.shape.clone(), w.data.len()),
+            Weight::Drawn { recipe, .. } => (recipe.shape.clone(), recipe.len()),
+        };
+        // DoRA's rows: output rows (channels) of a Linear (Conv2d) weight, the embedding
+        // dimensions (columns) of an Embedding's.
+        let cols = n / shape[0].max(1);
+        let embedding = self.layer == Layer::Embedding;
+        let zero = |idx: usize| {
+            if embedding {
+                (idx % cols).is_multiple_of(4)
+            } else {
+                (idx / cols).is_multiple_of(4)
             }
+        };
+        let mut data = vec![0.0; n];
+        parallel::map_chunks(&mut data, CHUNK, n, parallel::threads(), |k, c| {
+            match &self.weight {
+                Weight::Stored(w) => c.copy_from_slice(&w.data[k * CHUNK..k * CHUNK + c.len()]),
+                Weight::Drawn { recipe, zero_rows } => {
+                    recipe.fill(k, c);
+                    if *zero_rows {
+                        for (j, v) in c.iter_mut().enumerate() {
+                            if zero(k * CHUNK + j) {
+                                *v = 0.0;
+                            }
+                        }
+                    }
+                }
+            }
+            c.iter_mut().for_each(|v| *v = dtype.round(*v));
         });
         Rounded {
             dtype,
-            weight: Arc::new(HostTensor::new(self.weight.shape.clone(), data)),
+            weight: Arc::new(HostTensor::new(shape, data)),
             magnitude: Default::default(),
         }
     }
@@ -496,7 +578,11 @@ mod tests {
             let one = draw(1, profile);
             for threads in [2, 3, 8] {
                 let many = draw(threads, profile);
-                assert_eq!(one.weight, many.weight, "{profile} on {threads} threads");
+                assert_eq!(
+                    one.round(DType::F64).weight,
+                    many.round(DType::F64).weight,
+                    "{profile} on {threads} threads"
+                );
                 assert_eq!(one.lora_a, many.lora_a);
                 assert_eq!(one.grad_output, many.grad_output);
             }
@@ -510,9 +596,12 @@ mod tests {
         let sequential: Vec<f64> = (0..1024 * 512)
             .map(|_| rng.random_range(-bound..bound))
             .collect();
-        assert_eq!(draw(4, Profile::Normal).weight.data, sequential);
+        assert_eq!(
+            draw(4, Profile::Normal).round(DType::F64).weight.data,
+            sequential
+        );
         // The llm weight has N(0, 0.02) statistics in every chunk, not just the first.
-        let llm = draw(4, Profile::Llm).weight;
+        let llm = draw(4, Profile::Llm).round(DType::F64).weight;
         for chunk in llm.data.chunks(CHUNK) {
             let sd = (chunk.iter().map(|v| v * v).sum::<f64>() / chunk.len() as f64).sqrt();
             assert!((sd - 0.02).abs() < 0.001, "{sd}");

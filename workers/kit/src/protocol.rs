@@ -476,23 +476,41 @@ fn weight_from_file(h: &TensorHeader) -> io::Result<Arc<HostTensor>> {
     Ok(t)
 }
 
-/// A tensor's bytes read in place from `path` (a request's `file`), checked against its header.
+/// A tensor's bytes read from `path` (a request's or a reply's `file`), checked against its
+/// header. Read with positioned reads in chunks, decoded as they come, in parallel: the
+/// reader never holds the file's bytes (a mapping would count them in its memory too).
 fn decode_file(h: &TensorHeader, path: &str) -> io::Result<HostTensor> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: usize = 1 << 16;
     let f = std::fs::File::open(path)
         .map_err(|e| bad(format!("tensor `{}`: cannot open {path}: {e}", h.name)))?;
-    // SAFETY: the runner wrote the file before sending the request and never writes it again
-    // (it is its memfd of one rounded weight); the mapping is read and dropped here.
-    let map = unsafe { memmap2::Mmap::map(&f) }
-        .map_err(|e| bad(format!("tensor `{}`: cannot map {path}: {e}", h.name)))?;
-    let bytes = map.get(..h.bytes).ok_or_else(|| {
-        bad(format!(
-            "tensor `{}`: {path} holds {} bytes, the header says {}",
-            h.name,
-            map.len(),
-            h.bytes
-        ))
-    })?;
-    decode(h, bytes)
+    let len = f.metadata()?.len();
+    if len < h.bytes as u64 {
+        return Err(bad(format!(
+            "tensor `{}`: {path} holds {len} bytes, the header says {}",
+            h.name, h.bytes
+        )));
+    }
+    let size = h.dtype.size();
+    let n = h.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if n.and_then(|n| n.checked_mul(size)) != Some(h.bytes) {
+        return Err(bad(format!(
+            "tensor `{}`: {} bytes for shape {:?} of {}",
+            h.name, h.bytes, h.shape, h.dtype
+        )));
+    }
+    let mut data = vec![0.0; h.bytes / size];
+    let threads = crate::parallel::threads();
+    crate::parallel::map_chunks(&mut data, CHUNK, h.bytes, threads, |k, c| {
+        let mut buf = vec![0u8; c.len() * size];
+        f.read_exact_at(&mut buf, (k * CHUNK * size) as u64)?;
+        crate::tensor::decode_values(&buf, h.dtype, c);
+        Ok(())
+    })
+    .into_iter()
+    .collect::<io::Result<()>>()
+    .map_err(|e| bad(format!("tensor `{}`: cannot read {path}: {e}", h.name)))?;
+    Ok(HostTensor::new(h.shape.clone(), data))
 }
 
 /// The `run` request for a case: its inputs in the case dtype. `file(name, tensor, dtype)`

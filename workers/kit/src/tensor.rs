@@ -24,6 +24,18 @@ pub fn encode_values(values: &[f64], dtype: DType) -> Vec<u8> {
     out
 }
 
+/// The values of `bytes` (little-endian `dtype`, at least `out.len()` of them) into `out`.
+pub fn decode_values(bytes: &[u8], dtype: DType, out: &mut [f64]) {
+    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(dtype.size())) {
+        *o = match dtype {
+            DType::F64 => f64::from_le_bytes(b.try_into().expect("8 bytes")),
+            DType::F32 => f32::from_le_bytes(b.try_into().expect("4 bytes")) as f64,
+            DType::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f64(),
+            DType::Bf16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f64(),
+        };
+    }
+}
+
 /// A dense row-major tensor on the host. Values are f64, which holds every f16, bf16 and f32
 /// value exactly, so a tensor read back from a backend loses nothing.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,23 +88,10 @@ impl HostTensor {
     pub fn from_le_bytes(shape: Vec<usize>, dtype: DType, bytes: &[u8]) -> HostTensor {
         let size = dtype.size();
         let mut data = vec![0.0; bytes.len() / size];
-        parallel::map_chunks(
-            &mut data,
-            CHUNK,
-            bytes.len(),
-            parallel::threads(),
-            |i, c| {
-                let src = bytes[i * CHUNK * size..].chunks_exact(size);
-                for (o, b) in c.iter_mut().zip(src) {
-                    *o = match dtype {
-                        DType::F64 => f64::from_le_bytes(b.try_into().expect("8 bytes")),
-                        DType::F32 => f32::from_le_bytes(b.try_into().expect("4 bytes")) as f64,
-                        DType::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f64(),
-                        DType::Bf16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f64(),
-                    };
-                }
-            },
-        );
+        let threads = parallel::threads();
+        parallel::map_chunks(&mut data, CHUNK, bytes.len(), threads, |i, c| {
+            decode_values(&bytes[i * CHUNK * size..], dtype, c)
+        });
         HostTensor::new(shape, data)
     }
 
