@@ -19,6 +19,9 @@
 //!    and 4096x11008, 120 cases) at `-j 1`: wall time against the sum of the backends' own
 //!    compute time (the harness's share is the rest), and the runner's peak memory against the
 //!    largest f64 weight. `--llm` runs this one alone.
+//! 8. PiSSA and OLoRA init on an LLM layer (4096x4096, `llm` profile; tch, CPU, f32): the f64
+//!    reference alone in process (faer's SVD; OLoRA's QR of the first r columns), and each case
+//!    through peft-compat, wall and the backend's compute. `--init` runs this one alone.
 //!
 //! Ratios measured in one run are what to compare on a noisy machine; `--quick` skips 4, 5 and 7.
 
@@ -182,6 +185,11 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("peft-compat benchmarks ({cores} cores)\n");
+    if std::env::args().any(|a| a == "--init") {
+        llm_init(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     if std::env::args().any(|a| a == "--llm") {
         llm_matrix(&dir);
         let _ = std::fs::remove_dir_all(&dir);
@@ -366,7 +374,67 @@ fn main() {
     );
     checkpoint(&dir);
     llm_matrix(&dir);
+    llm_init(&dir);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// 8. PiSSA and OLoRA init at LLM size: the reference finishes, and how it compares.
+fn llm_init(dir: &Path) {
+    let shape = Shape {
+        name: "attn".into(),
+        batch: 4,
+        in_features: 4096,
+        out_features: 4096,
+        rank: 16,
+        alpha: 32.0,
+        bias: false,
+        rslora: false,
+        kernel: 3,
+        image: 8,
+    };
+    let draws = Draws::generate(&shape, Layer::Linear, Profile::Llm, 18);
+    for adapter in [Adapter::Pissa, Adapter::Olora] {
+        let inputs = draws.inputs(DType::F32, adapter, Op::Init);
+        let t = Instant::now();
+        let (out, kappa) = reference::compute_with_conditioning(adapter, Op::Init, &inputs);
+        std::hint::black_box(&out);
+        println!(
+            "8. {adapter} init 4096x4096: f64 reference {:.2} s in process (kappa {kappa:.1})",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let matrix = dir.join("init.yaml");
+    std::fs::write(
+        &matrix,
+        "seed: 18\naxes:\n  backend: [tch]\n  device: [cpu]\n  dtype: [f32]\n  adapter: [pissa, olora]\n  \
+         op: [init]\n  precision: [native]\n  profile: [llm]\nshapes:\n  attn: {batch: 4, in_features: 4096, out_features: 4096, rank: 16, alpha: 32, bias: false}\n",
+    )
+    .unwrap();
+    let report = dir.join("init.json");
+    let m = measure(run_cmd(
+        &matrix,
+        &["-j", "1", "--json", report.to_str().unwrap()],
+    ));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    for c in r["cases"].as_array().into_iter().flatten() {
+        println!(
+            "   {}: {} in {:.2} s (backend compute {:.2} s)",
+            c["id"].as_str().unwrap_or("?"),
+            c["outcome"].as_str().unwrap_or("?"),
+            c["duration_ms"].as_f64().unwrap_or(0.0) / 1e3,
+            c["compute_ms"].as_f64().unwrap_or(0.0) / 1e3
+        );
+    }
+    println!(
+        "   both through peft-compat: {:.1} s wall{}",
+        m.wall.as_secs_f64(),
+        if m.ok {
+            ""
+        } else {
+            " (a case failed: see the report)"
+        }
+    );
 }
 
 /// 7. The LLM benchmark matrix at -j 1.

@@ -516,9 +516,29 @@ pub fn data_init(
     inp: &Inputs,
     rank: usize,
 ) -> (HostTensor, HostTensor, HostTensor, f64) {
+    data_init_by(adapter, inp, rank, inp.weight.data.len() >= LLM_INIT)
+}
+
+/// From this many weight values on, PiSSA and OLoRA take the LLM route ([`llm_init`]):
+/// nalgebra's unblocked SVD and full QR take minutes on a 4096x4096 weight. Below it the
+/// reference stays nalgebra's, as it always was, so committed reports keep their last digits.
+const LLM_INIT: usize = 1 << 20;
+
+/// [`data_init`] by the LLM route or nalgebra's.
+fn data_init_by(
+    adapter: Adapter,
+    inp: &Inputs,
+    rank: usize,
+    llm: bool,
+) -> (HostTensor, HostTensor, HostTensor, f64) {
+    let s = inp.scaling;
+    if llm {
+        let (a, b, kappa) = llm_init(adapter, &inp.weight, rank, s);
+        let residual = axpy(&inp.weight, -1.0, &delta_weight(&a, &b, s));
+        return (a, b, residual, kappa);
+    }
     let (o, i) = (inp.weight.rows(), inp.weight.cols());
     let w = nalgebra::DMatrix::from_row_slice(o, i, &inp.weight.data);
-    let s = inp.scaling;
     let mut kappa = 1.0;
     let (a, b) = if adapter == Adapter::Olora {
         let qr = w.qr();
@@ -556,6 +576,64 @@ pub fn data_init(
     let (a, b) = (host(&a), host(&b));
     let residual = axpy(&inp.weight, -1.0, &delta_weight(&a, &b, s));
     (a, b, residual, kappa)
+}
+
+/// PiSSA's or OLoRA's (A, B, kappa) on an LLM-sized weight W: [o, i], in f64.
+/// - OLoRA: W = Q R gives B = Q\[:, :r\] and A = R\[:r\]. The first r columns of Q and the
+///   leading r x r block of R are the QR of W's first r columns alone (Householder QR works
+///   column by column), and A = R\[:r\] = Q_r^T W: one QR of an [o, r] matrix and one product,
+///   instead of the QR of all of W. Exact in exact arithmetic; s B A = s Q_r Q_r^T W (what the
+///   outputs hold) is free of the QR's sign choices.
+/// - PiSSA: faer's thin SVD (blocked, cache-aware), sequential so that the reference does not
+///   depend on the core count; A, B and kappa as in [`data_init`].
+fn llm_init(
+    adapter: Adapter,
+    w: &HostTensor,
+    rank: usize,
+    s: f64,
+) -> (HostTensor, HostTensor, f64) {
+    let (o, i) = (w.rows(), w.cols());
+    if adapter == Adapter::Olora {
+        let lead = nalgebra::DMatrix::from_fn(o, rank, |r, c| w.data[r * i + c]);
+        let q = lead.qr().q();
+        let q = HostTensor::new(
+            vec![o, rank],
+            (0..o)
+                .flat_map(|r| q.row(r).iter().copied().collect::<Vec<_>>())
+                .collect(),
+        );
+        return (matmul_tn(&q, w), q, 1.0);
+    }
+    faer::set_global_parallelism(faer::Par::Seq);
+    let m = faer::Mat::<f64>::from_fn(o, i, |r, c| w.data[r * i + c]);
+    let Ok(svd) = m.thin_svd() else {
+        // faer's SVD did not converge (not seen on finite weights): a NaN reference marks it.
+        let nan = |r, c| HostTensor::new(vec![r, c], vec![f64::NAN; r * c]);
+        return (nan(rank, i), nan(o, rank), f64::NAN);
+    };
+    let sigma = svd.S().column_vector();
+    let sv = |k: usize| if k < sigma.nrows() { sigma[k] } else { 0.0 };
+    let gap = sv(rank - 1) - sv(rank);
+    let kappa = if gap > 0.0 {
+        (sv(0) / gap).max(1.0)
+    } else {
+        1.0
+    };
+    let (u, v) = (svd.U(), svd.V());
+    let root = |k: usize| (sv(k) / s).sqrt();
+    let a = (0..rank)
+        .flat_map(|k| (0..i).map(move |j| (k, j)))
+        .map(|(k, j)| v[(j, k)] * root(k))
+        .collect();
+    let b = (0..o)
+        .flat_map(|r| (0..rank).map(move |k| (r, k)))
+        .map(|(r, k)| u[(r, k)] * root(k))
+        .collect();
+    (
+        HostTensor::new(vec![rank, i], a),
+        HostTensor::new(vec![o, rank], b),
+        kappa,
+    )
 }
 
 /// The layer as its init leaves it: B = 0 (A = 0 for an Embedding) as given, or PiSSA/OLoRA's
@@ -920,6 +998,39 @@ mod tests {
         close(get(&o, names::DELTA), &[4.0, 2.0, 0.0, 0.0]);
         close(get(&o, names::RESIDUAL), &[-2.0, -1.0, 0.0, 3.0]);
         assert_eq!(kappa, 1.0);
+    }
+
+    /// The LLM route of PiSSA and OLoRA (faer's SVD; QR of the first r columns) gives what
+    /// nalgebra's full SVD and QR give: s B A and the residual to f64's precision, and PiSSA's
+    /// kappa.
+    #[test]
+    fn llm_init_route_agrees_with_the_full_decompositions() {
+        let (o, i, r) = (48, 96, 6);
+        let mut state = 12345u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        };
+        let wd: Vec<f64> = (0..o * i).map(|_| next()).collect();
+        let inp = linear(&[o, i], &wd, &[1, i], &vec![1.0; i], r, 2.0);
+        for adapter in [Adapter::Pissa, Adapter::Olora] {
+            let (a1, b1, w1, k1) = data_init_by(adapter, &inp, r, false);
+            let (a2, b2, w2, k2) = data_init_by(adapter, &inp, r, true);
+            let d1 = delta_weight(&a1, &b1, 2.0);
+            let d2 = delta_weight(&a2, &b2, 2.0);
+            let err = |x: &HostTensor, y: &HostTensor| {
+                x.data
+                    .iter()
+                    .zip(&y.data)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0.0, f64::max)
+            };
+            assert!(err(&d1, &d2) < 1e-12, "{adapter}: {}", err(&d1, &d2));
+            assert!(err(&w1, &w2) < 1e-12, "{adapter}: {}", err(&w1, &w2));
+            assert!((k1 - k2).abs() < 1e-9 * k1, "{adapter}: {k1} {k2}");
+        }
     }
 
     /// An Embedding of 3 tokens in 2 dimensions, ids [2, 0], r = 1, s = 1.
