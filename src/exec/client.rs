@@ -86,7 +86,12 @@ impl Launch {
 /// What a case's run came back as.
 #[derive(Debug)]
 pub enum RunReply {
-    Outputs { outputs: Outputs, compute: Duration },
+    Outputs {
+        outputs: Outputs,
+        /// With `lazy`: the outputs left in the worker's files, opened, not read.
+        files: Vec<(&'static str, protocol::TensorFile)>,
+        compute: Duration,
+    },
     Refused(String),
     Panicked(String),
     NotApplicable(String),
@@ -331,10 +336,13 @@ impl Worker {
 
     /// Wait for the reply to [`Worker::send_run`]. `stop` is polled while waiting: when it turns
     /// true the worker is killed and the call returns `Interrupted`.
+    /// With `lazy`, outputs that came in files stay there (opened: the judge reads them a chunk
+    /// at a time; they outlive the worker's copy); else every output is decoded.
     pub fn recv_run(
         &mut self,
         timeout: Duration,
         stop: Option<&AtomicBool>,
+        lazy: bool,
     ) -> Result<RunReply, WorkerError> {
         match self.recv(timeout, stop)? {
             (
@@ -356,22 +364,34 @@ impl Worker {
                         "a reply claims {in_files} bytes in files, more than the {limit} this request can need"
                     )));
                 }
-                let values = protocol::split_payload(&tensors, &bytes)
+                let name = |h: &protocol::TensorHeader| {
+                    crate::worker::io::names::ALL
+                        .iter()
+                        .find(|k| **k == h.name)
+                        .copied()
+                        .ok_or_else(|| format!("unknown output `{}`", h.name))
+                };
+                let (in_files, decoded): (Vec<_>, Vec<_>) =
+                    tensors.into_iter().partition(|h| lazy && h.file.is_some());
+                let values = protocol::split_payload(&decoded, &bytes)
                     .map_err(|e| self.fail(e.to_string()))?;
-                let outputs = tensors
+                let outputs = decoded
                     .iter()
                     .zip(values)
-                    .map(|(h, t)| {
-                        crate::worker::io::names::ALL
-                            .iter()
-                            .find(|k| **k == h.name)
-                            .map(|k| (*k, t))
-                            .ok_or_else(|| format!("unknown output `{}`", h.name))
-                    })
+                    .map(|(h, t)| Ok((name(h)?, t)))
                     .collect::<Result<Outputs, String>>()
+                    .map_err(|e| self.fail(e))?;
+                let files = in_files
+                    .iter()
+                    .map(|h| {
+                        let file = protocol::TensorFile::open(h).map_err(|e| e.to_string())?;
+                        Ok((name(h)?, file))
+                    })
+                    .collect::<Result<Vec<_>, String>>()
                     .map_err(|e| self.fail(e))?;
                 Ok(RunReply::Outputs {
                     outputs,
+                    files,
                     compute: Duration::from_secs_f64(compute_ms.max(0.0) / 1e3),
                 })
             }

@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 pub enum Execution {
     Ran {
         outputs: Outputs,
+        /// Outputs left in the worker's files (when the caller did not ask for them `whole`).
+        files: Vec<(&'static str, crate::worker::protocol::TensorFile)>,
         compute: Duration,
     },
     /// The library refused an operation: its words.
@@ -40,13 +42,15 @@ pub enum Execution {
 pub trait Executor: Send {
     /// Start `case` (a worker begins computing while the runner prepares the reference).
     fn start(&mut self, case: &Case, inputs: &Inputs) -> Result<(), Execution>;
-    /// Wait for the case started last.
+    /// Wait for the case started last. Unless `whole`, outputs that a worker left in files may
+    /// stay there (`Execution::Ran`'s `files`): the caller only judges them.
     fn finish(
         &mut self,
         case: &Case,
         inputs: &Inputs,
         timeout: Duration,
         stop: &AtomicBool,
+        whole: bool,
     ) -> Execution;
 }
 
@@ -79,13 +83,21 @@ impl Executor for InProcessExecutor<'_> {
     fn start(&mut self, _: &Case, _: &Inputs) -> Result<(), Execution> {
         Ok(())
     }
-    fn finish(&mut self, case: &Case, inputs: &Inputs, _: Duration, _: &AtomicBool) -> Execution {
+    fn finish(
+        &mut self,
+        case: &Case,
+        inputs: &Inputs,
+        _: Duration,
+        _: &AtomicBool,
+        _: bool,
+    ) -> Execution {
         let t0 = Instant::now();
         // A panicking case is reported as `crashed` (the panic hook, a process-wide setting, is
         // left as it is: tests run beside each other).
         match catch_unwind(AssertUnwindSafe(|| (self.run)(case, inputs))) {
             Ok(Ok(outputs)) => Execution::Ran {
                 outputs,
+                files: Vec::new(),
                 compute: t0.elapsed(),
             },
             Ok(Err(e)) => Execution::Refused(e.message),
@@ -490,17 +502,26 @@ impl Executor for WorkerSet<'_> {
         _: &Inputs,
         timeout: Duration,
         stop: &AtomicBool,
+        whole: bool,
     ) -> Execution {
         let Some(w) = self.workers.get_mut(&case.point.backend) else {
             return Execution::Crashed("no worker was running this case".into());
         };
-        let r = w.recv_run(timeout, Some(stop));
+        let r = w.recv_run(timeout, Some(stop), !whole);
         if r.is_err() {
             // Dead, killed or confused: the next case gets a fresh worker.
             self.workers.remove(&case.point.backend);
         }
         match r {
-            Ok(RunReply::Outputs { outputs, compute }) => Execution::Ran { outputs, compute },
+            Ok(RunReply::Outputs {
+                outputs,
+                files,
+                compute,
+            }) => Execution::Ran {
+                outputs,
+                files,
+                compute,
+            },
             Ok(RunReply::Refused(m)) => Execution::Refused(m),
             Ok(RunReply::Panicked(m)) => Execution::Crashed(format!("panicked: {m}")),
             Ok(RunReply::NotApplicable(m)) => Execution::NotApplicable(m),

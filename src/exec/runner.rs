@@ -16,9 +16,9 @@ use super::twins::Twins;
 use crate::case::Case;
 use crate::outcome::{Agreement, Outcome, Skip, SkipKind, Tolerance};
 use crate::spec::Matrix;
-use crate::truth::judge::judge;
+use crate::truth::judge::judge_files;
 use crate::worker::io::Outputs;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -253,6 +253,7 @@ fn dispatch(
 ) -> usize {
     let mut done = 0;
     let mut twins = Twins::new(matrix, &to_run);
+    let twinned = &twins.cases();
     let cache = Cache::new(
         matrix.seed,
         &matrix.weights,
@@ -274,7 +275,7 @@ fn dispatch(
                 if tx.send(Msg::Started(i)).is_err() {
                     break;
                 }
-                let r = run_one(i, matrix, cache, exec.as_mut(), opts);
+                let r = run_one(i, matrix, cache, exec.as_mut(), opts, twinned);
                 cache.release(&matrix.cases[i]);
                 let Some(r) = r else { break };
                 if tx.send(Msg::Finished(Box::new(r))).is_err() {
@@ -327,7 +328,11 @@ fn run_one(
     cache: &Cache,
     exec: &mut dyn Executor,
     opts: &RunOptions,
+    twinned: &HashSet<usize>,
 ) -> Option<CaseResult> {
+    // The outputs are needed whole only to be dumped or compared with a twin's; else an
+    // LLM-sized output is judged from its worker's file, never held beside its reference.
+    let whole = opts.dump_dir.is_some() || twinned.contains(&index);
     let case = &matrix.cases[index];
     let t0 = Instant::now();
     let (factor, rel) = matrix.tolerance_for(case);
@@ -354,13 +359,17 @@ fn run_one(
     let started = exec.start(case, inputs);
     let (want, kappa) = prepared.reference();
     let execution = match started {
-        Ok(()) => exec.finish(case, inputs, opts.timeout, &opts.stop),
+        Ok(()) => exec.finish(case, inputs, opts.timeout, &opts.stop, whole),
         Err(e) => e,
     };
     let tolerance = Tolerance::for_case(case, *kappa, factor, rel);
     let (outcome, got, compute) = match execution {
-        Execution::Ran { outputs, compute } => (
-            judge(&outputs, want, tolerance, case.point.dtype),
+        Execution::Ran {
+            outputs,
+            files,
+            compute,
+        } => (
+            judge_files(&outputs, &files, want, tolerance, case.point.dtype),
             Some(outputs),
             Some(compute),
         ),

@@ -43,6 +43,12 @@ impl Twins {
         }
     }
 
+    /// Every case with a twin in this run (a PEFT case, or the tch case it is paired with):
+    /// their outputs are kept whole until both are judged.
+    pub fn cases(&self) -> std::collections::HashSet<usize> {
+        self.twin_of.iter().flat_map(|(&p, &t)| [p, t]).collect()
+    }
+
     /// A case finished: the results to report now (its own, and any twin it releases).
     pub fn finished(&mut self, mut r: CaseResult) -> Vec<CaseResult> {
         let outputs = r.outputs.take();

@@ -30,6 +30,7 @@ use super::parallel;
 use crate::case::{Case, DType, Op};
 use crate::outcome::{Metrics, Outcome, OutputMetrics, Tolerance};
 use crate::worker::io::{names, Outputs};
+use crate::worker::protocol::TensorFile;
 use crate::worker::tensor::HostTensor;
 
 /// Roundings allowed per op chain, with margin. Init, forward, merge and unmerge chain 4-6
@@ -109,7 +110,7 @@ pub fn agreement_units(got: &Outputs, twin: &Outputs, dtype: DType) -> Option<f6
         let Some((_, g)) = got.iter().find(|(n, _)| n == name) else {
             continue;
         };
-        let m = measure(name, g, t, 0.0, dtype);
+        let m = measure(name, Got::Tensor(g), t, 0.0, dtype);
         let units = if m.nonfinite != m.reference_nonfinite {
             f64::INFINITY
         } else {
@@ -120,18 +121,65 @@ pub fn agreement_units(got: &Outputs, twin: &Outputs, dtype: DType) -> Option<f6
     worst
 }
 
-fn measure(
-    name: &str,
-    got: &HostTensor,
-    want: &HostTensor,
-    tol: f64,
-    dtype: DType,
-) -> OutputMetrics {
+/// A backend's output as the judge reads it: decoded, or still in the worker's file (an
+/// LLM-sized weight the runner has no other use for is read a chunk at a time, never held
+/// whole beside its reference).
+#[derive(Clone, Copy)]
+pub enum Got<'a> {
+    Tensor(&'a HostTensor),
+    File(&'a TensorFile),
+}
+
+/// Values per chunk of a measurement.
+const CHUNK: usize = 1 << 16;
+
+impl Got<'_> {
+    fn shape(&self) -> &[usize] {
+        match self {
+            Got::Tensor(t) => &t.shape,
+            Got::File(f) => &f.header.shape,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Got::Tensor(t) => t.data.len(),
+            Got::File(f) => f.len(),
+        }
+    }
+
+    /// `f` of the values in `range`. A file that cannot be read (its worker is gone) reads
+    /// as NaN: the case then fails as `nonfinite`, never passes.
+    fn chunk<R>(&self, range: std::ops::Range<usize>, f: impl FnOnce(&[f64]) -> R) -> R {
+        match self {
+            Got::Tensor(t) => f(&t.data[range]),
+            Got::File(file) => {
+                let mut buf = vec![0.0; range.len()];
+                if file.read(range.start, &mut buf).is_err() {
+                    buf.fill(f64::NAN);
+                }
+                f(&buf)
+            }
+        }
+    }
+
+    /// The whole tensor (decoded from its file if it is one).
+    fn tensor(&self) -> std::borrow::Cow<'_, HostTensor> {
+        match self {
+            Got::Tensor(t) => std::borrow::Cow::Borrowed(*t),
+            Got::File(f) => std::borrow::Cow::Owned(f.decode().unwrap_or_else(|_| {
+                HostTensor::new(f.header.shape.clone(), vec![f64::NAN; f.len()])
+            })),
+        }
+    }
+}
+
+fn measure(name: &str, got: Got, want: &HostTensor, tol: f64, dtype: DType) -> OutputMetrics {
     let mut max_abs: f64 = 0.0;
     let mut scale: f64 = 0.0;
     let mut nonfinite = 0;
     let mut reference_nonfinite = 0;
-    if got.shape != want.shape {
+    if got.shape() != want.shape.as_slice() {
         return OutputMetrics {
             name: name.to_string(),
             max_abs_err: f64::INFINITY,
@@ -143,36 +191,68 @@ fn measure(
             l1: f64::NAN,
             nonfinite: 0,
             reference_nonfinite: 0,
-            elements: got.data.len(),
+            elements: got.len(),
         };
     }
     // Maxima and counts do not depend on the order they are taken in: split over the cores.
+    // The sums do: taken in order, chunk after chunk, from -0.0 as `Iterator::sum` starts (the
+    // same bits as one pass over the whole tensor), on a thread of their own beside the maxima.
     let n = want.data.len();
-    let parts = parallel::map_ranges(n, 1 << 16, n, parallel::threads(), |_, r| {
-        let (mut max_abs, mut scale, mut nonfinite, mut reference_nonfinite) =
-            (0.0f64, 0.0f64, 0, 0);
-        for (&g, &w) in got.data[r.clone()].iter().zip(&want.data[r]) {
-            if !w.is_finite() {
-                // The reference itself is undefined here (e.g. a zero-norm DoRA row): a finite
-                // value there is an error of unbounded size; a non-finite one is still a finding
-                // (the user gets NaN), counted apart so the report can say whose fault it is.
-                if g.is_finite() {
-                    max_abs = f64::INFINITY;
-                } else {
-                    nonfinite += 1;
-                    reference_nonfinite += 1;
+    let maxima = |threads: usize| {
+        parallel::map_ranges(n, CHUNK, n, threads, |_, r| {
+            let (mut max_abs, mut scale, mut nonfinite, mut reference_nonfinite) =
+                (0.0f64, 0.0f64, 0, 0);
+            got.chunk(r.clone(), |g| {
+                for (&g, &w) in g.iter().zip(&want.data[r]) {
+                    if !w.is_finite() {
+                        // The reference itself is undefined here (e.g. a zero-norm DoRA row):
+                        // a finite value there is an error of unbounded size; a non-finite one
+                        // is still a finding (the user gets NaN), counted apart so the report
+                        // can say whose fault it is.
+                        if g.is_finite() {
+                            max_abs = f64::INFINITY;
+                        } else {
+                            nonfinite += 1;
+                            reference_nonfinite += 1;
+                        }
+                        continue;
+                    }
+                    scale = scale.max(w.abs());
+                    if !g.is_finite() {
+                        nonfinite += 1;
+                        continue;
+                    }
+                    max_abs = max_abs.max((g - w).abs());
                 }
-                continue;
-            }
-            scale = scale.max(w.abs());
-            if !g.is_finite() {
-                nonfinite += 1;
-                continue;
-            }
-            max_abs = max_abs.max((g - w).abs());
+            });
+            (max_abs, scale, nonfinite, reference_nonfinite)
+        })
+    };
+    let sums = || {
+        let (mut squares, mut l1) = (-0.0f64, -0.0f64);
+        for start in (0..got.len()).step_by(CHUNK) {
+            got.chunk(start..(start + CHUNK).min(got.len()), |c| {
+                for v in c.iter().filter(|v| v.is_finite()) {
+                    squares += v * v;
+                }
+                for v in c.iter().filter(|v| v.is_finite()) {
+                    l1 += v.abs();
+                }
+            });
         }
-        (max_abs, scale, nonfinite, reference_nonfinite)
-    });
+        (squares, l1)
+    };
+    let threads = parallel::threads();
+    let ((squares, l1), parts) = if n >= parallel::MIN_PARALLEL && threads > 1 {
+        std::thread::scope(|s| {
+            let h = s.spawn(sums);
+            let parts = maxima(threads - 1);
+            let sums = h.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (sums, parts)
+        })
+    } else {
+        (sums(), maxima(1))
+    };
     for (m, s, nf, rnf) in parts {
         max_abs = max_abs.max(m);
         scale = scale.max(s);
@@ -184,9 +264,7 @@ fn measure(
     } else {
         max_abs
     };
-    let finite = || got.data.iter().filter(|v| v.is_finite());
-    let norm = finite().map(|v| v * v).sum::<f64>().sqrt();
-    let l1 = finite().map(|v| v.abs()).sum::<f64>();
+    let norm = squares.sqrt();
     OutputMetrics {
         name: name.to_string(),
         max_abs_err: max_abs,
@@ -198,7 +276,7 @@ fn measure(
         l1,
         nonfinite,
         reference_nonfinite,
-        elements: got.data.len(),
+        elements: got.len(),
     }
 }
 
@@ -209,17 +287,39 @@ fn measure(
 /// number users ask about ("is the adapter a no-op at init?", "does merging change my
 /// outputs?"): 0 where the two agree bit for bit.
 pub fn judge(got: &Outputs, want: &Outputs, tol: Tolerance, dtype: DType) -> Outcome {
-    let find = |name: &str| got.iter().find(|(n, _)| *n == name).map(|(_, t)| t);
+    judge_files(got, &[], want, tol, dtype)
+}
+
+/// [`judge`] with some outputs still in their worker's files.
+pub fn judge_files(
+    got: &Outputs,
+    files: &[(&str, TensorFile)],
+    want: &Outputs,
+    tol: Tolerance,
+    dtype: DType,
+) -> Outcome {
+    let find = |name: &str| {
+        got.iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| Got::Tensor(t))
+            .or_else(|| {
+                files
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, f)| Got::File(f))
+            })
+    };
+    let none = HostTensor::zeros(vec![0]);
     let mut outputs: Vec<OutputMetrics> = want
         .iter()
-        .map(|(name, w)| match find(name) {
-            Some(g) => measure(name, g, w, tol.rel, dtype),
-            None => measure(name, &HostTensor::zeros(vec![0]), w, tol.rel, dtype),
+        .map(|(name, w)| {
+            let g = find(name).unwrap_or(Got::Tensor(&none));
+            measure(name, g, w, tol.rel, dtype)
         })
         .collect();
     for (a, b, gap) in GAPS {
         if let (Some(x), Some(y)) = (find(a), find(b)) {
-            let mut m = measure(gap, x, y, tol.rel, dtype);
+            let mut m = measure(gap, x, &y.tensor(), tol.rel, dtype);
             // Non-finite values are the outputs' finding, already counted there.
             m.nonfinite = 0;
             m.reference_nonfinite = 0;
@@ -290,6 +390,40 @@ mod tests {
         let m = m.metrics().unwrap();
         assert!((m.max_abs_err - 0.1).abs() < 1e-12);
         assert!((m.max_rel_err - 0.025).abs() < 1e-12);
+    }
+
+    /// An output judged from its worker's file, a chunk at a time, gets the very figures it
+    /// gets decoded (norm and L1 included, bit for bit), on a tensor of several chunks with
+    /// non-finite values in it.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn an_output_in_a_file_is_judged_as_if_decoded() {
+        use crate::worker::protocol::{tensor_file, TensorFile, TensorHeader};
+        let n = 5 * CHUNK + 17;
+        let want = HostTensor::new(vec![n], (0..n).map(|i| (i as f64).sin()).collect());
+        let mut got = want.rounded(DType::F16);
+        got.data[5] = f64::NAN;
+        got.data[2 * CHUNK + 3] = f64::INFINITY;
+        let (_file, path) = tensor_file(&got, DType::F16).unwrap();
+        let header = TensorHeader {
+            name: names::RESULT.into(),
+            dtype: DType::F16,
+            shape: vec![n],
+            bytes: n * 2,
+            file: Some(path),
+        };
+        let file = TensorFile::open(&header).unwrap();
+        let want = vec![(names::RESULT, want)];
+        let decoded = judge(&vec![(names::RESULT, got)], &want, tol(1e-3), DType::F16);
+        let files = judge_files(
+            &vec![],
+            &[(names::RESULT, file)],
+            &want,
+            tol(1e-3),
+            DType::F16,
+        );
+        assert_eq!(decoded, files);
+        assert_eq!(files.metrics().unwrap().outputs[0].nonfinite, 2);
     }
 
     #[test]

@@ -438,8 +438,8 @@ pub fn split_payload(headers: &[TensorHeader], payload: &[u8]) -> io::Result<Vec
     headers
         .iter()
         .map(|h| {
-            if let Some(path) = &h.file {
-                return decode_file(h, path);
+            if h.file.is_some() {
+                return decode_file(h);
             }
             let end = at.saturating_add(h.bytes);
             let bytes = payload
@@ -471,46 +471,92 @@ fn weight_from_file(h: &TensorHeader) -> io::Result<Arc<HostTensor>> {
     }
     // Drop the old weight before reading the new one: at most one is held.
     *last = None;
-    let t = Arc::new(decode_file(h, path)?);
+    let t = Arc::new(decode_file(h)?);
     *last = Some((key, Arc::clone(&t)));
     Ok(t)
 }
 
-/// A tensor's bytes read from `path` (a request's or a reply's `file`), checked against its
-/// header. Read with positioned reads in chunks, decoded as they come, in parallel: the
-/// reader never holds the file's bytes (a mapping would count them in its memory too).
-fn decode_file(h: &TensorHeader, path: &str) -> io::Result<HostTensor> {
-    use std::os::unix::fs::FileExt;
-    const CHUNK: usize = 1 << 16;
-    let f = std::fs::File::open(path)
-        .map_err(|e| bad(format!("tensor `{}`: cannot open {path}: {e}", h.name)))?;
-    let len = f.metadata()?.len();
-    if len < h.bytes as u64 {
-        return Err(bad(format!(
-            "tensor `{}`: {path} holds {len} bytes, the header says {}",
-            h.name, h.bytes
-        )));
+/// A tensor in a file (a message's `file`), checked against its header on opening and read
+/// with positioned reads, a chunk at a time: the reader never holds the file's bytes (a
+/// mapping would count them in its memory too), and need not hold the tensor whole either.
+#[derive(Debug)]
+pub struct TensorFile {
+    pub header: TensorHeader,
+    file: std::fs::File,
+    path: String,
+}
+
+impl TensorFile {
+    /// Open `h`'s file; an error says which tensor and why.
+    pub fn open(h: &TensorHeader) -> io::Result<TensorFile> {
+        let path = h.file.clone().unwrap_or_default();
+        let file = std::fs::File::open(&path)
+            .map_err(|e| bad(format!("tensor `{}`: cannot open {path}: {e}", h.name)))?;
+        let len = file.metadata()?.len();
+        if len < h.bytes as u64 {
+            return Err(bad(format!(
+                "tensor `{}`: {path} holds {len} bytes, the header says {}",
+                h.name, h.bytes
+            )));
+        }
+        let n = h.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if n.and_then(|n| n.checked_mul(h.dtype.size())) != Some(h.bytes) {
+            return Err(bad(format!(
+                "tensor `{}`: {} bytes for shape {:?} of {}",
+                h.name, h.bytes, h.shape, h.dtype
+            )));
+        }
+        Ok(TensorFile {
+            header: h.clone(),
+            file,
+            path,
+        })
     }
-    let size = h.dtype.size();
-    let n = h.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-    if n.and_then(|n| n.checked_mul(size)) != Some(h.bytes) {
-        return Err(bad(format!(
-            "tensor `{}`: {} bytes for shape {:?} of {}",
-            h.name, h.bytes, h.shape, h.dtype
-        )));
+
+    /// How many values it holds.
+    pub fn len(&self) -> usize {
+        self.header.bytes / self.header.dtype.size()
     }
-    let mut data = vec![0.0; h.bytes / size];
-    let threads = crate::parallel::threads();
-    crate::parallel::map_chunks(&mut data, CHUNK, h.bytes, threads, |k, c| {
-        let mut buf = vec![0u8; c.len() * size];
-        f.read_exact_at(&mut buf, (k * CHUNK * size) as u64)?;
-        crate::tensor::decode_values(&buf, h.dtype, c);
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Values `start..start + out.len()` into `out`.
+    pub fn read(&self, start: usize, out: &mut [f64]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let size = self.header.dtype.size();
+        let mut buf = vec![0u8; out.len() * size];
+        self.file
+            .read_exact_at(&mut buf, (start * size) as u64)
+            .map_err(|e| {
+                bad(format!(
+                    "tensor `{}`: cannot read {}: {e}",
+                    self.header.name, self.path
+                ))
+            })?;
+        crate::tensor::decode_values(&buf, self.header.dtype, out);
         Ok(())
-    })
-    .into_iter()
-    .collect::<io::Result<()>>()
-    .map_err(|e| bad(format!("tensor `{}`: cannot read {path}: {e}", h.name)))?;
-    Ok(HostTensor::new(h.shape.clone(), data))
+    }
+
+    /// The whole tensor, read in parallel chunks.
+    pub fn decode(&self) -> io::Result<HostTensor> {
+        const CHUNK: usize = 1 << 16;
+        let mut data = vec![0.0; self.len()];
+        let threads = crate::parallel::threads();
+        crate::parallel::map_chunks(&mut data, CHUNK, self.header.bytes, threads, |k, c| {
+            self.read(k * CHUNK, c)
+        })
+        .into_iter()
+        .collect::<io::Result<()>>()?;
+        Ok(HostTensor::new(self.header.shape.clone(), data))
+    }
+}
+
+/// A tensor's values from its `file`.
+fn decode_file(h: &TensorHeader) -> io::Result<HostTensor> {
+    TensorFile::open(h)?.decode()
 }
 
 /// The `run` request for a case: its inputs in the case dtype. `file(name, tensor, dtype)`
