@@ -364,6 +364,17 @@ impl Worker {
                         "a reply claims {in_files} bytes in files, more than the {limit} this request can need"
                     )));
                 }
+                // A reply's file is one of the worker's own memfds, nothing else on this machine.
+                let own = format!("/proc/{}/fd/", self.child.id());
+                if let Some(f) = tensors
+                    .iter()
+                    .filter_map(|t| t.file.as_deref())
+                    .find(|f| !f.starts_with(&own) || f[own.len()..].contains('/'))
+                {
+                    return Err(self.fail(format!(
+                        "a reply names the file {f}, not one of the worker's own ({own}N)"
+                    )));
+                }
                 let name = |h: &protocol::TensorHeader| {
                     crate::worker::io::names::ALL
                         .iter()
