@@ -453,8 +453,9 @@ fn run_measured(cmd: &mut Command) -> (Output, u64) {
 }
 
 /// A frame header that claims 1 TB costs its case (`crashed`, the header quoted), never the
-/// runner; a worker that floods stdout without a newline costs its case (timeout) while the
-/// runner's memory stays bounded.
+/// runner; so does a reply naming a file that is not one of the worker's memfds (never read);
+/// a worker that floods stdout without a newline costs its case (timeout) while the runner's
+/// memory stays bounded.
 #[test]
 fn a_huge_frame_and_a_stdout_flood_cost_one_case_each() {
     let dir = tempfile::tempdir().unwrap();
@@ -470,7 +471,8 @@ fn a_huge_frame_and_a_stdout_flood_cost_one_case_each() {
             .arg(fault_worker())
             .env(
                 "PEFT_COMPAT_FAULTS",
-                "f32/lora/forward/native/s=hugeframe,f16/lora/forward/native/s=flood",
+                "f32/lora/forward/native/s=hugeframe,f16/lora/forward/native/s=flood,\
+                 f32/dora/forward/native/s=foreignfile",
             ),
     );
     let (_, stderr) = text(&out);
@@ -495,7 +497,14 @@ fn a_huge_frame_and_a_stdout_flood_cost_one_case_each() {
     );
     let flood = case("f16/lora/forward/native/s");
     assert_eq!(flood["outcome"], "timeout", "{flood}");
-    assert_eq!(r["summary"]["outcomes"]["pass"], 2);
+    let foreign = case("f32/dora/forward/native/s");
+    assert_eq!(foreign["outcome"], "crashed");
+    let msg = foreign["error"].as_str().unwrap();
+    assert!(
+        msg.contains("names the file /etc/hostname, not one of the worker's own"),
+        "{msg}"
+    );
+    assert_eq!(r["summary"]["outcomes"]["pass"], 1);
     // Children's peak: the runner and its workers; the flood alone would be GBs unbounded.
     eprintln!("peak resident memory of the run: {} MB", peak >> 20);
     assert!(peak < 1 << 30, "peak {} MB", peak >> 20);

@@ -13,6 +13,8 @@
 //!   runner's memory must stay bounded; the case times out);
 //! - `hugeframe`: answers with a frame header that claims a 1 TB payload (the runner must refuse
 //!   it before allocating anything; the case is `crashed`).
+//! - `foreignfile`: answers with an output that names a file not its own (`/etc/hostname`)
+//!   instead of a memfd of its own (the runner must refuse to read it; the case is `crashed`).
 //!
 //! Every other case runs on candle, as the real worker does.
 
@@ -86,6 +88,14 @@ impl WorkerBackend for Faulty {
             Some("hugeframe") => {
                 let mut out = std::io::stdout();
                 let header = r#"PCW1 {"type":"outputs","compute_ms":1.0,"tensors":[{"name":"result","dtype":"f32","shape":[262144,1048576],"bytes":1099511627776}]}"#;
+                let _ = writeln!(out, "{header}");
+                let _ = out.flush();
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                unreachable!()
+            }
+            Some("foreignfile") => {
+                let mut out = std::io::stdout();
+                let header = r#"PCW1 {"type":"outputs","compute_ms":1.0,"tensors":[{"name":"result","dtype":"f16","shape":[1],"bytes":2,"file":"/etc/hostname"}]}"#;
                 let _ = writeln!(out, "{header}");
                 let _ = out.flush();
                 std::thread::sleep(std::time::Duration::from_secs(3600));
