@@ -106,7 +106,7 @@ impl Live {
     fn hello(&mut self) -> Frame<Reply> {
         self.call(
             &Request::Hello {
-                files: false,
+                files: None,
                 protocol: protocol::VERSION,
                 threads: 1,
             },
@@ -162,7 +162,7 @@ fn hello_answers_with_the_workers_own_version_and_name() {
         let mut w = Live::start(&s, None);
         let f = w.call(
             &Request::Hello {
-                files: false,
+                files: None,
                 protocol: 99,
                 threads: 1,
             },
@@ -361,5 +361,82 @@ fn an_unreadable_request_is_an_error_reply_and_exit_2() {
         }
         let status = w.child.wait().unwrap();
         assert_eq!(status.code(), Some(2), "{}", s.backend);
+    }
+}
+
+/// Files (protocol.rs: a tensor's `file`): a Rust worker takes them only after reading the
+/// hello's probe (a path it cannot read keeps everything in the pipe), then reads a weight from
+/// the runner's memfd and answers a large output in a memfd of its own, with the very values
+/// an all-pipe run gives. The PEFT worker never offers files.
+#[cfg(target_os = "linux")]
+#[test]
+fn files_are_used_only_after_a_readable_probe_and_carry_the_same_values() {
+    use std::io::Write;
+    let hello = |w: &mut Live, files: Option<String>| match w
+        .call(
+            &Request::Hello {
+                files,
+                protocol: protocol::VERSION,
+                threads: 1,
+            },
+            &[],
+        )
+        .message
+    {
+        Reply::Hello { files, .. } => files,
+        other => panic!("{other:?}"),
+    };
+    let (mut probe, probe_path) = protocol::memfd().unwrap();
+    probe.write_all(protocol::FILES_PROBE).unwrap();
+    for s in workers() {
+        let rust = s.backend != "peft".parse().unwrap();
+        let mut w = Live::start(&s, None);
+        assert!(
+            !hello(&mut w, Some("/nonexistent/probe".into())),
+            "{}",
+            s.backend
+        );
+        let mut w = Live::start(&s, None);
+        assert_eq!(
+            hello(&mut w, Some(probe_path.clone())),
+            rust,
+            "{}",
+            s.backend
+        );
+        if !rust {
+            continue;
+        }
+        let mut c = case(s.backend, Layer::Linear, Op::Merge);
+        c.shape.in_features = 512;
+        c.shape.out_features = 1024;
+        let inputs = Draws::generate(&c.shape, c.point.layer, c.point.profile, 7).inputs(
+            c.point.dtype,
+            c.point.adapter,
+            c.point.op,
+        );
+        let (_weight, weight_path) = protocol::tensor_file(&inputs.weight, DType::F32).unwrap();
+        let (req, payload) = protocol::run_request(&c.id(), &c, &inputs, |name, _, _| {
+            (name == "base_layer.weight").then(|| weight_path.clone())
+        });
+        let f = w.call(&req, &payload);
+        let Reply::Outputs { tensors, .. } = &f.message else {
+            panic!("{}: {:?}", s.backend, f.message);
+        };
+        assert!(tensors.iter().all(|t| t.file.is_some()), "{tensors:?}");
+        let from_files = protocol::split_payload(tensors, &f.payload).unwrap();
+        let mut inline = Live::start(&s, None);
+        inline.hello();
+        let (req, payload) = protocol::run_request(&c.id(), &c, &inputs, |_, _, _| None);
+        let f = inline.call(&req, &payload);
+        let Reply::Outputs { tensors, .. } = &f.message else {
+            panic!("{}: {:?}", s.backend, f.message);
+        };
+        assert!(tensors.iter().all(|t| t.file.is_none()));
+        assert_eq!(
+            from_files,
+            protocol::split_payload(tensors, &f.payload).unwrap(),
+            "{}",
+            s.backend
+        );
     }
 }

@@ -272,10 +272,15 @@ impl Worker {
     /// protocol version matches. A worker that does not answer in time is killed.
     pub fn handshake(mut self, threads: usize, timeout: Duration) -> Result<Worker, WorkerError> {
         let w = &mut self;
+        // The probe file lives until the answer: a worker that can read it can take files.
+        let probe = protocol::memfd().and_then(|(mut f, path)| {
+            std::io::Write::write_all(&mut f, protocol::FILES_PROBE)?;
+            Ok((f, path))
+        });
         let hello = Request::Hello {
             protocol: VERSION,
             threads,
-            files: cfg!(target_os = "linux"),
+            files: probe.as_ref().ok().map(|(_, path)| path.clone()),
         };
         match w.call(&hello, &[], timeout, None)? {
             (

@@ -25,8 +25,10 @@
 //!   until it reads the next request (by then the runner has read the reply).
 //!
 //! Requests (`type`):
-//! - `hello` {`protocol`, `threads`, `files` (whether the runner reads reply tensors from
-//!   files; absent = no)}: first, once. `threads` is the worker's share of the cores
+//! - `hello` {`protocol`, `threads`, `files` (absent = no files)}: first, once. `files` names
+//!   a memfd of the runner's holding [`FILES_PROBE`]: a worker that reads it there answers
+//!   `files: true`, and both sides may then use files (where one cannot open the other's
+//!   descriptors under /proc, everything stays in the pipe). `threads` is the worker's share of the cores
 //!   for its library's intra-op pool (set before the first op).
 //! - `probe` {`device`}: can this backend run on `cpu`, `cuda` or `cuda:N` here?
 //! - `run` {`id`, `case`, `tensors`}: run one case on the given inputs (PEFT's state-dict names:
@@ -146,8 +148,8 @@ pub enum Request {
     Hello {
         protocol: u32,
         threads: usize,
-        #[serde(default)]
-        files: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        files: Option<String>,
     },
     Probe {
         device: Device,
@@ -660,13 +662,21 @@ pub fn inputs_from(case: &Case, headers: &[TensorHeader], payload: &[u8]) -> io:
     })
 }
 
+/// What the runner's hello probe file holds (see `hello` in the module doc).
+pub const FILES_PROBE: &[u8] = b"peft-compat files\n";
+
+/// Whether the probe file a hello names can be read here.
+pub fn files_readable(probe: &str) -> bool {
+    std::fs::read(probe).is_ok_and(|b| b == FILES_PROBE)
+}
+
 /// Tensors of at least this many bytes may travel in a file (see the module doc).
 pub const FILE_MIN_BYTES: usize = 1 << 20;
 
-/// A memfd holding `t`'s values in `dtype`, and the path another process opens it by
-/// (`/proc/<pid>/fd/<n>`). The kernel frees it when its last holder closes or unmaps it.
+/// A new, empty memfd, and the path another process opens it by (`/proc/<pid>/fd/<n>`). The
+/// kernel frees it when its last holder closes it.
 #[cfg(target_os = "linux")]
-pub fn tensor_file(t: &HostTensor, dtype: DType) -> io::Result<(std::fs::File, String)> {
+pub fn memfd() -> io::Result<(std::fs::File, String)> {
     use std::os::fd::{AsRawFd, FromRawFd};
     // SAFETY: a C string literal and flags; the fd returned is owned by the File below.
     let fd = unsafe { libc::memfd_create(c"peft-compat-tensor".as_ptr(), libc::MFD_CLOEXEC) };
@@ -674,18 +684,24 @@ pub fn tensor_file(t: &HostTensor, dtype: DType) -> io::Result<(std::fs::File, S
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
-    // Encoded 8 MiB of values at a time: the writer never holds the whole encoding.
-    for chunk in t.data.chunks(1 << 20) {
-        file.write_all(&crate::tensor::encode_values(chunk, dtype))?;
-    }
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
     let path = format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd());
     Ok((file, path))
 }
 
 #[cfg(not(target_os = "linux"))]
-pub fn tensor_file(_: &HostTensor, _: DType) -> io::Result<(std::fs::File, String)> {
+pub fn memfd() -> io::Result<(std::fs::File, String)> {
     Err(io::ErrorKind::Unsupported.into())
+}
+
+/// A memfd holding `t`'s values in `dtype` (see [`memfd`]).
+pub fn tensor_file(t: &HostTensor, dtype: DType) -> io::Result<(std::fs::File, String)> {
+    let (mut file, path) = memfd()?;
+    // Encoded 8 MiB of values at a time: the writer never holds the whole encoding.
+    for chunk in t.data.chunks(1 << 20) {
+        file.write_all(&crate::tensor::encode_values(chunk, dtype))?;
+    }
+    Ok((file, path))
 }
 
 /// The `outputs` reply for a backend's outputs. With `files`, each large output goes into a

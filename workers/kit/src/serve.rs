@@ -67,8 +67,8 @@ pub fn serve(backend: &dyn WorkerBackend) -> i32 {
                 }
             };
         _last_files.clear();
-        if let Request::Hello { files: f, .. } = &frame.message {
-            files = *f;
+        if let Request::Hello { files: probe, .. } = &frame.message {
+            files = probe.as_deref().is_some_and(protocol::files_readable);
         }
         let (reply, payload, kept) = answer(backend, frame.message, &frame.payload, files);
         _last_files = kept;
@@ -123,7 +123,7 @@ fn answer(
                     backend: backend.name(),
                     libraries: backend.libraries(),
                     cuda: backend.cuda(),
-                    files: true,
+                    files,
                 },
                 vec![],
                 vec![],
