@@ -9,13 +9,13 @@
 //! hold a matched tensor (hashing streams the file through a small buffer).
 
 use super::WeightsError;
-use crate::worker::tensor::HostTensor;
+use crate::case::DType;
+use crate::worker::tensor::{self, HostTensor};
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -269,45 +269,19 @@ impl TensorRef {
         }
         let file = File::open(&self.file.path)
             .map_err(|e| format!("{}: {e}", self.file.path.display()))?;
-        let mut data = Vec::with_capacity(n);
-        let mut buf = vec![0u8; (1 << 20) / width * width];
-        let mut at = self.file.data_start + start as u64;
-        let mut left = end - start;
-        while left > 0 {
-            let take = left.min(buf.len());
-            file.read_exact_at(&mut buf[..take], at).map_err(|e| {
-                format!(
-                    "reading {} from {}: {e}",
-                    self.name,
-                    self.file.path.display()
-                )
-            })?;
-            let chunk = &buf[..take];
-            match self.dtype {
-                Dtype::F32 => data.extend(
-                    chunk
-                        .chunks_exact(4)
-                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64),
-                ),
-                Dtype::F64 => data.extend(
-                    chunk
-                        .chunks_exact(8)
-                        .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))),
-                ),
-                Dtype::F16 => data.extend(
-                    chunk
-                        .chunks_exact(2)
-                        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64()),
-                ),
-                _ => data.extend(
-                    chunk
-                        .chunks_exact(2)
-                        .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64()),
-                ),
-            }
-            at += take as u64;
-            left -= take;
-        }
-        Ok(HostTensor::new(self.shape.clone(), data))
+        let dtype = match self.dtype {
+            Dtype::F64 => DType::F64,
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            _ => DType::Bf16,
+        };
+        let offset = self.file.data_start + start as u64;
+        tensor::read_tensor(&file, offset, dtype, self.shape.clone()).map_err(|e| {
+            format!(
+                "reading {} from {}: {e}",
+                self.name,
+                self.file.path.display()
+            )
+        })
     }
 }

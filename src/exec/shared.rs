@@ -13,9 +13,6 @@ use crate::worker::tensor::HostTensor;
 use std::fs::File;
 use std::sync::{Arc, Mutex, Weak};
 
-/// Smaller tensors travel in the payload: a file costs the worker an open and a map.
-pub const MIN_BYTES: usize = protocol::FILE_MIN_BYTES;
-
 struct Entry {
     tensor: Weak<HostTensor>,
     dtype: DType,
@@ -26,10 +23,11 @@ struct Entry {
 static FILES: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
 
 /// The path (`/proc/<pid>/fd/<n>`) of a memfd holding `t`'s values in `dtype`, written on
-/// first use; `None` for a tensor under [`MIN_BYTES`] or where no memfd can be made (the
+/// first use; `None` for a tensor under [`protocol::FILE_MIN_BYTES`] (a file costs the worker
+/// an open) or where no memfd can be made (the
 /// tensor then travels in the payload).
 pub fn file_for(t: &Arc<HostTensor>, dtype: DType) -> Option<String> {
-    if t.data.len() * dtype.size() < MIN_BYTES {
+    if t.data.len() * dtype.size() < protocol::FILE_MIN_BYTES {
         return None;
     }
     let mut files = FILES.lock().unwrap_or_else(|p| p.into_inner());

@@ -40,8 +40,6 @@ pub struct Draws {
     bias_on: bool,
     /// DoRA's magnitude from a saved adapter (else it is derived from the norm).
     magnitude: Option<HostTensor>,
-    /// Whether the weight is a checkpoint's (stored values, not draws).
-    from_checkpoint: bool,
 }
 
 /// Which tensor a normal draw is for: its chunks' streams are `tag << 32 | chunk`.
@@ -311,7 +309,6 @@ impl Draws {
             scaling: shape.scaling(),
             bias_on: shape.bias && layer != Layer::Embedding,
             magnitude: None,
-            from_checkpoint: false,
         }
     }
 
@@ -352,7 +349,6 @@ impl Draws {
             grad_output,
             scaling: shape.scaling(),
             magnitude,
-            from_checkpoint: true,
         })
     }
 
@@ -360,9 +356,8 @@ impl Draws {
     /// for a drawn weight.
     pub fn weight_rounded(&self, dtype: DType) -> Option<usize> {
         match &self.weight {
-            Weight::Stored(w) if self.from_checkpoint => {
-                Some(crate::checkpoint::rounded_count(w, dtype))
-            }
+            // Stored values are a checkpoint's: a drawn weight is always a recipe.
+            Weight::Stored(w) => Some(crate::checkpoint::rounded_count(w, dtype)),
             _ => None,
         }
     }

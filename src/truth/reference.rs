@@ -248,9 +248,8 @@ fn sum_rows<T: Send, R: Send>(
         )
     };
     if per_row == 0 {
-        // Nothing to write: chunk a list of the blocks instead.
-        let mut blocks: Vec<()> = vec![(); rows.div_ceil(ROW_BLOCK)];
-        return parallel::map_chunks(&mut blocks, 1, work, parallel::threads(), |j, _| {
+        // Nothing to write: the blocks alone.
+        return parallel::map_ranges(rows, ROW_BLOCK, work, parallel::threads(), |j, _| {
             scratch(j, &mut [])
         });
     }

@@ -527,32 +527,22 @@ impl TensorFile {
 
     /// Values `start..start + out.len()` into `out`.
     pub fn read(&self, start: usize, out: &mut [f64]) -> io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        let size = self.header.dtype.size();
-        let mut buf = vec![0u8; out.len() * size];
-        self.file
-            .read_exact_at(&mut buf, (start * size) as u64)
-            .map_err(|e| {
-                bad(format!(
-                    "tensor `{}`: cannot read {}: {e}",
-                    self.header.name, self.path
-                ))
-            })?;
-        crate::tensor::decode_values(&buf, self.header.dtype, out);
-        Ok(())
+        let (dtype, offset) = (self.header.dtype, (start * self.header.dtype.size()) as u64);
+        crate::tensor::read_values(&self.file, offset, dtype, out).map_err(|e| self.error(e))
     }
 
     /// The whole tensor, read in parallel chunks.
     pub fn decode(&self) -> io::Result<HostTensor> {
-        const CHUNK: usize = 1 << 16;
-        let mut data = vec![0.0; self.len()];
-        let threads = crate::parallel::threads();
-        crate::parallel::map_chunks(&mut data, CHUNK, self.header.bytes, threads, |k, c| {
-            self.read(k * CHUNK, c)
-        })
-        .into_iter()
-        .collect::<io::Result<()>>()?;
-        Ok(HostTensor::new(self.header.shape.clone(), data))
+        let h = &self.header;
+        crate::tensor::read_tensor(&self.file, 0, h.dtype, h.shape.clone())
+            .map_err(|e| self.error(e))
+    }
+
+    fn error(&self, e: io::Error) -> io::Error {
+        bad(format!(
+            "tensor `{}`: cannot read {}: {e}",
+            self.header.name, self.path
+        ))
     }
 }
 

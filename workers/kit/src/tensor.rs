@@ -24,6 +24,40 @@ pub fn encode_values(values: &[f64], dtype: DType) -> Vec<u8> {
     out
 }
 
+/// `out.len()` values of `dtype` read from `file` at byte `offset`, with one positioned read.
+pub fn read_values(
+    file: &std::fs::File,
+    offset: u64,
+    dtype: DType,
+    out: &mut [f64],
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; out.len() * dtype.size()];
+    file.read_exact_at(&mut buf, offset)?;
+    decode_values(&buf, dtype, out);
+    Ok(())
+}
+
+/// A tensor of `shape` stored as `dtype` in `file` from byte `offset` on, read in parallel
+/// chunks of positioned reads: the reader never holds the file's bytes whole (a mapping would
+/// count them in its memory too).
+pub fn read_tensor(
+    file: &std::fs::File,
+    offset: u64,
+    dtype: DType,
+    shape: Vec<usize>,
+) -> std::io::Result<HostTensor> {
+    let n: usize = shape.iter().product();
+    let mut data = vec![0.0; n];
+    let size = dtype.size();
+    parallel::map_chunks(&mut data, CHUNK, n * size, parallel::threads(), |k, c| {
+        read_values(file, offset + (k * CHUNK * size) as u64, dtype, c)
+    })
+    .into_iter()
+    .collect::<std::io::Result<()>>()?;
+    Ok(HostTensor::new(shape, data))
+}
+
 /// The values of `bytes` (little-endian `dtype`, at least `out.len()` of them) into `out`.
 pub fn decode_values(bytes: &[u8], dtype: DType, out: &mut [f64]) {
     for (o, b) in out.iter_mut().zip(bytes.chunks_exact(dtype.size())) {
