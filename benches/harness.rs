@@ -341,6 +341,11 @@ fn main() {
         rslora: false,
         kernel: 3,
         image: 8,
+        lora_bias: false,
+        groups: 1,
+        base: Default::default(),
+        draws: None,
+        lr: peft_compat_kit::case::STEP_LR,
     };
     let t0 = Instant::now();
     let draws = Draws::generate(&shape, Layer::Linear, Profile::Normal, 1);
@@ -391,6 +396,11 @@ fn llm_init(dir: &Path) {
         rslora: false,
         kernel: 3,
         image: 8,
+        lora_bias: false,
+        groups: 1,
+        base: Default::default(),
+        draws: None,
+        lr: peft_compat_kit::case::STEP_LR,
     };
     let draws = Draws::generate(&shape, Layer::Linear, Profile::Llm, 18);
     for adapter in [Adapter::Pissa, Adapter::Olora] {

@@ -82,3 +82,8 @@ lock peft-0.10.0 no peft==0.10.0
 lock peft-0.11.0 no peft==0.11.0
 # For the test of a release without DoRA (DoRA arrived in 0.9.0), provisioned on demand.
 lock peft-0.8.2 no peft==0.8.2
+# The releases on each side of the lora_bias and grouped-Conv2d fixes (PEFT #2486, #2716,
+# #2549), on torch 2.11 (.venv): the second failure sweep in matrices/failures.yaml. 0.16 and
+# 0.17 do not import with .venv's transformers (HybridCache is gone); 0.15.2 and 0.18.0 do.
+lock peft-0.15.2 no peft==0.15.2
+lock peft-0.18.0 no peft==0.18.0

@@ -21,16 +21,23 @@ pub struct Tolerance {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OutputMetrics {
     pub name: String,
+    #[serde(deserialize_with = "null_as_nan")]
     pub max_abs_err: f64,
     /// `max_abs_err / max|ref|` (or `max_abs_err` when the reference is all zeros).
+    #[serde(deserialize_with = "null_as_nan")]
     pub max_rel_err: f64,
     /// `max_rel_err` in units of the dtype's unit roundoff: 1-10 is "as good as the dtype allows".
+    #[serde(deserialize_with = "null_as_nan")]
     pub err_units: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub tolerance: f64,
     /// `max|ref|`.
+    #[serde(deserialize_with = "null_as_nan")]
     pub scale: f64,
     /// L2 norm and L1 sum of the output's finite values: summary figures for snapshots.
+    #[serde(deserialize_with = "null_as_nan")]
     pub norm: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub l1: f64,
     /// Elements that are NaN or infinite: a finding whatever the reference says.
     pub nonfinite: usize,
@@ -39,6 +46,12 @@ pub struct OutputMetrics {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub reference_nonfinite: usize,
     pub elements: usize,
+}
+
+/// A figure JSON wrote as `null`: serde_json writes NaN so (a DoRA 0/0 on a zero row gives NaN
+/// errors), and a saved report must read back (`report`, `history`, `compare`).
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -59,8 +72,11 @@ impl OutputMetrics {
 /// Error figures for a case: the worst output's (by error over tolerance), then every output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {
+    #[serde(deserialize_with = "null_as_nan")]
     pub max_abs_err: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub max_rel_err: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub tolerance: f64,
     pub worst_output: String,
     pub outputs: Vec<OutputMetrics>,

@@ -138,6 +138,11 @@ fn case(backend: Backend, layer: Layer, op: Op) -> Case {
             rslora: false,
             kernel: 3,
             image: 8,
+            lora_bias: false,
+            groups: 1,
+            base: Default::default(),
+            draws: None,
+            lr: peft_compat_kit::case::STEP_LR,
         },
     }
 }

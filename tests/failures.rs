@@ -215,3 +215,147 @@ fn the_tables_show_three_paths_and_the_figures() {
     assert!(table_width <= 80, "{table_width}");
     assert!(widest > 0);
 }
+
+/// fp8 bases on torch 2.11 CPU: natively every op meets libtorch's refusal, verbatim (fp8 has a
+/// matmul but no add and no product by a scalar); upcast to bf16 for every op (merged back into
+/// fp8) and autocast run them all and pass; candle skips fp8, saying why.
+#[test]
+fn fp8_bases_fail_natively_and_pass_upcast() {
+    for (dtype, kind) in [("f8e4m3", "Float8_e4m3fn"), ("f8e5m2", "Float8_e5m2")] {
+        for (adapter, op, kernel) in [
+            ("dora", "init", "mul_cpu_reduced_float"),
+            ("dora", "merge", "mul_cpu_reduced_float"),
+            ("lora", "merge", "mul_cpu_reduced_float"),
+            ("lora", "forward", "add_stub"),
+        ] {
+            let c = case(&format!("tch/cpu/{dtype}/{adapter}/{op}/native/fp8"));
+            assert_eq!(c.outcome, OutcomeKind::Unsupported, "{}", c.id);
+            assert_eq!(
+                c.error.as_deref(),
+                Some(format!("\"{kernel}\" not implemented for '{kind}'").as_str())
+            );
+            for path in ["upcast", "autocast"] {
+                let c = case(&format!("tch/cpu/{dtype}/{adapter}/{op}/{path}/fp8"));
+                assert_eq!(c.outcome, OutcomeKind::Pass, "{}: {:?}", c.id, c.error);
+            }
+        }
+        let c = case(&format!("candle/cpu/{dtype}/dora/init/upcast/fp8"));
+        assert_eq!(c.outcome, OutcomeKind::Skipped);
+        assert!(c.error.as_deref().unwrap().contains("no fp8 path"));
+    }
+}
+
+/// One SGD step at lr 1e-4: a bf16 DoRA magnitude does not move at all (a mismatch that says
+/// so), on tch, candle and PEFT alike; the fp32 adapter of autocast takes the step; LoRA's A and
+/// B move (partly rounded away) on every path.
+#[test]
+fn a_step_leaves_bf16_dora_magnitudes_where_they_were() {
+    for backend in ["tch", "candle"] {
+        for path in ["native", "upcast"] {
+            let c = case(&format!("{backend}/cpu/bf16/dora/step/{path}/small"));
+            assert_eq!(c.outcome, OutcomeKind::Mismatch, "{}", c.id);
+            assert!(
+                c.failure_detail()
+                    .contains("lora_magnitude_vector did not move"),
+                "{}: {}",
+                c.id,
+                c.failure_detail()
+            );
+        }
+        for id in [
+            format!("{backend}/cpu/bf16/dora/step/autocast/small"),
+            format!("{backend}/cpu/bf16/lora/step/native/small"),
+            format!("{backend}/cpu/f32/dora/step/native/small"),
+            format!("{backend}/cpu/f16/dora/step/native/small"),
+        ] {
+            assert_eq!(case(&id).outcome, OutcomeKind::Pass, "{id}");
+        }
+    }
+    let c = case("peft/cpu/bf16/dora/step/native/grouped/conv2d");
+    assert!(c
+        .failure_detail()
+        .contains("lora_magnitude_vector did not move"));
+}
+
+/// lora_bias with alpha != r: PEFT 0.15 merges the bias unscaled (merged != unmerged, #2486),
+/// 0.18 and 0.21 merge it right; into a layer without a bias 0.15 dies on `None.data` and 0.18
+/// refuses in words (#2716). The f64 reference and tch agree with the fixed releases.
+#[test]
+fn lora_bias_merges_right_from_the_release_that_fixed_it() {
+    for dtype in ["f32", "bf16"] {
+        let old = case(&format!(
+            "peft@0.15.2+torch2.11.0/cpu/{dtype}/lora/parity/native/lora_bias"
+        ));
+        assert_eq!(old.outcome, OutcomeKind::Mismatch, "{}", old.id);
+        assert!(figure(&old.id, "parity_gap") > 0.1, "{}", old.id);
+        for backend in ["peft@0.18.0+torch2.11.0", "peft", "tch", "candle"] {
+            let id = format!("{backend}/cpu/{dtype}/lora/parity/native/lora_bias");
+            assert_eq!(case(&id).outcome, OutcomeKind::Pass, "{id}");
+            let id = format!("{backend}/cpu/{dtype}/lora/merge/native/lora_bias");
+            assert_eq!(case(&id).outcome, OutcomeKind::Pass, "{id}");
+        }
+    }
+    let old = case("peft@0.15.2+torch2.11.0/cpu/f32/lora/merge/native/lora_bias_nobias");
+    assert_eq!(old.outcome, OutcomeKind::Unsupported);
+    assert!(old
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("'NoneType' object has no attribute 'data'"));
+    let new = case("peft@0.18.0+torch2.11.0/cpu/f32/lora/merge/native/lora_bias_nobias");
+    assert!(new
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("Impossible to merge LoRA"));
+}
+
+/// DoRA on a grouped Conv2d: PEFT 0.15 fails at init (#2549); 0.18 and 0.21 initialise it (a
+/// no-op at init, B = 0) but their norm of a trained adapter is not the norm of the layer's
+/// W + dW rows, so the forward is ~25% off where tch's and candle's run of the f64 formula pass.
+#[test]
+fn grouped_conv2d_dora_fails_at_init_before_0_16_and_drifts_after() {
+    let c = case("peft@0.15.2+torch2.11.0/cpu/f32/dora/init/native/grouped/conv2d");
+    assert_eq!(c.outcome, OutcomeKind::Unsupported);
+    assert!(c
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("is invalid for input of size"));
+    for backend in ["peft@0.18.0+torch2.11.0", "peft"] {
+        let id = format!("{backend}/cpu/f32/dora/init_noop/native/grouped/conv2d");
+        assert_eq!(case(&id).outcome, OutcomeKind::Pass, "{id}");
+        let id = format!("{backend}/cpu/f32/dora/forward/native/grouped/conv2d");
+        assert_eq!(case(&id).outcome, OutcomeKind::Mismatch, "{id}");
+        assert!(figure(&id, "result") > 0.1, "{id}");
+        let id = format!("{backend}/cpu/f32/lora/forward/native/grouped/conv2d");
+        assert_eq!(case(&id).outcome, OutcomeKind::Pass, "{id}");
+    }
+    for backend in ["tch", "candle"] {
+        let id = format!("{backend}/cpu/f32/dora/forward/native/grouped/conv2d");
+        assert_eq!(case(&id).outcome, OutcomeKind::Pass, "{id}");
+    }
+}
+
+/// The fused base layer (one addmm) and the split one (x @ W.T, then + b) on the very same
+/// inputs: both within tolerance, with their own parity gaps per dtype.
+#[test]
+fn fused_and_split_base_layers_both_pass_with_their_gaps() {
+    for dtype in ["f16", "bf16"] {
+        for shape in ["small", "fused"] {
+            for op in ["forward", "parity"] {
+                let id = format!("tch/cpu/{dtype}/lora/{op}/native/{shape}");
+                assert_eq!(case(&id).outcome, OutcomeKind::Pass, "{id}");
+            }
+        }
+        let split = figure(
+            &format!("tch/cpu/{dtype}/lora/parity/native/small"),
+            "parity_gap",
+        );
+        let fused = figure(
+            &format!("tch/cpu/{dtype}/lora/parity/native/fused"),
+            "parity_gap",
+        );
+        assert!(split > 0.0 && fused > 0.0, "{dtype}: {split} {fused}");
+    }
+}

@@ -535,6 +535,11 @@ fn layer_shape(
             rslora: spec.rslora,
             kernel,
             image,
+            lora_bias: false,
+            groups: 1,
+            base: Default::default(),
+            draws: None,
+            lr: crate::case::STEP_LR,
         },
         bias,
     ))

@@ -53,6 +53,8 @@ fn st_dtype(d: DType) -> Dtype {
         DType::F16 => Dtype::F16,
         DType::Bf16 => Dtype::BF16,
         DType::F64 => Dtype::F64,
+        DType::F8e4m3 => Dtype::F8_E4M3,
+        DType::F8e5m2 => Dtype::F8_E5M2,
     }
 }
 

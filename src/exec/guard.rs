@@ -146,6 +146,11 @@ mod tests {
                 rslora: false,
                 kernel: 3,
                 image: 8,
+                lora_bias: false,
+                groups: 1,
+                base: Default::default(),
+                draws: None,
+                lr: crate::case::STEP_LR,
             },
         }
     }

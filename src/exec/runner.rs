@@ -13,11 +13,11 @@ use super::dump;
 use super::executor::{Backends, Execution, Executor, InProcess};
 use super::guard::{self, Limits};
 use super::twins::Twins;
-use crate::case::Case;
+use crate::case::{Case, Op};
 use crate::outcome::{Agreement, Outcome, Skip, SkipKind, Tolerance};
 use crate::spec::Matrix;
-use crate::truth::judge::judge_files;
-use crate::worker::io::Outputs;
+use crate::truth::judge::{judge_files, unmoved};
+use crate::worker::io::{names, Inputs, Outputs};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -195,11 +195,13 @@ fn plan(matrix: &Matrix, indices: &[usize], backends: &dyn Backends, opts: &RunO
             .unavailable(case.point.backend, case.point.device)
             .or_else(|| {
                 case.refused_by_peft()
+                    .map(str::to_string)
+                    .or_else(|| case.beyond_build())
                     .or_else(|| {
                         matrix
                             .weights
                             .layer(&case.shape.name)
-                            .and_then(|l| l.unreadable.as_deref())
+                            .and_then(|l| l.unreadable.clone())
                     })
                     .map(|r| Skip::new(SkipKind::NotApplicable, r))
             })
@@ -368,11 +370,20 @@ fn run_one(
             outputs,
             files,
             compute,
-        } => (
-            judge_files(&outputs, &files, want, tolerance, case.point.dtype),
-            Some(outputs),
-            Some(compute),
-        ),
+        } => {
+            let judged = judge_files(&outputs, &files, want, tolerance, case.point.dtype);
+            let judged = match case.point.op {
+                Op::Step => unmoved(
+                    judged,
+                    &outputs,
+                    want,
+                    &step_before(inputs),
+                    case.point.dtype,
+                ),
+                _ => judged,
+            };
+            (judged, Some(outputs), Some(compute))
+        }
         Execution::Refused(m) => (Outcome::Unsupported(m), None, None),
         Execution::Crashed(m) => (Outcome::Crashed(m), None, None),
         Execution::TimedOut(m) => (Outcome::Timeout(m), None, None),
@@ -421,4 +432,12 @@ pub fn run_in_process(
     on_event: &mut dyn FnMut(Event),
 ) -> Vec<CaseResult> {
     run(matrix, None, exec, opts, on_event).results
+}
+
+/// What each of the `step` op's outputs held before the step (see [`unmoved`]).
+fn step_before(inp: &Inputs) -> Vec<(&'static str, &crate::worker::tensor::HostTensor)> {
+    let mut v = vec![(names::STEP_A, &inp.lora_a), (names::STEP_B, &inp.lora_b)];
+    v.extend(inp.magnitude.as_ref().map(|m| (names::MAGNITUDE, m)));
+    v.extend(inp.lora_bias.as_ref().map(|b| (names::STEP_LORA_BIAS, b)));
+    v
 }

@@ -48,6 +48,9 @@ pub fn table(report: &Report, sep: &str, style: &dyn Fn(&mut Table) -> String) -
             let text = match worst.get(&(b, *d)) {
                 None => "·".to_string(),
                 Some((u, _)) if *u == 0.0 => "0".to_string(),
+                // A build that computes something else (a release's bug) is millions of units
+                // off: in exponent form, so the column stays narrow.
+                Some((u, op)) if *u >= 1e4 => format!("{u:.1e} u{sep}{op}"),
                 Some((u, op)) => format!("{u:.2} u{sep}{op}"),
             };
             row.push(Cell::new(text).set_alignment(CellAlignment::Center));

@@ -138,6 +138,16 @@ pub struct ShapeInfo {
     pub kernel: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<usize>,
+    /// The shape options, where they differ from their defaults (`lora_bias: false`,
+    /// `groups: 1`, `base: split`, `lr: 0.001`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lora_bias: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<crate::case::Base>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
     /// A checkpoint layer: the weight's stored name and dtype, and whether a saved adapter
     /// gave A and B.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -161,6 +171,10 @@ impl ShapeInfo {
             rslora: s.rslora,
             kernel: conv.then_some(s.kernel),
             image: conv.then_some(s.image),
+            lora_bias: s.lora_bias,
+            groups: (s.groups != 1).then_some(s.groups),
+            base: (s.base != crate::case::Base::Split).then_some(s.base),
+            lr: (s.lr != crate::case::STEP_LR).then_some(s.lr),
             tensor: None,
             stored_dtype: None,
             saved_adapter: None,

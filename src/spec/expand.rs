@@ -2,7 +2,7 @@
 //! matrix's cases (each id once, in table order).
 
 use super::pattern::{shape_matches, values, OneOrMany, Pattern};
-use super::validate::{MatrixError, Source, HELP_AXES};
+use super::validate::{help_axes, MatrixError, Source};
 use crate::case::{
     Adapter, Backend, Case, DType, Device, Layer, Op, Point, Precision, Profile, Shape,
 };
@@ -47,7 +47,7 @@ impl Axes {
             Some((name, _)) => Err(src.error_at(
                 &format!("{name}:"),
                 format!("axis `{name}` is empty"),
-                HELP_AXES,
+                help_axes(),
             )),
             None => Ok(()),
         }

@@ -147,6 +147,25 @@ fn check_sizes(s: &Shape, src: &Source) -> Result<(), MatrixError> {
             "use a number such as 16",
         ));
     }
+    if s.groups == 0
+        || ![s.in_features, s.out_features, s.rank]
+            .iter()
+            .all(|d| d.is_multiple_of(s.groups))
+    {
+        return Err(fail(
+            format!(
+                "shape `{name}`: groups {} must divide in_features {}, out_features {} and rank {}",
+                s.groups, s.in_features, s.out_features, s.rank
+            ),
+            "a grouped Conv2d splits its channels, and PEFT its rank, into equal groups, e.g. groups: 2 with in_features: 8, out_features: 16, rank: 4",
+        ));
+    }
+    if !(s.lr.is_finite() && s.lr > 0.0) {
+        return Err(fail(
+            format!("shape `{name}`: lr must be a positive number"),
+            "the step op's SGD learning rate, e.g. lr: 0.001",
+        ));
+    }
     Ok(())
 }
 
@@ -190,6 +209,7 @@ impl RawMatrix {
             let mut s = shape.clone();
             s.name = name.clone();
             check_shape(&s, src)?;
+            self.check_draws(&s, src)?;
             shapes.push(s);
         }
         if let Some(name) = self.weights.keys().find(|w| self.shapes.contains_key(*w)) {
@@ -226,6 +246,48 @@ impl RawMatrix {
 
     /// Every shape a rule names is defined: a shape, a weights entry (all its layers) or one
     /// of an entry's layers (`entry:module`).
+    /// `draws: NAME` names another shape of the same geometry (so the values it draws fit).
+    fn check_draws(&self, s: &Shape, src: &Source) -> Result<(), MatrixError> {
+        let Some(other) = &s.draws else {
+            return Ok(());
+        };
+        let geometry = |t: &Shape| {
+            (
+                t.batch,
+                t.in_features,
+                t.out_features,
+                t.rank,
+                t.kernel,
+                t.image,
+                t.groups,
+            )
+        };
+        match self.shapes.get(other) {
+            Some(t) if t.draws.is_none() && geometry(t) == geometry(s) => Ok(()),
+            Some(t) if t.draws.is_some() => Err(src.error_in(
+                "shapes",
+                &format!("{}:", s.name),
+                format!("shape `{}`: draws: {other} draws from another shape itself", s.name),
+                "name the shape that draws from its own stream",
+            )),
+            Some(_) => Err(src.error_in(
+                "shapes",
+                &format!("{}:", s.name),
+                format!(
+                    "shape `{}`: draws: {other} has another geometry (batch, in/out features, rank, kernel, image, groups must be equal)",
+                    s.name
+                ),
+                "draw from a shape of the same sizes, or drop `draws:`",
+            )),
+            None => Err(src.error_in(
+                "shapes",
+                &format!("{}:", s.name),
+                format!("shape `{}`: draws: {other} is not a shape of this matrix", s.name),
+                "name one of the shapes under `shapes:`",
+            )),
+        }
+    }
+
     fn check_shape_names(&self, shapes: &[Shape], src: &Source) -> Result<(), MatrixError> {
         let shape_names: HashSet<&String> = shapes
             .iter()

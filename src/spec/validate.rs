@@ -23,12 +23,24 @@ fn location(path: &Path, line: Option<usize>, column: Option<usize>) -> String {
     }
 }
 
-/// What the axes take, for every message about an axis value.
-pub const HELP_AXES: &str =
-    "axes take: backend: tch, tch@X.Y.Z (a libtorch build: 2.1.2 ... 2.10.0), candle, peft, peft@X+torchY; device: cpu, cuda, cuda:N; dtype: f32, f16, bf16, f64; \
-adapter: lora, dora, pissa, pissa_dora, olora; op: init, forward, backward, merge, unmerge, init_noop, parity, \
-roundtrip; precision: native, upcast, autocast; layer: linear, embedding, conv2d; profile: normal, llm, zero_rows, \
-large, tiny (see matrices/default.yaml and matrices/failures.yaml for complete files)";
+/// What the axes take, for every message about an axis value: made from the axes' own
+/// spellings, so it never lags behind them.
+pub fn help_axes() -> String {
+    use crate::case::{Adapter, Backend, DType, Device, Layer, Op, Precision, Profile};
+    format!(
+        "axes take: backend: {}; device: {}; dtype: {}; adapter: {}; op: {}; precision: {}; \
+         layer: {}; profile: {} (see matrices/default.yaml and matrices/failures.yaml for \
+         complete files)",
+        Backend::valid(),
+        Device::valid(),
+        DType::valid(),
+        Adapter::valid(),
+        Op::valid(),
+        Precision::valid(),
+        Layer::valid(),
+        Profile::valid()
+    )
+}
 
 /// The text of a matrix file and its path: finds where a key is written, and makes the
 /// located error for it.
@@ -153,15 +165,17 @@ fn number_from_one(message: &str) -> String {
 }
 
 /// The fix to suggest for one of serde's messages.
-fn deserialize_help(message: &str) -> &'static str {
+fn deserialize_help(message: &str) -> String {
     let unknown = message.contains("unknown field") || message.contains("missing field");
     let number = ["expected usize", "expected u64", "expected u32"]
         .iter()
         .any(|t| message.contains(t));
-    if message.starts_with("expectations") && message.contains("unknown variant") {
+    let text = if message.starts_with("expectations") && message.contains("unknown variant") {
         "expect takes: pass, mismatch, nonfinite, unsupported, crashed, timeout, fail (any failure), flaky (pass or fail)"
+    } else if message.starts_with("shapes") && message.contains(".base:") {
+        "a shape's base takes: split (x @ W.T, then + b; the default) or fused (one addmm, F.linear)"
     } else if message.contains("unknown variant") || message.contains("unknown device") {
-        HELP_AXES
+        return help_axes();
     } else if number {
         "this key takes a whole number: sizes (batch, in_features, out_features, rank, kernel, \
          image) and max_cases >= 1, seed >= 0; e.g. batch: 4"
@@ -172,8 +186,11 @@ fn deserialize_help(message: &str) -> &'static str {
     } else if unknown {
         "top-level keys: seed, max_cases, axes, shapes, exclude, include, tolerances, expectations; \
          a shape requires batch, in_features, out_features, rank, alpha and takes bias (default \
-         true), rslora (default false), kernel (default 3) and image (default 8)"
+         true), rslora (default false), kernel (default 3), image (default 8), lora_bias \
+         (default false), groups (default 1), base (split or fused), lr (default 0.0001) and \
+         draws (another shape's name)"
     } else {
         "check the YAML syntax near this position (indentation, a missing ':' or ']')"
-    }
+    };
+    text.to_string()
 }

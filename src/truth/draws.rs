@@ -40,6 +40,9 @@ pub struct Draws {
     bias_on: bool,
     /// DoRA's magnitude from a saved adapter (else it is derived from the norm).
     magnitude: Option<HostTensor>,
+    /// lora_B's bias (`lora_bias: true`), U(-1/sqrt(r), 1/sqrt(r)) as nn.Linear's bias.
+    lora_bias: Option<HostTensor>,
+    lr: f64,
 }
 
 /// Which tensor a normal draw is for: its chunks' streams are `tag << 32 | chunk`.
@@ -204,14 +207,16 @@ impl Geometry {
                 fan_in: i,
             },
             Layer::Conv2d => {
-                let out = img - k + 1;
+                // A grouped convolution's weight holds in / groups input channels per output
+                // channel; PEFT's lora_B takes the base layer's groups, lora_A does not.
+                let (out, g) = (img - k + 1, shape.groups);
                 Geometry {
                     x: vec![b, i, img, img],
-                    w: vec![o, i, k, k],
+                    w: vec![o, i / g, k, k],
                     a: vec![r, i, k, k],
-                    b: vec![o, r, 1, 1],
+                    b: vec![o, r / g, 1, 1],
                     g: vec![b, o, out, out],
-                    fan_in: i * k * k,
+                    fan_in: i / g * k * k,
                 }
             }
         }
@@ -254,9 +259,10 @@ impl Draws {
     /// channel, an embedding dimension). The linear, normal draws are the same as ever, so
     /// older snapshots still hold.
     pub fn generate(shape: &Shape, layer: Layer, profile: Profile, seed: u64) -> Draws {
+        let stream = shape.draws.as_deref().unwrap_or(&shape.name);
         let name = match (layer, profile) {
-            (Layer::Linear, Profile::Normal) => shape.name.clone(),
-            _ => format!("{}/{layer}/{profile}", shape.name),
+            (Layer::Linear, Profile::Normal) => stream.to_string(),
+            _ => format!("{stream}/{layer}/{profile}"),
         };
         // FNV-1a from the seed, so the per-shape stream depends on the shape name, not on hash-map
         // randomness.
@@ -297,7 +303,13 @@ impl Draws {
             recipe: Box::new(weight),
             zero_rows: profile == Profile::ZeroRows,
         };
+        // Last, so that every other draw is where it always was.
+        let lora_bias = shape
+            .lora_bias
+            .then(|| uniform(&mut rng, vec![o], 1.0 / (r as f64).sqrt()));
         Draws {
+            lora_bias,
+            lr: shape.lr,
             layer,
             x,
             weight,
@@ -349,6 +361,8 @@ impl Draws {
             grad_output,
             scaling: shape.scaling(),
             magnitude,
+            lora_bias: None,
+            lr: shape.lr,
         })
     }
 
@@ -467,7 +481,15 @@ impl Draws {
             lora_b,
             magnitude,
             grad_output: self.grad_output.rounded(dtype),
+            lora_bias: self.lora_bias.as_ref().map(|b| {
+                if at_init {
+                    zeros(b)
+                } else {
+                    b.rounded(dtype)
+                }
+            }),
             scaling: self.scaling,
+            lr: self.lr,
         }
     }
 }
@@ -488,6 +510,11 @@ mod tests {
             rslora: false,
             kernel: 3,
             image: 8,
+            lora_bias: false,
+            groups: 1,
+            base: Default::default(),
+            draws: None,
+            lr: crate::case::STEP_LR,
         }
     }
 

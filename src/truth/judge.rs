@@ -35,7 +35,7 @@ use crate::worker::tensor::HostTensor;
 
 /// Roundings allowed per op chain, with margin. Init, forward, merge and unmerge chain 4-6
 /// rounded steps (unmerge's amplification by cancellation is `kappa`'s business); backward
-/// chains twice as many.
+/// chains twice as many, and so does `step` (backward, then one rounding of p - lr * grad).
 pub fn chain_constant(op: Op) -> f64 {
     match op {
         Op::Init
@@ -45,7 +45,7 @@ pub fn chain_constant(op: Op) -> f64 {
         | Op::InitNoop
         | Op::Parity
         | Op::Roundtrip => 8.0,
-        Op::Backward => 16.0,
+        Op::Backward | Op::Step => 16.0,
     }
 }
 
@@ -61,6 +61,22 @@ pub const GAPS: &[(&str, &str, &str)] = &[
 pub const NOOP_GAP: &str = "noop_gap";
 /// The name of `parity`'s gap output.
 pub const PARITY_GAP: &str = "parity_gap";
+
+/// The unit roundoff a case's outputs are judged by: its dtype's, except an fp8 case's ops
+/// whose outputs do not pass through the fp8 weight, judged by the bf16 they are computed and
+/// held in (merge, unmerge, roundtrip and parity read or write the fp8 weight: fp8's).
+pub fn judged_roundoff(case: &Case) -> f64 {
+    let d = case.point.dtype;
+    let through_weight = matches!(
+        case.point.op,
+        Op::Merge | Op::Unmerge | Op::Roundtrip | Op::Parity
+    );
+    if d.is_fp8() && !through_weight {
+        case.compute_dtype().unit_roundoff()
+    } else {
+        d.unit_roundoff()
+    }
+}
 
 /// Unit roundoff of the accumulator a good kernel uses for this dtype.
 pub fn accumulator_roundoff(dtype: DType) -> f64 {
@@ -87,7 +103,7 @@ impl Tolerance {
             .into_iter()
             .max()
             .unwrap_or(1) as f64;
-        let u = case.point.dtype.unit_roundoff();
+        let u = judged_roundoff(case);
         let rel = chain_constant(case.point.op)
             * kappa
             * factor
@@ -351,6 +367,68 @@ pub fn judge_files(
     }
 }
 
+/// The `step` op's own finding: an adapter tensor the backend's step left exactly as it was,
+/// where the reference's step moves it (a 16-bit parameter swallows an update below half its
+/// ulp; torchtune #2250's magnitudes that stopped updating). Its parameters still sit within
+/// rounding of the reference's, so the judge alone would pass them; this adds an output
+/// `<name> did not move` (the whole update lost: relative error 1) and makes the case a
+/// mismatch that says so. `before` gives each output's value before the step.
+pub fn unmoved(
+    outcome: Outcome,
+    got: &Outputs,
+    want: &Outputs,
+    before: &[(&str, &HostTensor)],
+    dtype: DType,
+) -> Outcome {
+    let (mut metrics, was_mismatch) = match outcome {
+        Outcome::Pass(m) => (m, false),
+        Outcome::Mismatch(m) => (m, true),
+        other => return other,
+    };
+    let mut stuck = false;
+    for (name, pre) in before {
+        let (Some((_, g)), Some((_, w))) = (
+            got.iter().find(|(n, _)| n == name),
+            want.iter().find(|(n, _)| n == name),
+        ) else {
+            continue;
+        };
+        let moved = w
+            .data
+            .iter()
+            .zip(&pre.data)
+            .fold(0.0f64, |m, (w, p)| m.max((w - p).abs()));
+        if moved > 0.0 && g.data == pre.data {
+            stuck = true;
+            metrics.outputs.push(OutputMetrics {
+                name: format!("{name} did not move"),
+                max_abs_err: moved,
+                max_rel_err: 1.0,
+                err_units: 1.0 / dtype.unit_roundoff(),
+                tolerance: metrics.tolerance,
+                scale: moved,
+                norm: 0.0,
+                l1: 0.0,
+                nonfinite: 0,
+                reference_nonfinite: 0,
+                elements: pre.data.len(),
+            });
+        }
+    }
+    if !stuck {
+        return if was_mismatch {
+            Outcome::Mismatch(metrics)
+        } else {
+            Outcome::Pass(metrics)
+        };
+    }
+    let worst = metrics.outputs.last().expect("just pushed").clone();
+    metrics.max_abs_err = worst.max_abs_err;
+    metrics.max_rel_err = worst.max_rel_err;
+    metrics.worst_output = worst.name;
+    Outcome::Mismatch(metrics)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -463,6 +541,11 @@ mod tests {
                 rslora: false,
                 kernel: 3,
                 image: 8,
+                lora_bias: false,
+                groups: 1,
+                base: Default::default(),
+                draws: None,
+                lr: crate::case::STEP_LR,
             },
         };
         let small = Tolerance::for_case(&case, 1.0, 1.0, None).rel;

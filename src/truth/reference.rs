@@ -306,7 +306,24 @@ fn forward(inp: &Inputs, p: &Pieces, c: Option<&[f64]>) -> HostTensor {
         Some(c) => scale_cols(&pre, c),
         None => pre,
     };
-    add_bias(pre, inp.bias.as_ref())
+    add_bias(
+        add_bias(pre, inp.bias.as_ref()),
+        scaled_lora_bias(inp).as_ref(),
+    )
+}
+
+/// s * lora_B.bias, the adapter's share of the output's bias (`lora_bias`; LoRA only: PEFT
+/// refuses it with DoRA).
+fn scaled_lora_bias(inp: &Inputs) -> Option<HostTensor> {
+    inp.lora_bias
+        .as_ref()
+        .map(|b| map_rows(b, |_, v| inp.scaling * v))
+}
+
+/// The base layer's bias after a merge with `lora_bias`: b + s * lora_B.bias.
+fn merged_bias(inp: &Inputs) -> Option<HostTensor> {
+    let (b, lb) = (inp.bias.as_ref()?, scaled_lora_bias(inp)?);
+    Some(axpy(b, 1.0, &lb))
 }
 
 /// The reference outputs of one case, under the same names the backends use.
@@ -429,12 +446,13 @@ pub fn linear_view(inp: &Inputs) -> Cow<'_, Inputs> {
         Layer::Conv2d => {
             let g = &inp.grad_output;
             let out_shape = [g.shape[0], g.shape[1], g.shape[2], g.shape[3]];
+            let groups = conv_groups(inp);
             Inputs {
                 layer: Layer::Linear,
                 x: im2col(inp),
-                weight: Arc::new(flat2(&inp.weight)),
+                weight: Arc::new(block_diagonal(&flat2(&inp.weight), groups)),
                 lora_a: flat2(&inp.lora_a),
-                lora_b: flat2(&inp.lora_b),
+                lora_b: block_diagonal(&flat2(&inp.lora_b), groups),
                 grad_output: channels_last(&reshaped(g.clone(), &out_shape)),
                 ..inp.clone()
             }
@@ -468,13 +486,16 @@ fn layer_outputs(inp: &Inputs, outputs: Outputs) -> Outputs {
             .into_iter()
             .map(|(n, t)| {
                 let t = if weight_like.contains(&n) {
-                    reshaped(t, &inp.weight.shape)
+                    // A grouped layer's merge is the full convolution's (PEFT refuses it, see
+                    // `Case::refused_by_peft`): [out, in, k, k].
+                    let w = &inp.weight.shape;
+                    reshaped(t, &[w[0], inp.x.shape[1], w[2], w[3]])
                 } else if result_like.contains(&n) {
                     channels_first(&t, &inp.grad_output.shape)
-                } else if n == names::GRAD_A {
+                } else if n == names::GRAD_A || n == names::STEP_A {
                     reshaped(t, &inp.lora_a.shape)
-                } else if n == names::GRAD_B {
-                    reshaped(t, &inp.lora_b.shape)
+                } else if n == names::GRAD_B || n == names::STEP_B {
+                    reshaped(blocks_of(&t, conv_groups(inp)), &inp.lora_b.shape)
                 } else if n == names::GRAD_X {
                     col2im(inp, &t)
                 } else {
@@ -498,8 +519,52 @@ pub fn layer_weight_norm(
     match layer {
         Layer::Linear => weight_norm(w, a, b, scaling),
         Layer::Embedding => weight_norm(&transpose(w), a, b, scaling),
-        Layer::Conv2d => weight_norm(&flat2(w), &flat2(a), &flat2(b), scaling),
+        Layer::Conv2d => {
+            // A grouped weight [out, in / g, k, k] beside A [r, in, k, k].
+            let groups = a.data.len() / a.shape[0] / (w.data.len() / w.shape[0]);
+            let dense = |t: &HostTensor| block_diagonal(&flat2(t), groups);
+            weight_norm(&dense(w), &flat2(a), &dense(b), scaling)
+        }
     }
+}
+
+/// A Conv2d's `groups`: the input's channels over the weight's.
+fn conv_groups(inp: &Inputs) -> usize {
+    inp.x.shape[1] / inp.weight.shape[1]
+}
+
+/// A grouped layer's [rows, cols] blocks as the dense [rows, cols * groups] matrix they stand
+/// for (rows of group j in column block j, zeros elsewhere): a grouped Conv2d's weight and
+/// PEFT's grouped lora_B as the full convolution's. The identity for one group.
+fn block_diagonal(t: &HostTensor, groups: usize) -> HostTensor {
+    if groups == 1 {
+        return t.clone();
+    }
+    let (rows, cols) = (t.rows(), t.cols());
+    let per = rows / groups;
+    let mut out = vec![0.0; rows * cols * groups];
+    for i in 0..rows {
+        let j = i / per;
+        let at = i * cols * groups + j * cols;
+        out[at..at + cols].copy_from_slice(&t.data[i * cols..(i + 1) * cols]);
+    }
+    HostTensor::new(vec![rows, cols * groups], out)
+}
+
+/// The inverse of [`block_diagonal`]: each row's own column block.
+fn blocks_of(t: &HostTensor, groups: usize) -> HostTensor {
+    if groups == 1 {
+        return t.clone();
+    }
+    let (rows, cols) = (t.rows(), t.cols() / groups);
+    let per = rows / groups;
+    let data = (0..rows)
+        .flat_map(|i| {
+            let at = i * cols * groups + (i / per) * cols;
+            t.data[at..at + cols].to_vec()
+        })
+        .collect();
+    HostTensor::new(vec![rows, cols], data)
 }
 
 /// PiSSA's or OLoRA's init from the (rounded) weight, in f64: (A, B, W_res).
@@ -716,19 +781,24 @@ fn compute_linear(adapter: Adapter, op: Op, inp: &Inputs) -> (Outputs, f64) {
         // The unmerged layer's forward and the merged layer's (W' alone): equal in exact arithmetic.
         Op::Parity => {
             let c = row_factor(inp);
+            let merged = merge_pass(inp, Pass::Merged).0;
+            let merged_y = match merged_bias(inp) {
+                Some(b) => add_bias(matmul_nt(&inp.x, &merged), Some(&b)),
+                None => base_layer(inp, &merged),
+            };
             vec![
                 (names::RESULT, forward(inp, &pieces(inp), c.as_deref())),
-                (
-                    names::MERGED_RESULT,
-                    base_layer(inp, &merge_pass(inp, Pass::Merged).0),
-                ),
+                (names::MERGED_RESULT, merged_y),
             ]
         }
         // Merge then unmerge gives back the original weight, exactly, in f64's terms.
         Op::Roundtrip => {
             let k = merge_pass(inp, Pass::Kappa).1;
-            return (vec![(names::UNMERGED, (*inp.weight).clone())], k);
+            let mut out = vec![(names::UNMERGED, (*inp.weight).clone())];
+            out.extend(restored_bias(inp));
+            return (out, k);
         }
+        Op::Step => step(inp),
         // DoRA init computes the magnitude m = ||W + s B A|| (PEFT's `update_layer`); LoRA
         // init computes nothing, so its check is that the layer is a no-op at init (B = 0).
         Op::Init if dora => vec![(
@@ -742,13 +812,52 @@ fn compute_linear(adapter: Adapter, op: Op, inp: &Inputs) -> (Outputs, f64) {
             vec![(names::RESULT, forward(inp, &p, c.as_deref()))]
         }
         Op::Backward => backward(inp),
-        Op::Merge => vec![(names::MERGED, merge_pass(inp, Pass::Merged).0)],
+        Op::Merge => {
+            let mut out = vec![(names::MERGED, merge_pass(inp, Pass::Merged).0)];
+            out.extend(merged_bias(inp).map(|b| (names::MERGED_BIAS, b)));
+            out
+        }
         Op::Unmerge => {
             let (unmerged, k) = merge_pass(inp, Pass::Unmerged);
-            return (vec![(names::UNMERGED, unmerged)], k);
+            let mut out = vec![(names::UNMERGED, unmerged)];
+            out.extend(restored_bias(inp));
+            return (out, k);
         }
     };
     (outputs, 1.0)
+}
+
+/// The bias an unmerge restores with `lora_bias`: (b + s lb) - s lb = b.
+fn restored_bias(inp: &Inputs) -> Option<(&'static str, HostTensor)> {
+    merged_bias(inp).and(inp.bias.clone().map(|b| (names::UNMERGED_BIAS, b)))
+}
+
+/// One SGD step from the gradients of [`backward`]: p - lr * grad for A, B, the magnitude
+/// (DoRA) and lora_B's bias.
+fn step(inp: &Inputs) -> Outputs {
+    let grads = backward(inp);
+    let grad = |name: &str| {
+        &grads
+            .iter()
+            .find(|(n, _)| *n == name)
+            .expect("backward gives every parameter's gradient")
+            .1
+    };
+    let lr = inp.lr;
+    let mut out = vec![
+        (names::STEP_A, axpy(&inp.lora_a, -lr, grad(names::GRAD_A))),
+        (names::STEP_B, axpy(&inp.lora_b, -lr, grad(names::GRAD_B))),
+    ];
+    if let Some(m) = &inp.magnitude {
+        out.push((names::MAGNITUDE, axpy(m, -lr, grad(names::GRAD_M))));
+    }
+    if let Some(b) = &inp.lora_bias {
+        out.push((
+            names::STEP_LORA_BIAS,
+            axpy(b, -lr, grad(names::GRAD_LORA_BIAS)),
+        ));
+    }
+    out
 }
 
 /// DoRA's row factor c = m / ||W + dW||, or `None` for LoRA.
@@ -850,6 +959,14 @@ fn backward(inp: &Inputs) -> Outputs {
             .collect();
         out.push((names::GRAD_M, HostTensor::new(m.shape.clone(), dm)));
     }
+    if let Some(lb) = &inp.lora_bias {
+        // y carries s * lb in every row: d/d lb = s * the column sums of g.
+        let (rows, cols) = (g.rows(), g.cols());
+        let db = (0..cols)
+            .map(|j| s * (0..rows).map(|i| g.data[i * cols + j]).sum::<f64>())
+            .collect();
+        out.push((names::GRAD_LORA_BIAS, HostTensor::new(lb.shape.clone(), db)));
+    }
     out.push((names::GRAD_X, grad_x));
     out
 }
@@ -878,6 +995,8 @@ mod tests {
             magnitude: Some(t(&[2], &[17f64.sqrt(), 10.0])),
             grad_output: t(&[1, 2], &[1.0, 1.0]),
             scaling: 2.0,
+            lora_bias: None,
+            lr: crate::case::STEP_LR,
         }
     }
 
@@ -913,6 +1032,100 @@ mod tests {
             get(&compute(Adapter::Lora, Op::Init, &init), names::RESULT),
             &[5.5, 6.0],
         );
+    }
+
+    /// One SGD step at lr 0.5 from the gradients of `dora_backward_by_hand`: p - lr * grad.
+    #[test]
+    fn step_by_hand() {
+        let inp = Inputs { lr: 0.5, ..paper() };
+        let o = compute(Adapter::Dora, Op::Step, &inp);
+        close(get(&o, names::STEP_A), &[0.0, -1.0, -1.0]);
+        close(get(&o, names::STEP_B), &[0.0, -2.0]);
+        close(
+            get(&o, names::MAGNITUDE),
+            &[17f64.sqrt() - 3.5 / 17f64.sqrt(), 10.0 - 0.7],
+        );
+        // LoRA: dA and dB as in `lora_by_hand` ([2, 2, 2] and [2, 2]); no magnitude.
+        let mut lora = inp.clone();
+        lora.magnitude = None;
+        let o = compute(Adapter::Lora, Op::Step, &lora);
+        close(get(&o, names::STEP_A), &[0.0, -1.0, -1.0]);
+        close(get(&o, names::STEP_B), &[0.0, -1.0]);
+        assert!(o.iter().all(|(n, _)| *n != names::MAGNITUDE));
+    }
+
+    /// lora_B's bias lb = [1, -2] with s = 2 on `paper`'s LoRA: y gains s * lb, a merge moves
+    /// the base bias by s * lb (PEFT >= 0.16), an unmerge moves it back, and its gradient is
+    /// s * the column sums of g.
+    #[test]
+    fn lora_bias_by_hand() {
+        let mut inp = paper();
+        inp.magnitude = None;
+        inp.lora_bias = Some(t(&[2], &[1.0, -2.0]));
+        inp.lr = 0.5;
+        // [7.5, 6] (lora_by_hand) + 2 * [1, -2]
+        let y = compute(Adapter::Lora, Op::Forward, &inp);
+        close(get(&y, names::RESULT), &[9.5, 2.0]);
+        let m = compute(Adapter::Lora, Op::Merge, &inp);
+        close(get(&m, names::MERGED), &[3.0, 2.0, 2.0, 0.0, 3.0, 4.0]);
+        close(get(&m, names::MERGED_BIAS), &[2.5, -5.0]);
+        // The merged layer: x W'^T + b' = [7, 7] + [2.5, -5], the unmerged forward exactly.
+        let p = compute(Adapter::Lora, Op::Parity, &inp);
+        close(get(&p, names::MERGED_RESULT), &[9.5, 2.0]);
+        close(get(&p, names::RESULT), &[9.5, 2.0]);
+        let u = compute(Adapter::Lora, Op::Unmerge, &inp);
+        close(get(&u, names::UNMERGED_BIAS), &[0.5, -1.0]);
+        let b = compute(Adapter::Lora, Op::Backward, &inp);
+        close(get(&b, names::GRAD_LORA_BIAS), &[2.0, 2.0]);
+        let st = compute(Adapter::Lora, Op::Step, &inp);
+        close(get(&st, names::STEP_LORA_BIAS), &[0.0, -3.0]);
+    }
+
+    /// A grouped 1x1 Conv2d (2 channels, groups 2: out channel j sees input channel j only)
+    /// on a 1x1 image x = [1, 2], W = [3, 4]; PEFT's adapter: a full lora_A
+    /// [[1, 1], [0, 1]] and a grouped lora_B [5, 7] (out channel j reads rank channel j).
+    /// The full convolution's weights: W = diag(3, 4), dW = diag(5, 7) A = [[5, 5], [0, 7]].
+    #[test]
+    fn grouped_conv2d_by_hand() {
+        let inp = Inputs {
+            layer: Layer::Conv2d,
+            x: t(&[1, 2, 1, 1], &[1.0, 2.0]),
+            weight: t(&[2, 1, 1, 1], &[3.0, 4.0]).into(),
+            bias: None,
+            lora_a: t(&[2, 2, 1, 1], &[1.0, 1.0, 0.0, 1.0]),
+            lora_b: t(&[2, 1, 1, 1], &[5.0, 7.0]),
+            magnitude: None,
+            grad_output: t(&[1, 2, 1, 1], &[1.0, 1.0]),
+            scaling: 1.0,
+            lora_bias: None,
+            lr: 0.5,
+        };
+        // base [3, 8]; h = A x = [3, 2]; branch [5 * 3, 7 * 2]
+        let f = compute(Adapter::Lora, Op::Forward, &inp);
+        close(get(&f, names::RESULT), &[18.0, 22.0]);
+        // dB (dense) = g^T h = [[3, 2], [3, 2]]; each row keeps its own group's entry.
+        let b = compute(Adapter::Lora, Op::Backward, &inp);
+        let gb = b.iter().find(|(n, _)| *n == names::GRAD_B).unwrap();
+        assert_eq!(gb.1.shape, vec![2, 1, 1, 1]);
+        close(&gb.1.data, &[3.0, 2.0]);
+        // dA = (B dense)^T g = [[5], [7]] x^T: [[5, 10], [7, 14]]
+        close(get(&b, names::GRAD_A), &[5.0, 10.0, 7.0, 14.0]);
+        // DoRA's norm runs over the full convolution's rows: W + dW = [[8, 5], [0, 11]].
+        let n = layer_weight_norm(Layer::Conv2d, &inp.weight, &inp.lora_a, &inp.lora_b, 1.0);
+        close(&n.data, &[89f64.sqrt(), 11.0]);
+        // m = [2 sqrt(89), 11]: c = [2, 1], y = c * (x (W + dW)^T) = [2 * 18, 22]
+        let dora = Inputs {
+            magnitude: Some(t(&[2], &[2.0 * 89f64.sqrt(), 11.0])),
+            ..inp.clone()
+        };
+        close(
+            get(&compute(Adapter::Dora, Op::Forward, &dora), names::RESULT),
+            &[36.0, 22.0],
+        );
+        let st = compute(Adapter::Lora, Op::Step, &inp);
+        let sb = st.iter().find(|(n, _)| *n == names::STEP_B).unwrap();
+        assert_eq!(sb.1.shape, vec![2, 1, 1, 1]);
+        close(&sb.1.data, &[5.0 - 1.5, 7.0 - 1.0]);
     }
 
     #[test]
@@ -959,6 +1172,8 @@ mod tests {
             magnitude: None,
             grad_output: HostTensor::zeros(vec![x[0], w[0]]),
             scaling: s,
+            lora_bias: None,
+            lr: crate::case::STEP_LR,
         }
     }
 
@@ -1050,6 +1265,8 @@ mod tests {
             magnitude: None,
             grad_output: t(&[2, 2], &[1.0, 1.0, 1.0, 1.0]),
             scaling: 1.0,
+            lora_bias: None,
+            lr: crate::case::STEP_LR,
         };
         close(
             get(&compute(Adapter::Lora, Op::Forward, &inp), names::RESULT),
@@ -1101,6 +1318,8 @@ mod tests {
             magnitude: None,
             grad_output: t(&[1, 1, 1, 1], &[1.0]),
             scaling: 1.0,
+            lora_bias: None,
+            lr: crate::case::STEP_LR,
         };
         let f = compute(Adapter::Lora, Op::Forward, &inp);
         assert_eq!(f[0].1.shape, vec![1, 1, 1, 1]);

@@ -13,7 +13,9 @@ wrapped with `get_peft_model(LoraConfig(r, lora_alpha, use_dora, use_rslora, ini
 target_modules=["0"]))` on the case's device and dtype; the case's A, B (and magnitude) are copied
 into the adapter's parameters; forward through the model, backward through autograd,
 merge/unmerge through `merge_adapter()`/`unmerge_adapter()`, PiSSA/OLoRA through
-`init_lora_weights="pissa"`/`"olora"` on the case's weight. DoRA's magnitude for `init` and
+`init_lora_weights="pissa"`/`"olora"` on the case's weight; `step` is one `torch.optim.SGD` step
+after the backward; `lora_bias` and a Conv2d's `groups` are LoraConfig's and nn.Conv2d's own.
+The base layer is always torch's own module (`base: fused`, whatever the shape says). DoRA's magnitude for `init` and
 `init_noop` (the case gives A and B, not the magnitude) comes from the release's own DoRA init,
 which has no public entry, called on the case's A and B:
 - PEFT >= 0.14 (a layer with `lora_variant`): `layer.lora_variant[name].init(layer, name, config=)`;
@@ -79,7 +81,8 @@ def make_base(case, w, bias, dtype, device):
     if layer == "embedding":
         base = torch.nn.Embedding(w.shape[0], w.shape[1])
     elif layer == "conv2d":
-        base = torch.nn.Conv2d(w.shape[1], w.shape[0], int(case["kernel"]), bias=has_bias)
+        groups = int(case.get("groups", 1))
+        base = torch.nn.Conv2d(w.shape[1] * groups, w.shape[0], int(case["kernel"]), bias=has_bias, groups=groups)
     else:
         base = torch.nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
     model = torch.nn.Sequential(base).to(device=device, dtype=dtype)
@@ -108,6 +111,10 @@ def config(case):
         kw["use_rslora"] = True
     if dora:
         kw["use_dora"] = True
+    if case.get("lora_bias") in (True, "true"):
+        if "lora_bias" not in fields:
+            raise NotApplicable(f"PEFT {release()} has no lora_bias (added in 0.14.0)")
+        kw["lora_bias"] = True
     return LoraConfig(**kw)
 
 
@@ -136,6 +143,8 @@ def params(layer, embedding):
     else:
         a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     out = {"lora_A.weight": a, "lora_B.weight": b}
+    if not embedding and getattr(layer.lora_B["default"], "bias", None) is not None:
+        out["lora_B.bias"] = layer.lora_B["default"].bias
     mags = getattr(layer, "lora_magnitude_vector", None)
     if mags is not None and "default" in mags:
         m = mags["default"]
@@ -203,6 +212,13 @@ def run_case(case, t, device="cpu"):
     p = params(layer, embedding)
     with torch.no_grad():
         for name, param in p.items():
+            if name in on and on[name].numel() != param.numel():
+                # PEFT < 0.16 gives a grouped Conv2d's lora_B no groups ([out, r] where the case,
+                # in the layout of PEFT #2403/#2567, has [out, r / groups]): another adapter.
+                raise NotApplicable(
+                    f"PEFT {release()}'s {name} is {list(param.shape)}, the case's {list(on[name].shape)}: "
+                    "this release lays the adapter out otherwise (a grouped Conv2d's lora_B takes the layer's groups from 0.16.0)"
+                )
             if name in on:
                 param.copy_(on[name].reshape(param.shape))
     if adapter == "dora" and "lora_magnitude_vector" not in on:
@@ -214,25 +230,36 @@ def run_case(case, t, device="cpu"):
     p = params(layer, embedding)
     if op == "init" and adapter == "dora":
         out["lora_magnitude_vector"] = p["lora_magnitude_vector"]
-    elif op == "backward":
+    elif op in ("backward", "step"):
         model.train()
         for param in p.values():
             param.requires_grad_(True)
         xg = x.clone().requires_grad_(True) if not embedding else x
         y = model(xg)
         y.backward(on["grad_output"].to(y.dtype))
+        if op == "step":
+            # One step of plain SGD on the adapter, in each parameter's own dtype.
+            torch.optim.SGD(list(p.values()), lr=float(case.get("lr", 1e-4))).step()
+            for name, param in p.items():
+                out[name] = param
+            return finish(out, case)
         out["result"] = y
         for name, param in p.items():
             out[f"grad.{name}"] = param.grad
         if not embedding:
             out["grad.input"] = xg.grad
     elif op in ("merge", "unmerge", "roundtrip"):
+        lora_bias = "lora_B.bias" in p
         model.merge_adapter()
         if op == "merge":
             out["merged_weight"] = layer.base_layer.weight
+            if lora_bias:
+                out["merged_bias"] = layer.base_layer.bias.clone()
         else:
             model.unmerge_adapter()
             out["unmerged_weight"] = layer.base_layer.weight
+            if lora_bias:
+                out["unmerged_bias"] = layer.base_layer.bias
     else:  # forward, LoRA's init (its forward at init), init_noop, parity
         model.eval()
         with torch.no_grad():

@@ -41,7 +41,14 @@ fn main() {
     } else if let Ok(v) = std::fs::read_to_string(root.join("build-version")) {
         version = Some(v.trim().to_string());
     }
+    // tch has torch's fp8 kinds from 0.19 (libtorch 2.6) on.
+    println!("cargo:rustc-check-cfg=cfg(tch_fp8)");
     if let Some(v) = version {
+        let mut parts = v.split(['.', '+']).map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        if (major, minor) >= (2, 6) {
+            println!("cargo:rustc-cfg=tch_fp8");
+        }
         println!("cargo:rustc-env=PEFT_COMPAT_LIBTORCH_VERSION={v}");
     }
     println!(

@@ -54,6 +54,8 @@ fn dtype(d: DType) -> candle_core::DType {
         DType::F16 => candle_core::DType::F16,
         DType::Bf16 => candle_core::DType::BF16,
         DType::F64 => candle_core::DType::F64,
+        // The runner never sends candle an fp8 case (Case::unsupported_by_build).
+        DType::F8e4m3 | DType::F8e5m2 => candle_core::DType::BF16,
     }
 }
 
@@ -92,7 +94,7 @@ impl TensorOps for CandleOps {
                 shape,
                 &self.device,
             ),
-            DType::Bf16 => Tensor::from_vec(
+            DType::Bf16 | DType::F8e4m3 | DType::F8e5m2 => Tensor::from_vec(
                 d.iter()
                     .map(|&v| half::bf16::from_f64(v))
                     .collect::<Vec<_>>(),
@@ -157,8 +159,25 @@ impl TensorOps for CandleOps {
             .and_then(|ids| w.contiguous()?.index_select(&ids, 0))
             .map_err(err)
     }
-    fn conv2d(&self, x: &Tensor, w: &Tensor) -> OpResult<Tensor> {
-        x.conv2d(w, 0, 1, 1, 1).map_err(err)
+    fn conv2d(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        groups: usize,
+    ) -> OpResult<Tensor> {
+        // candle_nn::Conv2d's forward: the convolution, then the bias broadcast over it.
+        let y = x.conv2d(w, 0, 1, 1, groups).map_err(err)?;
+        match bias {
+            Some(b) => b
+                .reshape((1, b.elem_count(), 1, 1))
+                .and_then(|b| y.broadcast_add(&b))
+                .map_err(err),
+            None => Ok(y),
+        }
+    }
+    fn cat(&self, parts: &[&Tensor], dim: usize) -> OpResult<Tensor> {
+        Tensor::cat(parts, dim).map_err(err)
     }
     fn svd(&self, _a: &Tensor) -> OpResult<(Tensor, Tensor, Tensor)> {
         Err(BackendError::new(format!(

@@ -352,8 +352,11 @@ impl std::str::FromStr for Backend {
 serde_as_spelled!(Backend);
 
 axis_enum!(
-    /// Element type every tensor of the case is stored in.
-    DType { F32 => "f32", F16 => "f16", Bf16 => "bf16", F64 => "f64" }
+    /// Element type every tensor of the case is stored in. `f8e4m3` and `f8e5m2` (torch's
+    /// `float8_e4m3fn` and `float8_e5m2`) are storage formats of the base weight: torch has no
+    /// fp8 add, division or norm, so anything but `native` computes in bf16 (see
+    /// [`DType::compute`]); every tensor of an fp8 case is drawn into fp8 values.
+    DType { F32 => "f32", F16 => "f16", Bf16 => "bf16", F64 => "f64", F8e4m3 => "f8e4m3", F8e5m2 => "f8e5m2" }
 );
 axis_enum!(
     /// Which PEFT adapter (and init) is applied to the layer: `lora` and `dora` start from
@@ -365,10 +368,11 @@ axis_enum!(
     /// The operation under test; each has its own outputs (see `adapter::run`).
     /// `init_noop`: the adapted layer at init against the base layer alone; `parity`: the
     /// merged layer's forward against the unmerged one; `roundtrip`: merge then unmerge,
-    /// judged against the original weight.
+    /// judged against the original weight; `step`: one SGD step (learning rate [`Shape::lr`])
+    /// after forward and backward, judged on the updated adapter tensors.
     Op {
         Init => "init", Forward => "forward", Backward => "backward", Merge => "merge", Unmerge => "unmerge",
-        InitNoop => "init_noop", Parity => "parity", Roundtrip => "roundtrip"
+        InitNoop => "init_noop", Parity => "parity", Roundtrip => "roundtrip", Step => "step"
     }
 );
 axis_enum!(
@@ -418,6 +422,8 @@ impl DType {
             DType::Bf16 => 2f64.powi(-8),
             DType::F32 => 2f64.powi(-24),
             DType::F64 => 2f64.powi(-53),
+            DType::F8e4m3 => 2f64.powi(-4),
+            DType::F8e5m2 => 2f64.powi(-3),
         }
     }
 
@@ -425,6 +431,25 @@ impl DType {
         matches!(self, DType::F16 | DType::Bf16)
     }
 
+    pub fn is_fp8(self) -> bool {
+        matches!(self, DType::F8e4m3 | DType::F8e5m2)
+    }
+
+    /// A reduced-precision dtype: one whose tensors PEFT's fixed and autocast paths treat
+    /// differently from native.
+    pub fn is_low(self) -> bool {
+        self.is_16bit() || self.is_fp8()
+    }
+
+    /// The dtype this storage dtype computes in off the native path: bf16 for fp8 (the
+    /// compute dtype of fp8-stored checkpoints; fp8 values are exact in it), itself otherwise.
+    pub fn compute(self) -> DType {
+        if self.is_fp8() {
+            DType::Bf16
+        } else {
+            self
+        }
+    }
     /// Round an f64 to the nearest value of this dtype (ties to even), returned as f64 (exact).
     pub fn round(self, v: f64) -> f64 {
         match self {
@@ -432,12 +457,15 @@ impl DType {
             DType::F32 => v as f32 as f64,
             DType::F16 => half::f16::from_f64(v).to_f64(),
             DType::Bf16 => half::bf16::from_f64(v).to_f64(),
+            DType::F8e4m3 => crate::fp8::E4M3FN.round(v),
+            DType::F8e5m2 => crate::fp8::E5M2.round(v),
         }
     }
 
     /// Size of one element in bytes.
     pub fn size(self) -> usize {
         match self {
+            DType::F8e4m3 | DType::F8e5m2 => 1,
             DType::F16 | DType::Bf16 => 2,
             DType::F32 => 4,
             DType::F64 => 8,
@@ -509,6 +537,69 @@ pub struct Shape {
     /// Conv2d only: the input image's side.
     #[serde(default = "eight")]
     pub image: usize,
+    /// PEFT's `lora_bias=True`: lora_B carries a trainable bias (PEFT >= 0.14), added to the
+    /// adapter's output before the scaling; merging adds `scaling * lora_B.bias` to the base
+    /// layer's bias.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub lora_bias: bool,
+    /// Conv2d only: the base convolution's `groups` (in, out and rank divisible by it). PEFT
+    /// (>= 0.16) keeps lora_A a full convolution and gives lora_B the base layer's groups.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub groups: usize,
+    /// How the base layer is computed: `split` (x W^T, then + b) or `fused` (one addmm:
+    /// `F.linear`, what `nn.Linear` runs; a convolution with its bias).
+    #[serde(default, skip_serializing_if = "Base::is_split")]
+    pub base: Base,
+    /// Draw this shape's tensors as the named shape of the same geometry does (its very values),
+    /// so that an option (`base`, `lr`) is compared on identical inputs; by default every shape
+    /// draws from a stream of its own name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draws: Option<String>,
+    /// The learning rate of the `step` op's SGD step.
+    #[serde(default = "step_lr", skip_serializing_if = "is_step_lr")]
+    pub lr: f64,
+}
+
+axis_enum!(
+    /// How a base layer computes its output (the [`Shape::base`] option).
+    Base { Split => "split", Fused => "fused" }
+);
+
+#[allow(clippy::derivable_impls)] // the enum comes from `axis_enum!`, which derives no Default
+impl Default for Base {
+    fn default() -> Base {
+        Base::Split
+    }
+}
+
+impl Base {
+    fn is_split(&self) -> bool {
+        *self == Base::Split
+    }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+
+/// The `step` op's default learning rate: LoRA fine-tuning's usual 1e-4, at which a bf16
+/// parameter of size ~0.5 swallows updates below 2e-3 whole (the trap the op is there to show).
+pub const STEP_LR: f64 = 1e-4;
+
+fn step_lr() -> f64 {
+    STEP_LR
+}
+
+fn is_step_lr(v: &f64) -> bool {
+    *v == STEP_LR
 }
 
 fn yes() -> bool {
@@ -645,6 +736,15 @@ impl Case {
         if self.point.backend.peft().is_some() && self.point.precision == Precision::Upcast {
             return Some("upcast is peft-compat's model of PEFT's fix, not a PEFT switch: a PEFT build's native path runs the release's own fixes");
         }
+        if self.shape.groups > 1 && self.point.layer != Layer::Conv2d {
+            return Some("groups is a Conv2d option");
+        }
+        if self.shape.lora_bias && self.point.layer == Layer::Embedding {
+            return Some("PEFT's lora.Embedding has no lora_bias (`lora_bias=True is not supported for Embedding`)");
+        }
+        if self.shape.base == Base::Fused && self.point.layer == Layer::Embedding {
+            return Some("an Embedding has no product and bias to fuse: base: fused is a Linear and Conv2d option");
+        }
         if self.point.adapter.is_data_init() {
             if self.point.layer != Layer::Linear {
                 return Some("PEFT initialises PiSSA and OLoRA on Linear layers only");
@@ -659,11 +759,58 @@ impl Case {
     /// Why PEFT itself refuses this case by design (reported as a skip that says so, never as a
     /// backend failure), or `None`.
     pub fn refused_by_peft(&self) -> Option<&'static str> {
+        if self.shape.lora_bias && self.point.adapter != Adapter::Lora {
+            return Some(if self.point.adapter.is_dora() {
+                "not applicable: PEFT refuses lora_bias with DoRA by design (`ValueError: The argument lora_bias=True is not supported for DoRA, please pass use_dora=False`)"
+            } else {
+                "not applicable: PEFT refuses lora_bias with PiSSA/OLoRA inits by design (`lora_bias=True` is only supported with init_lora_weights True or False)"
+            });
+        }
+        let merges = matches!(
+            self.point.op,
+            Op::Merge | Op::Unmerge | Op::Parity | Op::Roundtrip
+        );
+        // A PEFT build runs these and shows what its release does (an AttributeError before
+        // 0.18, PEFT #2716; the refusal after it); the other backends skip them.
+        let peft = self.point.backend.peft().is_some();
+        if self.shape.lora_bias && !self.shape.bias && merges && !peft {
+            return Some("not applicable: PEFT refuses to merge lora_bias into a base layer without a bias (`Impossible to merge LoRA with lora_bias=True because the base layer has no bias`, PEFT #2716, 0.18.0)");
+        }
+        if self.shape.groups > 1 && merges && !peft {
+            return Some("not applicable: PEFT does not merge into a grouped Conv2d (`NotImplementedError: Merging is not supported for _ConvNd layers with groups > 1!`): the adapter's full convolution does not fit a grouped weight");
+        }
         if self.point.adapter.is_data_init() && self.point.dtype == DType::F64 {
             return Some(match self.point.adapter {
                 Adapter::Olora => "not applicable: PEFT refuses float64 for OLoRA init by design (olora_init: `TypeError: Unsupported data type for the base layer`)",
                 _ => "not applicable: PEFT refuses float64 for PiSSA init by design (pissa_init: `TypeError: Please initialize PiSSA under float32, float16, or bfloat16`)",
             });
+        }
+        None
+    }
+
+    /// Why the case's build cannot express it at all (a skip that says so, never a failure of
+    /// the library), or `None`: fp8 dtypes where the build has no fp8 type, lora_bias on a PEFT
+    /// release before it.
+    pub fn beyond_build(&self) -> Option<String> {
+        let b = self.point.backend;
+        if self.point.dtype.is_fp8() {
+            match b {
+                Backend::Candle => return Some("not applicable: peft-compat's candle worker has no fp8 path (candle-core 0.11 has an F8E4M3 dtype but no F8E5M2); fp8 bases run on the tch builds".into()),
+                Backend::Peft(_) => return Some("not applicable: the PEFT worker builds no fp8 layer; fp8 bases run on the tch builds".into()),
+                Backend::TchAt(v) if v < Version::new(2, 6, 0) => {
+                    let tch = LibtorchBuild::of(v).map_or("this tch".into(), |l| format!("tch {}", l.tch));
+                    return Some(format!("not applicable: {tch} (libtorch {v}) has no fp8 kinds (tch has Float8e4m3fn and Float8e5m2 from 0.19, libtorch 2.6)"));
+                }
+                _ => {}
+            }
+        }
+        if let Some(p) = b.peft() {
+            if self.shape.lora_bias && p.peft < Version::new(0, 14, 0) {
+                return Some(format!(
+                    "not applicable: PEFT {} has no lora_bias (added in 0.14.0)",
+                    p.peft
+                ));
+            }
         }
         None
     }
@@ -687,12 +834,26 @@ impl Case {
     }
 
     /// The dtype the adapter's tensors (A, B, magnitude) are kept in: fp32 under `autocast`
-    /// with a 16-bit base (PEFT's `_cast_adapter_dtype`), else the case dtype.
+    /// with a 16-bit or fp8 base (PEFT's `_cast_adapter_dtype`), else the compute dtype (the
+    /// case dtype; bf16 for an fp8 base off the native path, the dtype an fp8 checkpoint's
+    /// adapter is trained in: fp8 has no arithmetic to keep an adapter in).
     pub fn adapter_dtype(&self) -> DType {
-        if self.point.precision == Precision::Autocast && self.point.dtype.is_16bit() {
+        if self.point.precision == Precision::Autocast && self.point.dtype.is_low() {
             DType::F32
         } else {
+            self.compute_dtype()
+        }
+    }
+
+    /// The dtype the base layer computes in and holds its input, bias and output in: the case
+    /// dtype, except an fp8 weight off the native path, which is upcast to bf16 for every
+    /// arithmetic op (torch 2.11 has fp8 matmul on CPU, but no fp8 add, division or norm) and
+    /// merged back into fp8.
+    pub fn compute_dtype(&self) -> DType {
+        if self.point.precision == Precision::Native {
             self.point.dtype
+        } else {
+            self.point.dtype.compute()
         }
     }
 
@@ -709,6 +870,9 @@ impl Case {
             Op::Merge | Op::Unmerge | Op::Parity | Op::Roundtrip
         );
         match (self.point.adapter, self.point.dtype) {
+            (_, d) if d.is_fp8() => Some(
+                "an fp8 weight is upcast to bf16 for every op and merged back into fp8; the bf16 adapter's products run in fp32 as PEFT's are (#1017, #1978, #1653)",
+            ),
             (a, DType::F16 | DType::Bf16) if a.is_data_init() && init => Some(
                 "PiSSA/OLoRA init casts the weight to fp32 for the SVD/QR and the residual, then casts back (PEFT always does)",
             ),

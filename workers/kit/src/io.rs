@@ -26,12 +26,17 @@ pub struct Inputs {
     /// initialises it (an Embedding's A is the zero one instead). Zeros, and unused, for PiSSA
     /// and OLoRA, whose init computes both from the weight.
     pub lora_b: HostTensor,
+    /// `lora_B.bias`: \[out_features\]; with `lora_bias: true` only (zeros at init, as PEFT
+    /// initialises it).
+    pub lora_bias: Option<HostTensor>,
     /// `lora_magnitude_vector`: \[out_features\]; DoRA only, absent where the init computes it.
     pub magnitude: Option<HostTensor>,
     /// `grad_output`: [batch, out_features], the upstream gradient for `backward`.
     pub grad_output: HostTensor,
     /// alpha / r or alpha / sqrt(r).
     pub scaling: f64,
+    /// The `step` op's learning rate ([`crate::case::Shape::lr`]).
+    pub lr: f64,
 }
 
 impl Inputs {
@@ -54,6 +59,9 @@ impl Inputs {
         if let Some(m) = &self.magnitude {
             v.push(("lora_magnitude_vector", m));
         }
+        if let Some(b) = &self.lora_bias {
+            v.push(("lora_B.bias", b));
+        }
         v
     }
 }
@@ -69,6 +77,15 @@ pub mod names {
     pub const GRAD_B: &str = "grad.lora_B.weight";
     pub const GRAD_M: &str = "grad.lora_magnitude_vector";
     pub const GRAD_X: &str = "grad.input";
+    pub const GRAD_LORA_BIAS: &str = "grad.lora_B.bias";
+    /// `merge`, `parity`, `unmerge`, `roundtrip` with `lora_bias`: the base layer's bias after
+    /// the merge (b + s * lora_B.bias) and after the unmerge.
+    pub const MERGED_BIAS: &str = "merged_bias";
+    pub const UNMERGED_BIAS: &str = "unmerged_bias";
+    /// `step`: the adapter's tensors after one SGD step (the magnitude is [`MAGNITUDE`]).
+    pub const STEP_A: &str = "lora_A.weight";
+    pub const STEP_B: &str = "lora_B.weight";
+    pub const STEP_LORA_BIAS: &str = "lora_B.bias";
     pub const MERGED: &str = "merged_weight";
     pub const UNMERGED: &str = "unmerged_weight";
     pub const MAGNITUDE: &str = "lora_magnitude_vector";
@@ -95,5 +112,11 @@ pub mod names {
         MERGED_RESULT,
         RESIDUAL,
         DELTA,
+        GRAD_LORA_BIAS,
+        MERGED_BIAS,
+        UNMERGED_BIAS,
+        STEP_A,
+        STEP_B,
+        STEP_LORA_BIAS,
     ];
 }

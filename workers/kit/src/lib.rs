@@ -9,6 +9,7 @@
 
 pub mod adapter;
 pub mod case;
+pub mod fp8;
 pub mod io;
 pub mod ops;
 pub mod parallel;

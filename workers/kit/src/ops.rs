@@ -54,8 +54,32 @@ pub trait TensorOps {
     fn row_norm(&self, a: &Self::Tensor) -> OpResult<Self::Tensor>;
     /// Rows `ids` (a tensor of exact integer values, any float dtype) of `w`: `F.embedding`.
     fn embedding(&self, ids: &Self::Tensor, w: &Self::Tensor) -> OpResult<Self::Tensor>;
-    /// 2-D convolution of x [b, c, h, w] with w [o, c, k, k], stride 1, no padding, no bias.
-    fn conv2d(&self, x: &Self::Tensor, w: &Self::Tensor) -> OpResult<Self::Tensor>;
+    /// `nn.Conv2d`'s convolution of x [b, c, h, w] with w [o, c / groups, k, k], stride 1, no
+    /// padding, over `groups` channel groups, with the bias inside the kernel where given.
+    fn conv2d(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        groups: usize,
+    ) -> OpResult<Self::Tensor>;
+    /// `F.linear(x, w, b)`: x w^T + b as the library's fused kernel computes it (libtorch: one
+    /// addmm). The default is the split form, x w^T then + b: what a library without a fused
+    /// kernel runs (candle-nn's `Linear` is exactly that).
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+    ) -> OpResult<Self::Tensor> {
+        let y = self.matmul(x, &self.t(w)?)?;
+        match bias {
+            Some(b) => self.add(&y, b),
+            None => Ok(y),
+        }
+    }
+    /// Tensors joined along `dim`.
+    fn cat(&self, parts: &[&Self::Tensor], dim: usize) -> OpResult<Self::Tensor>;
     /// Reduced SVD of a 2-D tensor: (U, S, Vh) with S descending, as `torch.linalg.svd(A,
     /// full_matrices=False)`. A library without one says so (an `unsupported` outcome).
     fn svd(&self, a: &Self::Tensor) -> OpResult<(Self::Tensor, Self::Tensor, Self::Tensor)>;

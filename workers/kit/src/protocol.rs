@@ -12,7 +12,7 @@
 //!   `PCW1 ` are not protocol (a library printing to stdout): the reader skips them and keeps
 //!   them with the worker's log, so stray output never desynchronises the stream.
 //! - `tensors` (absent = none) lists the payload: each tensor's `name`, `dtype` (`f16`, `bf16`,
-//!   `f32`, `f64`), `shape` and byte length. Values are exact: inputs are sent in the case
+//!   `f32`, `f64`, and `f8e4m3`, `f8e5m2` one byte a value), `shape` and byte length. Values are exact: inputs are sent in the case
 //!   dtype (they are representable in it), outputs in the narrowest of the case dtype, f32 and
 //!   f64 that holds every value.
 //! - Unknown JSON fields are ignored, so either side may add fields within a version.
@@ -34,8 +34,9 @@
 //! - `run` {`id`, `case`, `tensors`}: run one case on the given inputs (PEFT's state-dict names:
 //!   `input`, `base_layer.weight`, `base_layer.bias`, `lora_A.weight`, `lora_B.weight` (an
 //!   Embedding's `lora_embedding_A`, `lora_embedding_B`), `lora_magnitude_vector`,
-//!   `grad_output`). `case` carries the axes (including `layer` and `profile`, since version 2)
-//!   and the shape (with `kernel` and `image`). An Embedding's `input` (token ids) travels as f32.
+//!   `grad_output`, with `lora_bias` also `lora_B.bias`). `case` carries the axes (including
+//!   `layer` and `profile`, since version 2) and the shape (with `kernel` and `image`, and the
+//!   options `lora_bias`, `groups`, `base` and `lr`, absent = their defaults). An Embedding's `input` (token ids) travels as f32.
 //!
 //! Replies (`type`):
 //! - `hello` {`protocol`, `backend`, `libraries` (name -> version), `cuda`, `files` (whether
@@ -103,6 +104,23 @@ pub struct WireCase {
     pub rslora: bool,
     pub kernel: usize,
     pub image: usize,
+    /// The shape options added after the first protocol (absent: their defaults).
+    #[serde(default)]
+    pub lora_bias: bool,
+    #[serde(default = "one")]
+    pub groups: usize,
+    #[serde(default)]
+    pub base: crate::case::Base,
+    #[serde(default = "step_lr")]
+    pub lr: f64,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn step_lr() -> f64 {
+    crate::case::STEP_LR
 }
 
 impl WireCase {
@@ -120,6 +138,10 @@ impl WireCase {
             rslora: s.rslora,
             kernel: s.kernel,
             image: s.image,
+            lora_bias: s.lora_bias,
+            groups: s.groups,
+            base: s.base,
+            lr: s.lr,
         }
     }
 
@@ -137,6 +159,11 @@ impl WireCase {
                 rslora: self.rslora,
                 kernel: self.kernel,
                 image: self.image,
+                lora_bias: self.lora_bias,
+                groups: self.groups,
+                base: self.base,
+                draws: None,
+                lr: self.lr,
             },
         }
     }
@@ -648,7 +675,9 @@ pub fn inputs_from(case: &Case, headers: &[TensorHeader], payload: &[u8]) -> io:
         grad_output: take("grad_output")?,
         bias: take("base_layer.bias").ok(),
         magnitude: take("lora_magnitude_vector").ok(),
+        lora_bias: take("lora_B.bias").ok(),
         scaling: case.shape.scaling(),
+        lr: case.shape.lr,
     })
 }
 
@@ -799,12 +828,17 @@ mod tests {
                 rslora: false,
                 kernel: 3,
                 image: 5,
+                lora_bias: false,
+                groups: 1,
+                base: Default::default(),
+                draws: None,
+                lr: crate::case::STEP_LR,
             },
         };
         let json = serde_json::to_string(&WireCase::of(&case)).unwrap();
         assert_eq!(
             json,
-            r#"{"backend":"tch@2.1.2","device":"cuda:1","dtype":"bf16","adapter":"pissa_dora","op":"init_noop","precision":"autocast","layer":"conv2d","profile":"zero_rows","shape_name":"s","batch":2,"in_features":8,"out_features":4,"rank":2,"alpha":0.1,"bias":true,"rslora":false,"kernel":3,"image":5}"#
+            r#"{"backend":"tch@2.1.2","device":"cuda:1","dtype":"bf16","adapter":"pissa_dora","op":"init_noop","precision":"autocast","layer":"conv2d","profile":"zero_rows","shape_name":"s","batch":2,"in_features":8,"out_features":4,"rank":2,"alpha":0.1,"bias":true,"rslora":false,"kernel":3,"image":5,"lora_bias":false,"groups":1,"base":"split","lr":0.0001}"#
         );
         let back: WireCase = serde_json::from_str(&json).unwrap();
         assert_eq!(back.case(), case);

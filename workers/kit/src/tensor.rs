@@ -18,6 +18,8 @@ pub fn encode_values(values: &[f64], dtype: DType) -> Vec<u8> {
                 DType::F32 => b.copy_from_slice(&(v as f32).to_le_bytes()),
                 DType::F16 => b.copy_from_slice(&half::f16::from_f64(v).to_le_bytes()),
                 DType::Bf16 => b.copy_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
+                DType::F8e4m3 => b[0] = crate::fp8::E4M3FN.to_bits(crate::fp8::E4M3FN.round(v)),
+                DType::F8e5m2 => b[0] = crate::fp8::E5M2.to_bits(crate::fp8::E5M2.round(v)),
             }
         }
     });
@@ -66,6 +68,8 @@ pub fn decode_values(bytes: &[u8], dtype: DType, out: &mut [f64]) {
             DType::F32 => f32::from_le_bytes(b.try_into().expect("4 bytes")) as f64,
             DType::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f64(),
             DType::Bf16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f64(),
+            DType::F8e4m3 => crate::fp8::E4M3FN.from_bits(b[0]),
+            DType::F8e5m2 => crate::fp8::E5M2.from_bits(b[0]),
         };
     }
 }

@@ -30,11 +30,12 @@ pub fn init_magnitude<O: TensorOps>(
     l: &Layer<O::Tensor>,
     upcast: bool,
 ) -> OpResult<O::Tensor> {
+    let dt = l.compute_dtype;
     let lora_weight = lora::with_factors(ops, l, |b, a| {
-        let (b, a) = (ops.cast(b, l.dtype)?, ops.cast(a, l.dtype)?);
-        lora::factor_product(ops, &b, &a, l.dtype, upcast, None)
+        let (b, a) = (ops.cast(b, dt)?, ops.cast(a, dt)?);
+        lora::factor_product(ops, &b, &a, dt, upcast, None)
     })?;
-    weight_norm(ops, l, &l.weight, &lora_weight, l.scaling)
+    weight_norm(ops, l, &ops.cast(&l.weight, dt)?, &lora_weight, l.scaling)
 }
 
 /// Forward with dropout off. With c = m / ||W + s B A|| (detached), in the adapter dtype:
@@ -68,7 +69,7 @@ pub fn forward<O: TensorOps>(
             ops.add(&ops.cast(&result, adt)?, &ops.add(&rescale, &branch)?)?
         }
     };
-    ops.cast(&y, l.dtype)
+    ops.cast(&y, l.compute_dtype)
 }
 
 /// The row factor m / ||W + dW||, detached, shaped to scale the weight's rows (`scaling=1`
