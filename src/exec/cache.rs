@@ -12,6 +12,7 @@ use crate::truth::draws::{Draws, Rounded};
 use crate::truth::reference;
 use crate::worker::io::{Inputs, Outputs};
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// A case's inputs and, computed on first use, its reference outputs and conditioning.
@@ -19,17 +20,25 @@ pub struct Prepared {
     pub inputs: Inputs,
     /// A checkpoint layer's case: how many stored weight values the case dtype rounded.
     pub weight_rounded: Option<usize>,
-    reference: OnceLock<(Outputs, f64)>,
+    reference: OnceLock<Result<(Outputs, f64), String>>,
     adapter: Adapter,
     op: Op,
 }
 
 impl Prepared {
-    /// The f64 reference outputs and the op's conditioning (kappa), computed once.
-    pub fn reference(&self) -> &(Outputs, f64) {
-        self.reference.get_or_init(|| {
-            reference::compute_with_conditioning(self.adapter, self.op, &self.inputs)
-        })
+    /// The f64 reference outputs and the op's conditioning (kappa), computed once; or why the
+    /// reference could not be computed (a panic in it: the cases that need it crash, the run
+    /// and every other case go on).
+    pub fn reference(&self) -> Result<&(Outputs, f64), &str> {
+        self.reference
+            .get_or_init(|| {
+                catch_unwind(AssertUnwindSafe(|| {
+                    reference::compute_with_conditioning(self.adapter, self.op, &self.inputs)
+                }))
+                .map_err(crate::worker::serve::panic_message)
+            })
+            .as_ref()
+            .map_err(String::as_str)
     }
 }
 

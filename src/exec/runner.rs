@@ -16,7 +16,7 @@ use super::twins::Twins;
 use crate::case::{Case, Op};
 use crate::outcome::{Agreement, Outcome, Skip, SkipKind, Tolerance};
 use crate::spec::Matrix;
-use crate::truth::judge::{judge_files, unmoved};
+use crate::truth::judge::{judge_files, judged_dtype, unmoved};
 use crate::worker::io::{names, Inputs, Outputs};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -359,27 +359,44 @@ fn run_one(
     };
     let inputs = &prepared.inputs;
     let started = exec.start(case, inputs);
-    let (want, kappa) = prepared.reference();
+    let reference = prepared.reference();
     let execution = match started {
         Ok(()) => exec.finish(case, inputs, opts.timeout, &opts.stop, whole),
         Err(e) => e,
     };
-    let tolerance = Tolerance::for_case(case, *kappa, factor, rel);
+    let (want, kappa) = match reference {
+        Ok((want, kappa)) => (want, *kappa),
+        Err(why) => {
+            // The backend's answer cannot be judged; the worker has answered (or been replaced),
+            // so the next case starts clean.
+            if matches!(execution, Execution::Interrupted) {
+                return None;
+            }
+            return Some(CaseResult {
+                index,
+                case: case.clone(),
+                outcome: Outcome::Crashed(format!("the f64 reference failed: {why}")),
+                tolerance: Tolerance::for_case(case, 1.0, factor, rel),
+                duration: t0.elapsed(),
+                compute: None,
+                dump_error: None,
+                agreement: None,
+                outputs: None,
+                weight_rounded: prepared.weight_rounded,
+            });
+        }
+    };
+    let tolerance = Tolerance::for_case(case, kappa, factor, rel);
     let (outcome, got, compute) = match execution {
         Execution::Ran {
             outputs,
             files,
             compute,
         } => {
-            let judged = judge_files(&outputs, &files, want, tolerance, case.point.dtype);
+            let dtype = judged_dtype(case);
+            let judged = judge_files(&outputs, &files, want, tolerance, dtype);
             let judged = match case.point.op {
-                Op::Step => unmoved(
-                    judged,
-                    &outputs,
-                    want,
-                    &step_before(inputs),
-                    case.point.dtype,
-                ),
+                Op::Step => unmoved(judged, &outputs, want, &step_before(inputs), dtype),
                 _ => judged,
             };
             (judged, Some(outputs), Some(compute))

@@ -62,19 +62,20 @@ pub const NOOP_GAP: &str = "noop_gap";
 /// The name of `parity`'s gap output.
 pub const PARITY_GAP: &str = "parity_gap";
 
-/// The unit roundoff a case's outputs are judged by: its dtype's, except an fp8 case's ops
-/// whose outputs do not pass through the fp8 weight, judged by the bf16 they are computed and
-/// held in (merge, unmerge, roundtrip and parity read or write the fp8 weight: fp8's).
-pub fn judged_roundoff(case: &Case) -> f64 {
+/// The dtype whose roundoff a case's outputs are judged by (the tolerance's `u` and the
+/// figures' `err_units`): its dtype, except an fp8 case's ops whose outputs do not pass through
+/// the fp8 weight, judged by the bf16 they are computed and held in (merge, unmerge, roundtrip
+/// and parity read or write the fp8 weight: fp8's).
+pub fn judged_dtype(case: &Case) -> DType {
     let d = case.point.dtype;
     let through_weight = matches!(
         case.point.op,
         Op::Merge | Op::Unmerge | Op::Roundtrip | Op::Parity
     );
     if d.is_fp8() && !through_weight {
-        case.compute_dtype().unit_roundoff()
+        case.compute_dtype()
     } else {
-        d.unit_roundoff()
+        d
     }
 }
 
@@ -103,7 +104,7 @@ impl Tolerance {
             .into_iter()
             .max()
             .unwrap_or(1) as f64;
-        let u = judged_roundoff(case);
+        let u = judged_dtype(case).unit_roundoff();
         let rel = chain_constant(case.point.op)
             * kappa
             * factor
