@@ -118,15 +118,16 @@ fn groups<'a>(
     report: &'a Report,
     keep: impl Fn(&CaseReport) -> bool,
     label: impl Fn(Layer, Profile) -> String,
+    variant: impl Fn(&CaseReport) -> Option<String>,
 ) -> Vec<Group<'a>> {
-    let mut by: BTreeMap<(Layer, Profile), Vec<&CaseReport>> = BTreeMap::new();
+    let mut by: BTreeMap<(Layer, Profile, Option<String>), Vec<&CaseReport>> = BTreeMap::new();
     for c in report.cases.iter().filter(|c| keep(c)) {
-        by.entry((c.point.layer, c.point.profile))
+        by.entry((c.point.layer, c.point.profile, variant(c)))
             .or_default()
             .push(c);
     }
     by.into_iter()
-        .map(|((layer, profile), cases)| {
+        .map(|((layer, profile, variant), cases)| {
             let mut rows: Vec<(Adapter, Op)> = cases
                 .iter()
                 .map(|c| (c.point.adapter, c.point.op))
@@ -154,7 +155,10 @@ fn groups<'a>(
                     .push(c);
             }
             Group {
-                title: label(layer, profile),
+                title: match variant {
+                    Some(v) => format!("{}, {v}", label(layer, profile)),
+                    None => label(layer, profile),
+                },
                 rows,
                 columns,
                 cells,
@@ -290,7 +294,7 @@ fn support_tables(
     color: bool,
     style: &dyn Fn(&mut Table) -> String,
 ) -> Vec<(String, String)> {
-    let g = groups(report, |_| true, title);
+    let g = groups(report, |_| true, title, |_| None);
     let paint: Option<&dyn Fn(&str) -> Color> = if color { Some(&paint) } else { None };
     let paths = paths(report);
     render_groups(
@@ -342,6 +346,16 @@ fn is_figure(c: &CaseReport) -> bool {
         && c.point.profile == Profile::Normal
 }
 
+/// A figures table of its own for the cases whose shape computes its base layer fused, so
+/// that the parity and roundtrip figures of `base: fused` sit beside the split ones per dtype.
+fn base_variant(report: &Report, c: &CaseReport) -> Option<String> {
+    report
+        .shapes
+        .get(&c.shape)
+        .and_then(|s| s.base)
+        .map(|b| format!("base {b}"))
+}
+
 fn figures_title(layer: Layer, _: Profile) -> String {
     format!("figures, layer {layer}")
 }
@@ -355,7 +369,9 @@ fn figure_tables(
     max_width: usize,
     style: &dyn Fn(&mut Table) -> String,
 ) -> Vec<(String, String)> {
-    let g = groups(report, is_figure, figures_title);
+    let g = groups(report, is_figure, figures_title, |c| {
+        base_variant(report, c)
+    });
     let paths = paths(report);
     render_groups(
         report,
@@ -456,13 +472,16 @@ pub fn sheets(report: &Report, r: usize) -> Vec<Sheet> {
             })
             .collect::<Vec<_>>()
     };
-    let mut out = as_sheets(groups(report, |_| true, title), &|v| {
+    let mut out = as_sheets(groups(report, |_| true, title, |_| None), &|v| {
         let text = by_path(&paths, v, symbol);
         let tone = Tone::of_color(paint(&text));
         (text, tone)
     });
-    out.extend(as_sheets(groups(report, is_figure, figures_title), &|v| {
-        (by_path(&paths, v, figure), Tone::Plain)
-    }));
+    out.extend(as_sheets(
+        groups(report, is_figure, figures_title, |c| {
+            base_variant(report, c)
+        }),
+        &|v| (by_path(&paths, v, figure), Tone::Plain),
+    ));
     out
 }
