@@ -360,5 +360,8 @@ fn fused_and_split_base_layers_both_pass_with_their_gaps() {
     }
     // The fused shape's figures sit in a table of their own beside the split ones.
     let md = table::render_markdown(report(), None);
-    assert!(md.contains("#### figures, layer linear, base fused"), "{md}");
+    assert!(
+        md.contains("#### figures, layer linear, base fused"),
+        "{md}"
+    );
 }
