@@ -331,21 +331,8 @@ fn main() {
 
     // 5. One LLM-sized case.
     let shape = Shape {
-        name: "llm".into(),
-        batch: 4,
-        in_features: 4096,
-        out_features: 11008,
-        rank: 16,
-        alpha: 16.0,
         bias: false,
-        rslora: false,
-        kernel: 3,
-        image: 8,
-        lora_bias: false,
-        groups: 1,
-        base: Default::default(),
-        draws: None,
-        lr: peft_compat_kit::case::STEP_LR,
+        ..Shape::new("llm", 4, 4096, 11008, 16, 16.0)
     };
     let t0 = Instant::now();
     let draws = Draws::generate(&shape, Layer::Linear, Profile::Normal, 1);
@@ -386,21 +373,8 @@ fn main() {
 /// 8. PiSSA and OLoRA init at LLM size: the reference finishes, and how it compares.
 fn llm_init(dir: &Path) {
     let shape = Shape {
-        name: "attn".into(),
-        batch: 4,
-        in_features: 4096,
-        out_features: 4096,
-        rank: 16,
-        alpha: 32.0,
         bias: false,
-        rslora: false,
-        kernel: 3,
-        image: 8,
-        lora_bias: false,
-        groups: 1,
-        base: Default::default(),
-        draws: None,
-        lr: peft_compat_kit::case::STEP_LR,
+        ..Shape::new("attn", 4, 4096, 4096, 16, 32.0)
     };
     let draws = Draws::generate(&shape, Layer::Linear, Profile::Llm, 18);
     for adapter in [Adapter::Pissa, Adapter::Olora] {

@@ -127,23 +127,7 @@ fn case(backend: Backend, layer: Layer, op: Op) -> Case {
             layer,
             profile: Profile::Normal,
         },
-        shape: Shape {
-            name: "tiny".into(),
-            batch: 3,
-            in_features: 12,
-            out_features: 8,
-            rank: 4,
-            alpha: 8.0,
-            bias: true,
-            rslora: false,
-            kernel: 3,
-            image: 8,
-            lora_bias: false,
-            groups: 1,
-            base: Default::default(),
-            draws: None,
-            lr: peft_compat_kit::case::STEP_LR,
-        },
+        shape: Shape::new("tiny", 3, 12, 8, 4, 8.0),
     }
 }
 

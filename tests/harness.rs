@@ -19,23 +19,7 @@ use std::path::Path;
 use std::process::Command;
 
 fn shape(name: &str, batch: usize, i: usize, o: usize, r: usize) -> Shape {
-    Shape {
-        name: name.into(),
-        batch,
-        in_features: i,
-        out_features: o,
-        rank: r,
-        alpha: 16.0,
-        bias: true,
-        rslora: false,
-        kernel: 3,
-        image: 8,
-        lora_bias: false,
-        groups: 1,
-        base: Default::default(),
-        draws: None,
-        lr: peft_compat_kit::case::STEP_LR,
-    }
+    Shape::new(name, batch, i, o, r, 16.0)
 }
 
 fn case(
@@ -100,23 +84,7 @@ fn shared_math_matches_the_paper_example_on_both_backends() {
         lora_bias: None,
         lr: peft_compat_kit::case::STEP_LR,
     };
-    let s = Shape {
-        name: "paper".into(),
-        batch: 1,
-        in_features: 3,
-        out_features: 2,
-        rank: 1,
-        alpha: 2.0,
-        bias: true,
-        rslora: false,
-        kernel: 3,
-        image: 8,
-        lora_bias: false,
-        groups: 1,
-        base: Default::default(),
-        draws: None,
-        lr: peft_compat_kit::case::STEP_LR,
-    };
+    let s = Shape::new("paper", 1, 3, 2, 1, 2.0);
     for backend in [Backend::Tch, Backend::Candle] {
         let run = |op| {
             support::run_on_backend(

@@ -525,21 +525,18 @@ fn layer_shape(
     }
     Ok((
         Shape {
-            name: format!("{entry}:{}", module_of(tensor)),
-            batch: spec.batch,
-            in_features,
-            out_features,
-            rank: spec.rank.unwrap_or(0),
-            alpha: spec.alpha.unwrap_or(0.0),
             bias: bias.is_some(),
             rslora: spec.rslora,
             kernel,
             image,
-            lora_bias: false,
-            groups: 1,
-            base: Default::default(),
-            draws: None,
-            lr: crate::case::STEP_LR,
+            ..Shape::new(
+                format!("{entry}:{}", module_of(tensor)),
+                spec.batch,
+                in_features,
+                out_features,
+                spec.rank.unwrap_or(0),
+                spec.alpha.unwrap_or(0.0),
+            )
         },
         bias,
     ))

@@ -135,23 +135,7 @@ mod tests {
                 layer: Layer::Linear,
                 profile: Profile::Normal,
             },
-            shape: Shape {
-                name: "s".into(),
-                batch: 4,
-                in_features: i,
-                out_features: o,
-                rank: 16,
-                alpha: 16.0,
-                bias: true,
-                rslora: false,
-                kernel: 3,
-                image: 8,
-                lora_bias: false,
-                groups: 1,
-                base: Default::default(),
-                draws: None,
-                lr: crate::case::STEP_LR,
-            },
+            shape: Shape::new("s", 4, i, o, 16, 16.0),
         }
     }
 

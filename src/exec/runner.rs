@@ -52,6 +52,33 @@ pub struct CaseResult {
     pub weight_rounded: Option<usize>,
 }
 
+impl CaseResult {
+    /// A case that never reached the judge (skipped, or crashed before its outputs could be
+    /// judged): its outcome and the tolerance it would have been judged with, nothing else.
+    fn unjudged(
+        index: usize,
+        matrix: &Matrix,
+        outcome: Outcome,
+        duration: Duration,
+        weight_rounded: Option<usize>,
+    ) -> CaseResult {
+        let case = &matrix.cases[index];
+        let (factor, rel) = matrix.tolerance_for(case);
+        CaseResult {
+            index,
+            case: case.clone(),
+            outcome,
+            tolerance: Tolerance::for_case(case, 1.0, factor, rel),
+            duration,
+            compute: None,
+            dump_error: None,
+            agreement: None,
+            outputs: None,
+            weight_rounded,
+        }
+    }
+}
+
 /// What the runner tells its observers.
 #[derive(Debug)]
 pub enum Event<'a> {
@@ -207,21 +234,13 @@ fn plan(matrix: &Matrix, indices: &[usize], backends: &dyn Backends, opts: &RunO
             })
             .or_else(|| guard::refuse(case, &opts.limits).map(|r| Skip::new(SkipKind::Absent, r)));
         match why {
-            Some(reason) => {
-                let (factor, rel) = matrix.tolerance_for(case);
-                skipped.push(CaseResult {
-                    index: i,
-                    case: case.clone(),
-                    outcome: Outcome::Skipped(reason),
-                    tolerance: Tolerance::for_case(case, 1.0, factor, rel),
-                    duration: Duration::ZERO,
-                    agreement: None,
-                    outputs: None,
-                    compute: None,
-                    dump_error: None,
-                    weight_rounded: None,
-                });
-            }
+            Some(reason) => skipped.push(CaseResult::unjudged(
+                i,
+                matrix,
+                Outcome::Skipped(reason),
+                Duration::ZERO,
+                None,
+            )),
             None => to_run.push(i),
         }
     }
@@ -343,18 +362,13 @@ fn run_one(
         Ok(p) => p,
         Err(why) => {
             // The checkpoint changed or vanished since the matrix loaded: this case cannot run.
-            return Some(CaseResult {
+            return Some(CaseResult::unjudged(
                 index,
-                case: case.clone(),
-                outcome: Outcome::Crashed(format!("the checkpoint could not be read: {why}")),
-                tolerance: Tolerance::for_case(case, 1.0, factor, rel),
-                duration: t0.elapsed(),
-                compute: None,
-                dump_error: None,
-                agreement: None,
-                outputs: None,
-                weight_rounded: None,
-            });
+                matrix,
+                Outcome::Crashed(format!("the checkpoint could not be read: {why}")),
+                t0.elapsed(),
+                None,
+            ));
         }
     };
     let inputs = &prepared.inputs;
@@ -372,18 +386,13 @@ fn run_one(
             if matches!(execution, Execution::Interrupted) {
                 return None;
             }
-            return Some(CaseResult {
+            return Some(CaseResult::unjudged(
                 index,
-                case: case.clone(),
-                outcome: Outcome::Crashed(format!("the f64 reference failed: {why}")),
-                tolerance: Tolerance::for_case(case, 1.0, factor, rel),
-                duration: t0.elapsed(),
-                compute: None,
-                dump_error: None,
-                agreement: None,
-                outputs: None,
-                weight_rounded: prepared.weight_rounded,
-            });
+                matrix,
+                Outcome::Crashed(format!("the f64 reference failed: {why}")),
+                t0.elapsed(),
+                prepared.weight_rounded,
+            ));
         }
     };
     let tolerance = Tolerance::for_case(case, kappa, factor, rel);

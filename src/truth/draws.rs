@@ -499,23 +499,7 @@ mod tests {
     use super::*;
 
     fn shape() -> Shape {
-        Shape {
-            name: "s".into(),
-            batch: 4,
-            in_features: 64,
-            out_features: 32,
-            rank: 8,
-            alpha: 16.0,
-            bias: true,
-            rslora: false,
-            kernel: 3,
-            image: 8,
-            lora_bias: false,
-            groups: 1,
-            base: Default::default(),
-            draws: None,
-            lr: crate::case::STEP_LR,
-        }
+        Shape::new("s", 4, 64, 32, 8, 16.0)
     }
 
     fn weight(layer: Layer, profile: Profile) -> HostTensor {

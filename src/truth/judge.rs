@@ -532,21 +532,8 @@ mod tests {
                 profile: Profile::Normal,
             },
             shape: Shape {
-                name: "s".into(),
-                batch: 1,
-                in_features: 16,
-                out_features: 1,
-                rank: 1,
-                alpha: 1.0,
                 bias: false,
-                rslora: false,
-                kernel: 3,
-                image: 8,
-                lora_bias: false,
-                groups: 1,
-                base: Default::default(),
-                draws: None,
-                lr: crate::case::STEP_LR,
+                ..Shape::new("s", 1, 16, 1, 1, 1.0)
             },
         };
         let small = Tolerance::for_case(&case, 1.0, 1.0, None).rel;

@@ -829,7 +829,8 @@ fn compute_linear(adapter: Adapter, op: Op, inp: &Inputs) -> (Outputs, f64) {
 
 /// The bias an unmerge restores with `lora_bias`: (b + s lb) - s lb = b.
 fn restored_bias(inp: &Inputs) -> Option<(&'static str, HostTensor)> {
-    merged_bias(inp).and(inp.bias.clone().map(|b| (names::UNMERGED_BIAS, b)))
+    inp.lora_bias.as_ref()?;
+    inp.bias.clone().map(|b| (names::UNMERGED_BIAS, b))
 }
 
 /// One SGD step from the gradients of [`backward`]: p - lr * grad for A, B, the magnitude

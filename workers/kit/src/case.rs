@@ -615,6 +615,36 @@ fn eight() -> usize {
 }
 
 impl Shape {
+    /// A named geometry with every optional key at the default a matrix file gives it (bias on,
+    /// no rsLoRA, a 3x3 kernel on 8x8 images, no lora_bias, one group, a split base, the step's
+    /// default lr, its own draws); set the others with struct update syntax.
+    pub fn new(
+        name: impl Into<String>,
+        batch: usize,
+        in_features: usize,
+        out_features: usize,
+        rank: usize,
+        alpha: f64,
+    ) -> Shape {
+        Shape {
+            name: name.into(),
+            batch,
+            in_features,
+            out_features,
+            rank,
+            alpha,
+            bias: yes(),
+            rslora: false,
+            kernel: three(),
+            image: eight(),
+            lora_bias: false,
+            groups: one(),
+            base: Base::Split,
+            draws: None,
+            lr: STEP_LR,
+        }
+    }
+
     /// PEFT's `scaling`: alpha / r, or alpha / sqrt(r) with rsLoRA.
     pub fn scaling(&self) -> f64 {
         if self.rslora {

@@ -149,12 +149,6 @@ impl WireCase {
         Case {
             point: self.point,
             shape: Shape {
-                name: self.shape_name.clone(),
-                batch: self.batch,
-                in_features: self.in_features,
-                out_features: self.out_features,
-                rank: self.rank,
-                alpha: self.alpha,
                 bias: self.bias,
                 rslora: self.rslora,
                 kernel: self.kernel,
@@ -162,8 +156,15 @@ impl WireCase {
                 lora_bias: self.lora_bias,
                 groups: self.groups,
                 base: self.base,
-                draws: None,
                 lr: self.lr,
+                ..Shape::new(
+                    self.shape_name.clone(),
+                    self.batch,
+                    self.in_features,
+                    self.out_features,
+                    self.rank,
+                    self.alpha,
+                )
             },
         }
     }
@@ -818,21 +819,8 @@ mod tests {
                 profile: Profile::ZeroRows,
             },
             shape: Shape {
-                name: "s".into(),
-                batch: 2,
-                in_features: 8,
-                out_features: 4,
-                rank: 2,
-                alpha: 0.1,
-                bias: true,
-                rslora: false,
-                kernel: 3,
                 image: 5,
-                lora_bias: false,
-                groups: 1,
-                base: Default::default(),
-                draws: None,
-                lr: crate::case::STEP_LR,
+                ..Shape::new("s", 2, 8, 4, 2, 0.1)
             },
         };
         let json = serde_json::to_string(&WireCase::of(&case)).unwrap();
