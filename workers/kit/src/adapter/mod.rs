@@ -86,10 +86,8 @@ pub fn upload<O: TensorOps>(ops: &O, case: &Case, inp: &Inputs) -> OpResult<Uplo
     };
     let x_dtype = if kind == Kind::Embedding {
         DType::F32
-    } else if case.inits_in_fp32() {
-        case.point.dtype
     } else {
-        cdt
+        case.compute_dtype()
     };
     Ok(Uploaded {
         layer,
