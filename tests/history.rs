@@ -407,16 +407,30 @@ fn a_build_that_fails_to_provision_skips_with_the_reason_and_the_rest_runs() {
     );
     let json = dir.path().join("r.json");
     let tch = support::target_dir().join("peft-compat-worker-tch");
-    let out = std::process::Command::new(&bin)
-        .env("PEFT_COMPAT_ROOT", &root)
-        .env("NO_COLOR", "1")
-        .args(["run", "-q", "--results", "/dev/null", "--json"])
-        .arg(&json)
-        .arg(&m)
-        .arg("--worker")
-        .arg(format!("tch={}", tch.display()))
-        .output()
-        .unwrap();
+    let run = || {
+        std::process::Command::new(&bin)
+            .env("PEFT_COMPAT_ROOT", &root)
+            .env("NO_COLOR", "1")
+            .args(["run", "-q", "--results", "/dev/null", "--json"])
+            .arg(&json)
+            .arg(&m)
+            .arg("--worker")
+            .arg(format!("tch={}", tch.display()))
+            .output()
+    };
+    // The copy was just written: a child another test thread forks in the meantime holds its
+    // write descriptor until that child execs, and exec then fails with ETXTBSY. Wait it out.
+    let mut out = run();
+    for _ in 0..50 {
+        match &out {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                out = run();
+            }
+            _ => break,
+        }
+    }
+    let out = out.unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),
